@@ -1,0 +1,950 @@
+"""Exact inverse-Hessian-vector products for deep networks, linear in depth.
+
+Implements A. Rahimi, "The Hessian of tall-skinny networks is easy to invert"
+(arXiv:2601.06096), following ``ALGORITHM.md`` section by section:
+
+1. The network is a chain ``z_l = f_l(z_{l-1}; x_l)``, l = 1..L, whose last
+   layer fuses the output layer with the loss, so ``z_L`` is the scalar loss
+   (:class:`TrackedChain`, :class:`DeepMLPWithTracking`).
+2. Each layer contributes first derivatives ``J_l = df_l/dx_l``,
+   ``F_l = df_l/dz_{l-1}`` and the second derivatives of ``b_l . f_l``
+   contracted with the backprop adjoint ``b_l = dz_L/dz_l``:
+   ``A_l`` (xx), ``C_l`` (xz), ``G_l`` (zz) (:func:`compute_layer_derivatives`).
+3. ``H v`` is a forward tangent sweep plus a backward adjoint sweep through
+   those blocks (:func:`structured_hessian_vector_product`); this is
+   Pearlmutter's method written through the structure.
+4. ``(H + eps I) x = g`` is equivalent to a symmetric, block-tridiagonal
+   "lifted" system in (x_l, y_l, w_l), y the tangent and w the adjoint
+   (:func:`assemble_lifted_system`).
+5. That system is factored by block-banded Gaussian elimination with partial
+   pivoting, the scheme of LAPACK's gbtrf/gbtrs (:func:`banded_lu`,
+   :func:`banded_lu_solve`).  Unlike the paper's unpivoted block LDU this does
+   not break when leading blocks are singular or the Hessian is ill-conditioned.
+
+Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
+softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
+classifier's Hessian is always singular.
+
+Cost: time O(sum_l (p_l + 2 a_l)^3), memory O(sum_l (p_l + 2 a_l)^2), where
+p_l is layer l's parameter count and a_l = batch size x width its activation
+count.  Nothing of size n x n (n = all parameters) is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, hessian, jacrev
+
+__all__ = [
+    "ACTIVATIONS",
+    "AffineActivation",
+    "AffineCrossEntropy",
+    "TrackedChain",
+    "DeepMLPWithTracking",
+    "LayerDerivatives",
+    "compute_layer_derivatives",
+    "chain_derivatives",
+    "structured_hessian_vector_product",
+    "BlockTridiagonal",
+    "assemble_lifted_system",
+    "BandedLU",
+    "banded_lu",
+    "banded_lu_solve",
+    "HessianOperator",
+    "HessianInverse",
+    "hessian_operator",
+    "factorize",
+    "hessian_inverse_vector_product",
+    "hessian_vector_product",
+    "estimate_factorization_bytes",
+    "HessianInverseError",
+    "NotTrackedError",
+    "SingularHessianError",
+    "InsufficientMemoryError",
+]
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class HessianInverseError(ValueError):
+    """Bad input to the Hessian routines (wrong shape, dtype, device, values)."""
+
+
+class NotTrackedError(RuntimeError):
+    """The model has no usable tracked forward pass to differentiate."""
+
+
+class SingularHessianError(torch.linalg.LinAlgError):
+    """``H + damping I`` (or the gauge-fixed ``H + P_N``) is singular."""
+
+
+class InsufficientMemoryError(MemoryError):
+    """The factorisation would not fit in the memory of the model's device."""
+
+
+# --------------------------------------------------------------------------
+# 1. The network as a chain
+# --------------------------------------------------------------------------
+
+
+def _identity(u: torch.Tensor) -> torch.Tensor:
+    return u
+
+
+#: Elementwise activations by name.  ``relu`` is accepted with a caveat: its
+#: Hessian exists only almost everywhere, and its curvature term is zero there.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "identity": _identity,
+    "relu": F.relu,
+}
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise HessianInverseError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+class AffineActivation(nn.Module):
+    """Hidden layer ``z -> sigma(W z + c)`` on a batch ``(B, in) -> (B, out)``."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "tanh",
+                 bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.activation = activation
+        self._sigma = _activation(activation)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self._sigma(self.linear(z))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class AffineCrossEntropy(nn.Module):
+    """Output layer fused with the loss: ``mean_n CE(W z_n + c, target_n)``.
+
+    ``logits`` and ``loss`` are exposed separately so that curvature variants
+    (Gauss-Newton) can split the layer.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes, bias=bias)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def forward(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.logits(z), targets)
+
+    def null_directions(self) -> torch.Tensor:
+        """Orthonormal basis N (p x k) of the softmax gauge (ALGORITHM.md section 9).
+
+        Adding the same number to every logit of an example leaves the loss
+        unchanged, so ``dW = 1 u^T`` and ``dc = 1 d`` are exact null directions
+        of the Hessian for any data and weights: one per input unit plus one for
+        the bias.  Coordinates follow ``self.parameters()`` flattened (W row-major).
+        """
+        weight = self.linear.weight
+        num_classes, width = weight.shape
+        kw = dict(dtype=weight.dtype, device=weight.device)
+        ones = torch.ones(num_classes, 1, **kw) / math.sqrt(num_classes)
+        basis = torch.kron(ones, torch.eye(width, **kw))  # (C*h, h): entry (i,k),k = 1/sqrt(C)
+        if self.linear.bias is not None:
+            basis = torch.block_diag(basis, ones)
+        return basis
+
+
+@dataclass
+class TrackedForward:
+    """What a tracked forward pass records: each layer's input and the targets."""
+
+    inputs: list  # z_0 .. z_{L-1}, detached
+    targets: torch.Tensor
+    loss_ref: Callable  # weak reference to the returned loss tensor
+    param_versions: tuple
+
+
+class TrackedChain(nn.Module):
+    """A chain of layers ``z_l = f_l(z_{l-1}; x_l)`` ending in a fused loss layer.
+
+    ``layers`` are modules mapping a batch of activations to the next batch;
+    ``loss_layer`` maps ``(z_{L-1}, targets)`` to a scalar.  Any smooth
+    modules will do: the derivative oracle is generic autograd.
+    ``model.parameters()`` lists the layers' parameters in chain order, which is
+    the order of the flattened Hessian.
+
+    ``model(x, targets)`` is an ordinary differentiable function (usable with
+    ``torch.func.functional_call``); ``track_activations=True`` additionally
+    records each layer's input for the Hessian routines.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], loss_layer: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(list(layers) + [loss_layer])
+        self._tracked: Optional[TrackedForward] = None
+
+    @property
+    def loss_layer(self) -> nn.Module:
+        return self.layers[-1]
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a raw input batch to z_0 (identity here; subclasses may flatten)."""
+        return x
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor,
+                track_activations: bool = False) -> torch.Tensor:
+        z = self.prepare_input(x)
+        inputs = []
+        for layer in self.layers[:-1]:
+            inputs.append(z.detach())
+            z = layer(z)
+        inputs.append(z.detach())
+        loss = self.loss_layer(z, targets)
+        if track_activations:
+            self._tracked = TrackedForward(
+                inputs=inputs,
+                targets=targets.detach(),
+                loss_ref=weakref.ref(loss),
+                param_versions=self._param_versions(),
+            )
+        return loss
+
+    def _param_versions(self) -> tuple:
+        return tuple(p._version for p in self.parameters())
+
+    def tracked_forward(self, loss: Optional[torch.Tensor] = None) -> TrackedForward:
+        """The recorded forward pass, checked to be current and to match ``loss``."""
+        tracked = self._tracked
+        if tracked is None:
+            raise NotTrackedError(
+                "the model has no tracked forward pass: call "
+                "loss = model(x, targets, track_activations=True) before asking for "
+                "Hessian products"
+            )
+        if loss is not None and tracked.loss_ref() is not loss:
+            raise NotTrackedError(
+                "`loss` is not the output of the model's last tracked forward pass; "
+                "call loss = model(x, targets, track_activations=True) and pass that loss"
+            )
+        if tracked.param_versions != self._param_versions():
+            raise NotTrackedError(
+                "the parameters changed since the tracked forward pass (e.g. an "
+                "optimizer step); run model(x, targets, track_activations=True) again"
+            )
+        return tracked
+
+
+class DeepMLPWithTracking(TrackedChain):
+    """The paper's tall-skinny MLP.
+
+    ``num_hidden_layers`` layers ``tanh(W z + c)`` (input -> hidden, then
+    hidden -> hidden), then one output affine layer fused with the mean
+    cross-entropy loss: L = num_hidden_layers + 1 layers in the chain.  Inputs
+    of any shape ``(B, ...)`` are flattened to ``(B, input_dim)``.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, num_classes: int,
+                 num_hidden_layers: int, activation: str = "tanh", bias: bool = True):
+        _activation(activation)
+        if min(input_dim, num_classes) < 1 or num_hidden_layers < 0 or (
+                num_hidden_layers > 0 and hidden_dim < 1):
+            raise HessianInverseError(
+                "expected input_dim, num_classes >= 1, num_hidden_layers >= 0 and "
+                f"hidden_dim >= 1; got input_dim={input_dim}, hidden_dim={hidden_dim}, "
+                f"num_classes={num_classes}, num_hidden_layers={num_hidden_layers}"
+            )
+        widths = [input_dim] + [hidden_dim] * num_hidden_layers
+        hidden = [AffineActivation(widths[i], widths[i + 1], activation, bias)
+                  for i in range(num_hidden_layers)]
+        super().__init__(hidden, AffineCrossEntropy(widths[-1], num_classes, bias))
+        self.activation = activation
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+# --------------------------------------------------------------------------
+# 2. The per-layer derivative oracle
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class LayerDerivatives:
+    """Derivatives of one layer ``z_l = f_l(z_{l-1}; x_l)`` at the tracked point.
+
+    Shapes (p = parameters of the layer, a_in / a_out = activations in / out,
+    batch included, flattened row-major):
+
+    - ``J`` (a_out, p): df/dx.
+    - ``F`` (a_out, a_in): df/dz_{l-1}.  ``None`` for the first layer.
+    - ``A`` (p, p): d2(b.f)/dx dx, symmetric (paper: D_D D_xx).
+    - ``C`` (p, a_in): d2(b.f)/dx dz (paper: D_D D_zx).  ``None`` for the first layer.
+    - ``G`` (a_in, a_in): d2(b.f)/dz dz, symmetric (paper: D_M D_zz).  ``None`` for the first layer.
+
+    ``b`` (a_out,) is the backprop adjoint dz_L/dz_l the second derivatives are
+    contracted with.
+    """
+
+    J: torch.Tensor
+    A: torch.Tensor
+    F: Optional[torch.Tensor] = None
+    C: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+
+    @property
+    def num_params(self) -> int:
+        return self.J.shape[1]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.J.shape[0]
+
+
+def _flat_function(layer: nn.Module, z_shape: torch.Size, extra_inputs: tuple):
+    """``f(theta, z_flat) -> z_out_flat`` for a module with flattened parameters."""
+    names, shapes = zip(*[(n, p.shape) for n, p in layer.named_parameters()]) \
+        if any(True for _ in layer.parameters()) else ((), ())
+    sizes = [math.prod(s) for s in shapes]
+
+    def f(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        out = functional_call(layer, params, (z.view(z_shape),) + extra_inputs)
+        return out.reshape(-1)
+
+    return f
+
+
+def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                              *extra_inputs: torch.Tensor,
+                              input_derivatives: bool = True) -> LayerDerivatives:
+    """The derivative oracle for one layer (ALGORITHM.md section 2).
+
+    Args:
+        layer: any module mapping ``z_prev`` (and ``extra_inputs``, e.g. targets
+            for a loss layer) to the layer output, smooth in its parameters and input.
+        z_prev: the layer's input batch, any shape; flattened row-major (a_in values).
+        adjoint: ``b_l`` (a_out,), dz_L/dz_l; 1-element for the scalar loss layer.
+        input_derivatives: compute F, C, G (not needed for the first layer,
+            whose input is data).
+
+    Returns:
+        :class:`LayerDerivatives` computed exactly with ``torch.func``: J and F by
+        reverse mode, and A, C, G as the Hessian of ``s = b . f`` in (x, z).
+        These are the paper's six derivative kinds, contracted with b as the
+        algorithm uses them.
+    """
+    theta = torch.cat([p.detach().reshape(-1) for p in layer.parameters()]) \
+        if any(True for _ in layer.parameters()) else z_prev.new_zeros(0)
+    z = z_prev.detach().reshape(-1)
+    f = _flat_function(layer, z_prev.shape, tuple(t.detach() for t in extra_inputs))
+    b = adjoint.detach().reshape(-1)
+    p = theta.numel()
+    if not input_derivatives:
+        J = jacrev(f)(theta, z)
+        A = hessian(lambda t: b @ f(t, z))(theta)
+        return LayerDerivatives(J=J, A=A)
+    J, Fz = jacrev(f, argnums=(0, 1))(theta, z)
+    S = hessian(lambda tz: b @ f(tz[:p], tz[p:]))(torch.cat([theta, z]))
+    return LayerDerivatives(J=J, F=Fz, A=S[:p, :p], C=S[:p, p:], G=S[p:, p:])
+
+
+def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
+                      ) -> list[LayerDerivatives]:
+    """All layers' derivatives in one backward sweep (l = L..1).
+
+    The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
+    exactly backprop, so every layer's second derivatives are contracted with
+    the right adjoint.
+    """
+    tracked = model.tracked_forward(loss)
+    layers = list(model.layers)
+    num_layers = len(layers)
+    z_last = tracked.inputs[-1]
+    adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
+    derivs: list[Optional[LayerDerivatives]] = [None] * num_layers
+    for l in reversed(range(num_layers)):
+        extra = (tracked.targets,) if l == num_layers - 1 else ()
+        d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
+                                      input_derivatives=l > 0)
+        derivs[l] = d
+        if l > 0:
+            adjoint = d.F.T @ adjoint
+    for l, d in enumerate(derivs):
+        for name in ("J", "A", "F", "C", "G"):
+            block = getattr(d, name)
+            if block is not None and not torch.isfinite(block).all():
+                raise HessianInverseError(
+                    f"layer {l + 1}: derivative block {name} has NaN/Inf entries; the "
+                    "tracked forward pass is not finite (check inputs, weights and loss)"
+                )
+    return derivs
+
+
+# --------------------------------------------------------------------------
+# 3. Hessian-vector product through the structure
+# --------------------------------------------------------------------------
+
+
+def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
+                                      v_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``(H v)_l`` for every layer (ALGORITHM.md section 3).
+
+    ``v_blocks[l]`` is (p_l, k).  Forward tangent ``t_l = J_l v_l + F_l t_{l-1}``,
+    backward adjoint ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}``
+    (u_L = 0), then ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.
+    """
+    num_layers = len(derivs)
+    tangents = []
+    t = None
+    for l, d in enumerate(derivs):
+        t = d.J @ v_blocks[l] + (d.F @ t if l > 0 else 0)
+        tangents.append(t)
+    out: list[Optional[torch.Tensor]] = [None] * num_layers
+    u = torch.zeros_like(tangents[-1])
+    for l in reversed(range(num_layers)):
+        d = derivs[l]
+        out[l] = d.A @ v_blocks[l] + d.J.T @ u
+        if l > 0:
+            out[l] = out[l] + d.C @ tangents[l - 1]
+            u = d.C.T @ v_blocks[l] + d.G @ tangents[l - 1] + d.F.T @ u
+    return out
+
+
+# --------------------------------------------------------------------------
+# 4. The lifted block-tridiagonal system
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BlockTridiagonal:
+    """A symmetric block-tridiagonal matrix.
+
+    ``diag[l]`` is (n_l, n_l); ``sub[l]`` is the block in block-row l+1, block-column
+    l, (n_{l+1}, n_l); the super-diagonal is ``sub[l].T``.
+    """
+
+    diag: list
+    sub: list
+
+    @property
+    def block_sizes(self) -> list:
+        return [d.shape[0] for d in self.diag]
+
+    def matmul(self, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Block-wise product with a block vector (each block (n_l, k))."""
+        out = [d @ x for d, x in zip(self.diag, blocks)]
+        for l, s in enumerate(self.sub):
+            out[l + 1] = out[l + 1] + s @ blocks[l]
+            out[l] = out[l] + s.T @ blocks[l + 1]
+        return out
+
+    def norm1(self) -> torch.Tensor:
+        """The matrix 1-norm (largest absolute column sum)."""
+        sums = [d.abs().sum(0) for d in self.diag]
+        for l, s in enumerate(self.sub):
+            sums[l] = sums[l] + s.abs().sum(0)
+            sums[l + 1] = sums[l + 1] + s.abs().sum(1)
+        return torch.cat(sums).max()
+
+
+def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
+                           gauge: Optional[torch.Tensor] = None) -> BlockTridiagonal:
+    """The lifted system of ALGORITHM.md section 4, unknowns ordered (x_l, y_l, w_l).
+
+    Diagonal block l (sizes p_l, a_l, a_l)::
+
+        [ A_l + eps I     0         J_l^T ]
+        [ 0               G_{l+1}   -I    ]
+        [ J_l             -I        0     ]
+
+    Sub-diagonal block (rows of layer l, columns of layer l-1): ``C_l`` in
+    (x_l, y_{l-1}) and ``F_l`` in (w_l, y_{l-1}); zero elsewhere.
+
+    ``gauge`` (p_L, k), an orthonormal basis of known null directions of the
+    last layer's parameters, adds ``N N^T`` to its x-block (section 9).
+    """
+    num_layers = len(derivs)
+    diag, sub = [], []
+    for l, d in enumerate(derivs):
+        p, a = d.num_params, d.num_outputs
+        kw = dict(dtype=d.J.dtype, device=d.J.device)
+        n = p + 2 * a
+        block = torch.zeros(n, n, **kw)
+        xx = d.A + damping * torch.eye(p, **kw)
+        if gauge is not None and l == num_layers - 1:
+            xx = xx + gauge @ gauge.T
+        block[:p, :p] = xx
+        block[:p, p + a:] = d.J.T
+        block[p + a:, :p] = d.J
+        if l + 1 < num_layers:
+            block[p:p + a, p:p + a] = derivs[l + 1].G
+        eye = torch.eye(a, **kw)
+        block[p:p + a, p + a:] = -eye
+        block[p + a:, p:p + a] = -eye
+        diag.append(block)
+        if l > 0:
+            prev = derivs[l - 1]
+            pp, ap = prev.num_params, prev.num_outputs
+            s = torch.zeros(n, pp + 2 * ap, **kw)
+            s[:p, pp:pp + ap] = d.C
+            s[p + a:, pp:pp + ap] = d.F
+            sub.append(s)
+    return BlockTridiagonal(diag, sub)
+
+
+def _lift(derivs: Sequence[LayerDerivatives], v_blocks: Sequence[torch.Tensor]) -> list:
+    """Right-hand side of the lifted system: (v_l, 0, 0) per layer."""
+    return [torch.cat([v, v.new_zeros(2 * d.num_outputs, v.shape[1])])
+            for d, v in zip(derivs, v_blocks)]
+
+
+def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) -> list:
+    """The parameter part x_l of each lifted block."""
+    return [s[:d.num_params] for d, s in zip(derivs, blocks)]
+
+
+# --------------------------------------------------------------------------
+# 5. Block-banded LU with partial pivoting (LAPACK gbtrf / gbtrs, by blocks)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PanelFactor:
+    """Step l of the banded LU: ``P [D_l; S_{l+1}] = [L_11; L_21] U_ll``.
+
+    ``perm`` (n_l + n_{l+1},) reorders the panel's rows; ``lower`` is the unit
+    lower-trapezoidal factor; ``upper`` (n_l, n_l); ``right1`` and ``right2``
+    are block-row l of U in block-columns l+1 and l+2 (the second is the fill
+    that row pivoting creates).
+    """
+
+    perm: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    right1: torch.Tensor
+    right2: torch.Tensor
+
+
+@dataclass
+class BandedLU:
+    panels: list
+    block_sizes: list
+    min_pivot: float
+    max_pivot: float
+
+
+def banded_lu(system: BlockTridiagonal) -> BandedLU:
+    """Factor a block-tridiagonal matrix by Gaussian elimination with partial pivoting.
+
+    Step l LU-factors the tall panel [diagonal block l; sub-diagonal block below]
+    with row pivoting, then updates the next diagonal block and the next
+    super-diagonal block.  Pivoting may swap rows of block l+1 into block l,
+    whose row then reaches block-column l+2: one extra super-diagonal of fill.
+    Cost O(sum_l n_l^3), storage O(sum_l n_l^2).  Raises
+    :class:`SingularHessianError` on an exactly zero (or non-finite) pivot.
+    """
+    diag, sub = system.diag, system.sub
+    sizes = system.block_sizes
+    num_blocks = len(diag)
+    panels = []
+    D = diag[0]
+    U1 = sub[0].T if num_blocks > 1 else D.new_zeros(sizes[0], 0)
+    min_pivot, max_pivot = math.inf, 0.0
+    for l in range(num_blocks):
+        n = sizes[l]
+        n1 = sizes[l + 1] if l + 1 < num_blocks else 0
+        n2 = sizes[l + 2] if l + 2 < num_blocks else 0
+        below = sub[l] if l + 1 < num_blocks else D.new_zeros(0, n)
+        Pm, Lm, Um = torch.linalg.lu(torch.cat([D, below]))
+        perm = Pm.argmax(dim=0)  # (P^T X)[i] = X[perm[i]]
+        pivots = Um.diagonal().abs()
+        if not torch.isfinite(pivots).all():
+            raise SingularHessianError("the lifted system has non-finite entries")
+        min_pivot = min(min_pivot, pivots.min().item())
+        max_pivot = max(max_pivot, pivots.max().item())
+        # The rows of this panel, in block-columns l+1 and l+2.
+        top = torch.cat([U1, D.new_zeros(n, n2)], dim=1)
+        if l + 1 < num_blocks:
+            after = sub[l + 1].T if l + 2 < num_blocks else D.new_zeros(n1, 0)
+            bottom = torch.cat([diag[l + 1], after], dim=1)
+        else:
+            bottom = D.new_zeros(0, 0)
+        R = torch.cat([top, bottom])[perm]
+        Rt = torch.linalg.solve_triangular(Lm[:n], R[:n], upper=False, unitriangular=True)
+        panels.append(PanelFactor(perm, Lm, Um, Rt[:, :n1], Rt[:, n1:]))
+        if l + 1 < num_blocks:
+            Rb = R[n:] - Lm[n:] @ Rt
+            D, U1 = Rb[:, :n1], Rb[:, n1:]
+    if min_pivot == 0.0:
+        raise SingularHessianError("the lifted system is exactly singular (zero pivot)")
+    return BandedLU(panels, sizes, min_pivot, max_pivot)
+
+
+def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Solve with the factors of :func:`banded_lu`; ``rhs[l]`` is (n_l, k)."""
+    panels, sizes = lu.panels, lu.block_sizes
+    num_blocks = len(panels)
+    c = [r.clone() for r in rhs]
+    # Forward: apply each panel's row permutation and unit-lower factor.
+    for l, f in enumerate(panels):
+        n = sizes[l]
+        rows = torch.cat([c[l], c[l + 1]]) if l + 1 < num_blocks else c[l]
+        rows = rows[f.perm]
+        top = torch.linalg.solve_triangular(f.lower[:n], rows[:n], upper=False,
+                                            unitriangular=True)
+        c[l] = top
+        if l + 1 < num_blocks:
+            c[l + 1] = rows[n:] - f.lower[n:] @ top
+    # Backward: block upper-triangular with two super-diagonals.
+    x: list[Optional[torch.Tensor]] = [None] * num_blocks
+    for l in reversed(range(num_blocks)):
+        f = panels[l]
+        r = c[l]
+        if l + 1 < num_blocks:
+            r = r - f.right1 @ x[l + 1]
+        if l + 2 < num_blocks:
+            r = r - f.right2 @ x[l + 2]
+        x[l] = torch.linalg.solve_triangular(f.upper, r, upper=True)
+    return x
+
+
+# --------------------------------------------------------------------------
+# Memory guard
+# --------------------------------------------------------------------------
+
+
+def estimate_factorization_bytes(param_counts: Sequence[int], output_counts: Sequence[int],
+                                 input_count: int, dtype: torch.dtype) -> int:
+    """Peak bytes of derivatives + lifted system + factors, before any is allocated.
+
+    Per layer (p params, a_in inputs, a outputs, n = p + 2a): the derivative
+    blocks (a p + p^2 + p a_in + a a_in + a_in^2), the oracle's Hessian
+    workspace (~3 (p + a_in)^2), the lifted blocks (n^2 + n n_prev) and the LU
+    factors (~3 n^2 + n n_next + n n_next2).
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = [p + 2 * a for p, a in zip(param_counts, output_counts)]
+    total, a_in = 0, input_count
+    peak_workspace = 0
+    for l, (p, a, n) in enumerate(zip(param_counts, output_counts, sizes)):
+        ain = a_in if l > 0 else 0
+        total += a * p + p * p + p * ain + a * ain + ain * ain
+        peak_workspace = max(peak_workspace, 3 * (p + ain) ** 2)
+        n1 = sizes[l + 1] if l + 1 < len(sizes) else 0
+        n2 = sizes[l + 2] if l + 2 < len(sizes) else 0
+        prev = sizes[l - 1] if l > 0 else 0
+        total += n * n + n * prev + 3 * n * n + n * (n1 + n2) + n1 * n
+        a_in = a
+    return (total + peak_workspace) * itemsize
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 62
+
+
+def _check_memory(model: TrackedChain, tracked: TrackedForward,
+                  memory_limit: Optional[int]) -> None:
+    layers = list(model.layers)
+    params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    outputs = [z.numel() for z in tracked.inputs[1:]] + [1]
+    first = next(model.parameters())
+    need = estimate_factorization_bytes(params, outputs, tracked.inputs[0].numel(), first.dtype)
+    limit = _available_bytes(first.device) if memory_limit is None else memory_limit
+    if need > limit:
+        worst = max(range(len(layers)), key=lambda l: params[l] + 2 * outputs[l])
+        raise InsufficientMemoryError(
+            f"the Hessian factorisation needs about {need / 2**30:.2f} GiB but only "
+            f"{limit / 2**30:.2f} GiB is available on {first.device}. The largest block is "
+            f"layer {worst + 1} (p={params[worst]} parameters, a={outputs[worst]} "
+            "activations = batch x width); cost grows with (p + 2a)^2 per layer. Shrink "
+            "the curvature batch, narrow the layers, or use fewer layers."
+        )
+
+
+# --------------------------------------------------------------------------
+# The operators users hold: H and (H + eps I)^{-1}
+# --------------------------------------------------------------------------
+
+
+def _split_vector(v: torch.Tensor, sizes: Sequence[int], like: torch.Tensor,
+                  what: str) -> tuple[list[torch.Tensor], bool]:
+    """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
+    n = sum(sizes)
+    if not isinstance(v, torch.Tensor):
+        raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() not in (1, 2) or v.shape[0] != n:
+        raise HessianInverseError(
+            f"{what} must have shape ({n},) or ({n}, k): one entry per model parameter "
+            f"(torch.cat([p.flatten() for p in model.parameters()])); got {tuple(v.shape)}"
+        )
+    if v.dtype != like.dtype:
+        raise HessianInverseError(
+            f"{what} has dtype {v.dtype} but the model has {like.dtype}; convert it with "
+            f".to({like.dtype})"
+        )
+    if v.device != like.device:
+        raise HessianInverseError(
+            f"{what} is on {v.device} but the model is on {like.device}; move it with "
+            f".to('{like.device}')"
+        )
+    if not torch.isfinite(v).all():
+        raise HessianInverseError(f"{what} contains NaN or Inf entries")
+    matrix = v.detach().reshape(n, -1)
+    return list(matrix.split(list(sizes))), v.dim() == 1
+
+
+def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
+    out = torch.cat(list(blocks))
+    return out[:, 0] if vector else out
+
+
+class HessianOperator:
+    """The Hessian ``H`` of a tracked chain's loss, held through its layer blocks.
+
+    Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
+    block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
+    reuses these derivatives for any number of damping values.
+    """
+
+    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor]):
+        self.derivs = derivs
+        self.gauge = gauge
+        self.param_sizes = [d.num_params for d in derivs]
+        self.num_params = sum(self.param_sizes)
+        self._like = derivs[-1].J
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._like.device
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        blocks, vector = _split_vector(v, self.param_sizes, self._like, "v")
+        return _join(structured_hessian_vector_product(self.derivs, blocks), vector)
+
+    __matmul__ = matmul
+
+    def factorize(self, damping: float = 0.0, check_condition: bool = True
+                  ) -> "HessianInverse":
+        """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0)."""
+        return HessianInverse(self, damping, check_condition)
+
+    def as_linear_operator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        return _scipy_operator(self, self.matmul)
+
+
+class HessianInverse:
+    """``(H + damping I)^{-1}`` as a factorised operator; ``inv @ v`` solves.
+
+    With ``damping == 0`` and a loss layer with known null directions N (the
+    softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
+    ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
+    The factorisation is done once; vectors (or (n, k) matrices of them) are
+    solved in O(sum_l n_l^2) each.  Raises :class:`SingularHessianError` when
+    the system is singular beyond the gauge.
+    """
+
+    def __init__(self, operator: HessianOperator, damping: float = 0.0,
+                 check_condition: bool = True, refine_steps: int = 1):
+        damping = float(damping)
+        if not math.isfinite(damping) or damping < 0:
+            raise HessianInverseError(f"damping must be a finite number >= 0, got {damping}")
+        self.operator = operator
+        self.damping = damping
+        self.refine_steps = refine_steps
+        derivs = operator.derivs
+        self.gauge = operator.gauge if damping == 0.0 else None
+        self.system = assemble_lifted_system(derivs, damping, self.gauge)
+        what = "H" + (f" + {damping:g} I" if damping else
+                      (" + P_N (H gauge-fixed on the softmax null space)"
+                       if self.gauge is not None else ""))
+        try:
+            self.lu = banded_lu(self.system)
+        except SingularHessianError as err:
+            raise SingularHessianError(self._singular_message(what, str(err))) from None
+        self.rcond = None
+        if check_condition:
+            self.rcond = self.reciprocal_condition()
+            if not self.rcond > torch.finfo(self.operator.dtype).eps:
+                raise SingularHessianError(self._singular_message(
+                    what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}"))
+
+    def _singular_message(self, what: str, detail: str) -> str:
+        hint = ("use damping > 0 (e.g. 1e-4 relative to the curvature scale)"
+                if self.damping == 0 else "increase the damping")
+        return (f"{what} is singular to working precision ({detail}). With too little data "
+                "for the parameter count (batch small against the layer sizes), or an "
+                f"eigenvalue of H at -damping, there is no unique solution: {hint}.")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.operator.shape
+
+    def _solve_lifted(self, rhs: list) -> list:
+        x = banded_lu_solve(self.lu, rhs)
+        for _ in range(self.refine_steps):
+            residual = [r - ax for r, ax in zip(rhs, self.system.matmul(x))]
+            x = [xi + di for xi, di in zip(x, banded_lu_solve(self.lu, residual))]
+        return x
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
+        op = self.operator
+        blocks, vector = _split_vector(v, op.param_sizes, op._like, "v")
+        if self.gauge is not None:
+            blocks[-1] = blocks[-1] - self.gauge @ (self.gauge.T @ blocks[-1])
+        x = _unlift(op.derivs, self._solve_lifted(_lift(op.derivs, blocks)))
+        return _join(x, vector)
+
+    __matmul__ = solve
+
+    def with_damping(self, damping: float) -> "HessianInverse":
+        """A new factorisation for another damping, reusing the derivatives."""
+        return HessianInverse(self.operator, damping, self.rcond is not None, self.refine_steps)
+
+    def reciprocal_condition(self, iterations: int = 5) -> float:
+        """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
+
+        A few solves with the factors give a lower bound on ||K^{-1}||_1 that
+        is usually within a factor of 3; K is symmetric so K^{-T} = K^{-1}.
+        """
+        sizes = self.lu.block_sizes
+        like = self.system.diag[0]
+        total = sum(sizes)
+        x = torch.full((total, 1), 1.0 / total, dtype=like.dtype, device=like.device)
+        estimate = 0.0
+        for it in range(iterations):
+            y = torch.cat(banded_lu_solve(self.lu, list(x.split(sizes))))
+            if not torch.isfinite(y).all():
+                return 0.0
+            estimate = y.abs().sum().item()
+            z = torch.cat(banded_lu_solve(self.lu, list(torch.sign(y).split(sizes))))
+            j = int(z.abs().argmax())
+            if it > 0 and z.abs()[j, 0] <= (z * x).sum():
+                break
+            x = torch.zeros_like(x)
+            x[j] = 1.0
+        return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
+
+    def as_linear_operator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        return _scipy_operator(self.operator, self.solve)
+
+
+def _scipy_operator(op: HessianOperator, apply: Callable[[torch.Tensor], torch.Tensor]):
+    from scipy.sparse.linalg import LinearOperator
+    import numpy as np
+
+    def matvec(x):
+        t = torch.as_tensor(np.asarray(x), dtype=op.dtype, device=op.device)
+        return apply(t.reshape(op.num_params, -1)).cpu().double().numpy()
+
+    return LinearOperator(op.shape, matvec=lambda x: matvec(x)[:, 0], matmat=matvec,
+                          rmatvec=lambda x: matvec(x)[:, 0], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# One-shot convenience functions
+# --------------------------------------------------------------------------
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, TrackedChain):
+        raise HessianInverseError(
+            f"model must be a TrackedChain (e.g. DeepMLPWithTracking), got "
+            f"{type(model).__name__}"
+        )
+
+
+def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
+                     memory_limit: Optional[int] = None) -> HessianOperator:
+    """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
+
+    ``loss`` (optional) must be the tensor that tracked forward returned; it is
+    only checked, never differentiated, so ``loss.backward(create_graph=True)``
+    beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
+    the free memory of the device used by the pre-allocation estimate.
+    """
+    _check_model(model)
+    tracked = model.tracked_forward(loss)
+    _check_memory(model, tracked, memory_limit)
+    derivs = chain_derivatives(model, loss)
+    null_directions = getattr(model.loss_layer, "null_directions", None)
+    gauge = null_directions().detach() if callable(null_directions) else None
+    return HessianOperator(derivs, gauge)
+
+
+def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
+              memory_limit: Optional[int] = None) -> HessianInverse:
+    """Derivatives and factorisation of ``H + damping I``, ready for many solves."""
+    return hessian_operator(model, loss, memory_limit).factorize(damping)
+
+
+def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
+                                   v: torch.Tensor, damping: float = 0.0,
+                                   memory_limit: Optional[int] = None) -> torch.Tensor:
+    """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
+
+    Args:
+        model: a :class:`TrackedChain` run with ``track_activations=True``.
+        loss: the scalar loss that forward pass returned (or None).
+        v: (n,) or (n, k), n = total parameters, ordered as ``model.parameters()``.
+        damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
+            gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
+            space) is returned.
+
+    Raises :class:`SingularHessianError` if the system is singular beyond that.
+    """
+    inverse = factorize(model, loss, damping, memory_limit)
+    return inverse.solve(v)
+
+
+def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
+                           v: torch.Tensor) -> torch.Tensor:
+    """``H v`` through the layer structure (equal to Pearlmutter's product)."""
+    return hessian_operator(model, loss).matmul(v)
