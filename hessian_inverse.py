@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 __all__ = [
     "ACTIVATIONS",
@@ -365,11 +365,22 @@ def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: t
     p = theta.numel()
     if not input_derivatives:
         J = jacrev(f)(theta, z)
-        A = hessian(lambda t: b @ f(t, z))(theta)
+        A = _dense_hessian(lambda t: b @ f(t, z), theta)
         return LayerDerivatives(J=J, A=A)
     J, Fz = jacrev(f, argnums=(0, 1))(theta, z)
-    S = hessian(lambda tz: b @ f(tz[:p], tz[p:]))(torch.cat([theta, z]))
+    S = _dense_hessian(lambda tz: b @ f(tz[:p], tz[p:]), torch.cat([theta, z]))
     return LayerDerivatives(J=J, F=Fz, A=S[:p, :p], C=S[:p, p:], G=S[p:, p:])
+
+
+def _dense_hessian(s: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Hessian of a scalar function of a small vector: forward-over-reverse, vmapped.
+
+    Written as ``jvp`` of ``grad`` rather than ``torch.func.hessian``
+    (``jacfwd(jacrev)``): in torch 2.14 the latter's nested vmap returns a wrong
+    mixed block for ``layer_norm`` (checked against finite differences).
+    """
+    eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+    return vmap(lambda e: jvp(grad(s), (x,), (e,))[1])(eye)
 
 
 def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
