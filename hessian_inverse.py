@@ -326,9 +326,10 @@ class LayerDerivatives:
 
 def _flat_function(layer: nn.Module, z_shape: torch.Size, extra_inputs: tuple):
     """``f(theta, z_flat) -> z_out_flat`` for a module with flattened parameters."""
-    names, shapes = zip(*[(n, p.shape) for n, p in layer.named_parameters()]) \
-        if any(True for _ in layer.parameters()) else ((), ())
-    sizes = [math.prod(s) for s in shapes]
+    named = list(layer.named_parameters())
+    names = [name for name, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
 
     def f(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
@@ -357,8 +358,7 @@ def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: t
         These are the paper's six derivative kinds, contracted with b as the
         algorithm uses them.
     """
-    theta = torch.cat([p.detach().reshape(-1) for p in layer.parameters()]) \
-        if any(True for _ in layer.parameters()) else z_prev.new_zeros(0)
+    theta = torch.cat([z_prev.new_zeros(0)] + [p.detach().reshape(-1) for p in layer.parameters()])
     z = z_prev.detach().reshape(-1)
     f = _flat_function(layer, z_prev.shape, tuple(t.detach() for t in extra_inputs))
     b = adjoint.detach().reshape(-1)
@@ -562,10 +562,11 @@ class PanelFactor:
 
 @dataclass
 class BandedLU:
+    """The factors of :func:`banded_lu`: one :class:`PanelFactor` per block."""
+
     panels: list
     block_sizes: list
     min_pivot: float
-    max_pivot: float
 
 
 def banded_lu(system: BlockTridiagonal) -> BandedLU:
@@ -584,7 +585,7 @@ def banded_lu(system: BlockTridiagonal) -> BandedLU:
     panels = []
     D = diag[0]
     U1 = sub[0].T if num_blocks > 1 else D.new_zeros(sizes[0], 0)
-    min_pivot, max_pivot = math.inf, 0.0
+    min_pivot = math.inf
     for l in range(num_blocks):
         n = sizes[l]
         n1 = sizes[l + 1] if l + 1 < num_blocks else 0
@@ -592,11 +593,11 @@ def banded_lu(system: BlockTridiagonal) -> BandedLU:
         below = sub[l] if l + 1 < num_blocks else D.new_zeros(0, n)
         Pm, Lm, Um = torch.linalg.lu(torch.cat([D, below]))
         perm = Pm.argmax(dim=0)  # (P^T X)[i] = X[perm[i]]
-        pivots = Um.diagonal().abs()
-        if not torch.isfinite(pivots).all():
-            raise SingularHessianError("the lifted system has non-finite entries")
-        min_pivot = min(min_pivot, pivots.min().item())
-        max_pivot = max(max_pivot, pivots.max().item())
+        smallest = Um.diagonal().abs().min().item()
+        if not smallest > 0.0:  # zero or NaN: pivoting found nothing to divide by
+            raise SingularHessianError(
+                f"the lifted system is exactly singular (zero pivot in block {l + 1})")
+        min_pivot = min(min_pivot, smallest)
         # The rows of this panel, in block-columns l+1 and l+2.
         top = torch.cat([U1, D.new_zeros(n, n2)], dim=1)
         if l + 1 < num_blocks:
@@ -610,9 +611,7 @@ def banded_lu(system: BlockTridiagonal) -> BandedLU:
         if l + 1 < num_blocks:
             Rb = R[n:] - Lm[n:] @ Rt
             D, U1 = Rb[:, :n1], Rb[:, n1:]
-    if min_pivot == 0.0:
-        raise SingularHessianError("the lifted system is exactly singular (zero pivot)")
-    return BandedLU(panels, sizes, min_pivot, max_pivot)
+    return BandedLU(panels, sizes, min_pivot)
 
 
 def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
