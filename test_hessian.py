@@ -77,6 +77,7 @@ def test_solve_matches_dense_hessian(seed, num_layers, width, batch, activation,
     assert relative_error(y, ref) <= min(1e-8, max(1e-12, 1e-14 * cond))
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_newton_direction_of_the_gradient_round_trips(activation):
     """The seed's usage verbatim: backward(create_graph=True), then H^{-1} g."""
@@ -214,7 +215,7 @@ def test_inputs_of_any_scale(input_scale):
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-9, 1e-11])
 def test_ill_conditioned_systems(damping):
-    """H + eps I with the gauge's eigenvalue at eps: condition numbers up to ~1e12.
+    """H + eps I with the gauge's eigenvalue at eps: condition numbers 8e5 to 8e10.
 
     The gauge directions make leading blocks singular too, so the paper's
     unpivoted block LDU would have nothing to divide by; pivoting copes.
@@ -224,7 +225,7 @@ def test_ill_conditioned_systems(damping):
     v = torch.randn(H.shape[0], dtype=F64)
     damped = H + damping * torch.eye(H.shape[0], dtype=F64)
     cond = torch.linalg.cond(damped).item()
-    assert cond > 1e5 / damping * 1e-6  # really ill-conditioned
+    assert cond > 1e-2 / damping  # really ill-conditioned: the gauge eigenvalue is eps
     y = hi.hessian_inverse_vector_product(model, loss, v, damping=damping)
     assert relative_error(y, torch.linalg.solve(damped, v)) <= 1e-15 * cond
     # And the residual stays at rounding level whatever the conditioning.
