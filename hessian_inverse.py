@@ -25,6 +25,10 @@ Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
 softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
 classifier's Hessian is always singular.
 
+Curvature choices (ALGORITHM.md section 7): ``curvature='ggn'`` swaps H for
+the generalized Gauss-Newton matrix ``J^T H_loss J`` in the same lifted system
+(:func:`compute_loss_layer_ggn_derivatives`).
+
 Cost: time O(sum_l (p_l + 2 a_l)^3), memory O(sum_l (p_l + 2 a_l)^2), where
 p_l is layer l's parameter count and a_l = batch size x width its activation
 count.  Nothing of size n x n (n = all parameters) is ever formed.
@@ -51,6 +55,9 @@ __all__ = [
     "DeepMLPWithTracking",
     "LayerDerivatives",
     "compute_layer_derivatives",
+    "compute_layer_jacobians",
+    "compute_loss_layer_ggn_derivatives",
+    "CURVATURES",
     "chain_derivatives",
     "structured_hessian_vector_product",
     "BlockTridiagonal",
@@ -372,14 +379,114 @@ def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: t
     return LayerDerivatives(J=J, F=Fz, A=S[:p, :p], C=S[:p, p:], G=S[p:, p:])
 
 
-def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
-                      ) -> list[LayerDerivatives]:
+#: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
+CURVATURES = ("hessian", "ggn")
+
+
+def _check_curvature(curvature: str, loss_layer: Optional[nn.Module] = None) -> None:
+    """Validate ``curvature``; for ``'ggn'`` the loss layer must split into logits and loss."""
+    if curvature not in CURVATURES:
+        raise HessianInverseError(
+            f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "ggn" and loss_layer is not None:
+        missing = [m for m in ("logits", "loss") if not callable(getattr(loss_layer, m, None))]
+        if missing:
+            raise HessianInverseError(
+                f"curvature='ggn' needs the loss layer to split into outputs and loss, but "
+                f"{type(loss_layer).__name__} has no {' or '.join(missing)} method. Add "
+                "`logits(z) -> outputs` (everything with parameters) and "
+                "`loss(outputs, targets) -> scalar` (parameter-free), with "
+                "forward(z, targets) == loss(logits(z), targets); see AffineCrossEntropy."
+            )
+
+
+class _LogitsView(nn.Module):
+    """``z -> layer.logits(z)`` as a module, so ``functional_call`` can reach it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.inner = layer
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(z)
+
+
+def compute_layer_jacobians(layer: nn.Module, z_prev: torch.Tensor,
+                            input_derivatives: bool = True) -> LayerDerivatives:
+    """First-order part of the oracle only: ``J`` and ``F``, with ``A, C, G = 0``.
+
+    This is a hidden layer under Gauss-Newton (ALGORITHM.md section 7): the
+    curvature of the network's own nonlinearity is dropped.  Shapes as in
+    :class:`LayerDerivatives`; the zero blocks keep the lifted system's layout.
+    """
+    theta = torch.cat([p.detach().reshape(-1) for p in layer.parameters()]) \
+        if any(True for _ in layer.parameters()) else z_prev.new_zeros(0)
+    z = z_prev.detach().reshape(-1)
+    f = _flat_function(layer, z_prev.shape, ())
+    p, a_in = theta.numel(), z.numel()
+    zeros = theta.new_zeros
+    if not input_derivatives:
+        return LayerDerivatives(J=jacrev(f)(theta, z), A=zeros(p, p))
+    J, Fz = jacrev(f, argnums=(0, 1))(theta, z)
+    return LayerDerivatives(J=J, F=Fz, A=zeros(p, p), C=zeros(p, a_in), G=zeros(a_in, a_in))
+
+
+def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
+                                       targets: torch.Tensor,
+                                       input_derivatives: bool = True) -> LayerDerivatives:
+    """The fused loss layer's blocks for the Gauss-Newton matrix (ALGORITHM.md section 7).
+
+    The layer is split as ``o = phi(z; theta)`` (``layer.logits``, m outputs
+    flattened) and ``ell(o)`` (``layer.loss(o, targets)``).  With
+    ``J_theta = do/dtheta`` (m, p), ``J_z = do/dz`` (m, a_in), ``g_o = dell/do``
+    (m,) and ``H_o = d2 ell/do2`` (m, m), the blocks are
+
+        J = g_o^T J_theta (1, p),            F = g_o^T J_z (1, a_in),
+        A = J_theta^T H_o J_theta (p, p),    C = J_theta^T H_o J_z (p, a_in),
+        G = J_z^T H_o J_z (a_in, a_in).
+
+    With every hidden layer's A, C, G set to zero (:func:`compute_layer_jacobians`),
+    the product of section 3 becomes ``J_tot^T H_o J_tot v``: the tangent sweep
+    carries ``J_tot v`` to the logits, the loss layer applies ``H_o`` there, and
+    the adjoint sweep applies ``J_tot^T`` through the ``F^T`` and ``J^T`` blocks.
+    That is the generalized Gauss-Newton matrix, positive semi-definite for a
+    convex loss such as cross-entropy.  ``H_o`` is formed densely (m = batch x
+    classes), like the generic oracle's ``G``.
+    """
+    theta = torch.cat([p.detach().reshape(-1) for p in layer.parameters()]) \
+        if any(True for _ in layer.parameters()) else z_prev.new_zeros(0)
+    z = z_prev.detach().reshape(-1)
+    targets = targets.detach()
+    phi = _flat_function(_LogitsView(layer), z_prev.shape, ())
+    with torch.no_grad():
+        logits_shape = layer.logits(z_prev.detach()).shape
+    o = phi(theta, z).detach()
+
+    def ell(o_flat: torch.Tensor) -> torch.Tensor:
+        return layer.loss(o_flat.view(logits_shape), targets)
+
+    g_o = torch.func.grad(ell)(o)
+    H_o = jacrev(torch.func.grad(ell))(o)  # reverse over reverse: m is small
+    if not input_derivatives:
+        J_theta = jacrev(phi)(theta, z)
+        return LayerDerivatives(J=(g_o @ J_theta)[None], A=J_theta.T @ (H_o @ J_theta))
+    J_theta, J_z = jacrev(phi, argnums=(0, 1))(theta, z)
+    HJ_theta, HJ_z = H_o @ J_theta, H_o @ J_z
+    return LayerDerivatives(J=(g_o @ J_theta)[None], F=(g_o @ J_z)[None],
+                            A=J_theta.T @ HJ_theta, C=J_theta.T @ HJ_z, G=J_z.T @ HJ_z)
+
+
+def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None,
+                      curvature: str = "hessian") -> list[LayerDerivatives]:
     """All layers' derivatives in one backward sweep (l = L..1).
 
     The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
     exactly backprop, so every layer's second derivatives are contracted with
-    the right adjoint.
+    the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
+    instead: first order only for hidden layers, and the loss layer's curvature
+    restricted to its logits (ALGORITHM.md section 7).
     """
+    _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
     layers = list(model.layers)
     num_layers = len(layers)
@@ -388,8 +495,14 @@ def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
     derivs: list[Optional[LayerDerivatives]] = [None] * num_layers
     for l in reversed(range(num_layers)):
         extra = (tracked.targets,) if l == num_layers - 1 else ()
-        d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
-                                      input_derivatives=l > 0)
+        if curvature == "ggn" and l == num_layers - 1:
+            d = compute_loss_layer_ggn_derivatives(layers[l], tracked.inputs[l],
+                                                   tracked.targets, input_derivatives=l > 0)
+        elif curvature == "ggn":
+            d = compute_layer_jacobians(layers[l], tracked.inputs[l], input_derivatives=l > 0)
+        else:
+            d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
+                                          input_derivatives=l > 0)
         derivs[l] = d
         if l > 0:
             adjoint = d.F.T @ adjoint
@@ -740,12 +853,16 @@ class HessianOperator:
 
     Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
     block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
-    reuses these derivatives for any number of damping values.
+    reuses these derivatives for any number of damping values.  With
+    ``curvature == 'ggn'`` the blocks are the Gauss-Newton matrix's and "H"
+    reads "GGN" throughout.
     """
 
-    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor]):
+    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor],
+                 curvature: str = "hessian"):
         self.derivs = derivs
         self.gauge = gauge
+        self.curvature = curvature
         self.param_sizes = [d.num_params for d in derivs]
         self.num_params = sum(self.param_sizes)
         self._like = derivs[-1].J
@@ -902,32 +1019,40 @@ def _check_model(model) -> None:
 
 
 def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                     memory_limit: Optional[int] = None) -> HessianOperator:
+                     memory_limit: Optional[int] = None,
+                     curvature: str = "hessian") -> HessianOperator:
     """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
 
     ``loss`` (optional) must be the tensor that tracked forward returned; it is
     only checked, never differentiated, so ``loss.backward(create_graph=True)``
     beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
     the free memory of the device used by the pre-allocation estimate.
+    ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
+    ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
+    parameters); the loss layer must expose ``logits`` and ``loss``.  The
+    softmax gauge is a null space of both.
     """
     _check_model(model)
+    _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
     _check_memory(model, tracked, memory_limit)
-    derivs = chain_derivatives(model, loss)
+    derivs = chain_derivatives(model, loss, curvature)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
-    return HessianOperator(derivs, gauge)
+    return HessianOperator(derivs, gauge, curvature)
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
-              memory_limit: Optional[int] = None) -> HessianInverse:
-    """Derivatives and factorisation of ``H + damping I``, ready for many solves."""
-    return hessian_operator(model, loss, memory_limit).factorize(damping)
+              memory_limit: Optional[int] = None, curvature: str = "hessian") -> HessianInverse:
+    """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
+    with ``curvature='ggn'``), ready for many solves."""
+    return hessian_operator(model, loss, memory_limit, curvature).factorize(damping)
 
 
 def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
                                    v: torch.Tensor, damping: float = 0.0,
-                                   memory_limit: Optional[int] = None) -> torch.Tensor:
+                                   memory_limit: Optional[int] = None,
+                                   curvature: str = "hessian") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -937,14 +1062,18 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
             gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
             space) is returned.
+        curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
+            ``J^T H_loss J``, positive semi-definite for cross-entropy).
 
     Raises :class:`SingularHessianError` if the system is singular beyond that.
     """
-    inverse = factorize(model, loss, damping, memory_limit)
+    inverse = factorize(model, loss, damping, memory_limit, curvature)
     return inverse.solve(v)
 
 
 def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
-                           v: torch.Tensor) -> torch.Tensor:
-    """``H v`` through the layer structure (equal to Pearlmutter's product)."""
-    return hessian_operator(model, loss).matmul(v)
+                           v: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
+    """``H v`` through the layer structure (equal to Pearlmutter's product), or
+    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
+    return hessian_operator(model, loss, curvature=curvature).matmul(v)
+
