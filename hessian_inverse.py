@@ -25,6 +25,11 @@ Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
 softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
 classifier's Hessian is always singular.
 
+Curvature choices (ALGORITHM.md section 7): ``curvature='ggn'`` swaps H for
+the generalized Gauss-Newton matrix ``J^T H_loss J`` in the same lifted system
+(:func:`compute_loss_layer_ggn_derivatives`), and :func:`trust_region_step`
+solves the trust-region subproblem for either, by damped solves only.
+
 Cost: time O(sum_l (p_l + 2 a_l)^3), memory O(sum_l (p_l + 2 a_l)^2), where
 p_l is layer l's parameter count and a_l = batch size x width its activation
 count.  Nothing of size n x n (n = all parameters) is ever formed.
@@ -51,6 +56,9 @@ __all__ = [
     "DeepMLPWithTracking",
     "LayerDerivatives",
     "compute_layer_derivatives",
+    "compute_layer_jacobians",
+    "compute_loss_layer_ggn_derivatives",
+    "CURVATURES",
     "chain_derivatives",
     "structured_hessian_vector_product",
     "BlockTridiagonal",
@@ -64,6 +72,12 @@ __all__ = [
     "factorize",
     "hessian_inverse_vector_product",
     "hessian_vector_product",
+    "EigenEstimate",
+    "lowest_eigenpair",
+    "Definiteness",
+    "definiteness",
+    "TrustRegionStep",
+    "trust_region_step",
     "estimate_factorization_bytes",
     "HessianInverseError",
     "NotTrackedError",
@@ -339,6 +353,11 @@ def _flat_function(layer: nn.Module, z_shape: torch.Size, extra_inputs: tuple):
     return f
 
 
+def _flat_parameters(layer: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The layer's parameters, detached and flattened in ``parameters()`` order."""
+    return torch.cat([like.new_zeros(0)] + [p.detach().reshape(-1) for p in layer.parameters()])
+
+
 def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
                               *extra_inputs: torch.Tensor,
                               input_derivatives: bool = True) -> LayerDerivatives:
@@ -358,7 +377,7 @@ def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: t
         These are the paper's six derivative kinds, contracted with b as the
         algorithm uses them.
     """
-    theta = torch.cat([z_prev.new_zeros(0)] + [p.detach().reshape(-1) for p in layer.parameters()])
+    theta = _flat_parameters(layer, z_prev)
     z = z_prev.detach().reshape(-1)
     f = _flat_function(layer, z_prev.shape, tuple(t.detach() for t in extra_inputs))
     b = adjoint.detach().reshape(-1)
@@ -383,14 +402,112 @@ def _dense_hessian(s: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return vmap(lambda e: jvp(grad(s), (x,), (e,))[1])(eye)
 
 
-def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
-                      ) -> list[LayerDerivatives]:
+#: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
+CURVATURES = ("hessian", "ggn")
+
+
+def _check_curvature(curvature: str, loss_layer: Optional[nn.Module] = None) -> None:
+    """Validate ``curvature``; for ``'ggn'`` the loss layer must split into logits and loss."""
+    if curvature not in CURVATURES:
+        raise HessianInverseError(
+            f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "ggn" and loss_layer is not None:
+        missing = [m for m in ("logits", "loss") if not callable(getattr(loss_layer, m, None))]
+        if missing:
+            raise HessianInverseError(
+                f"curvature='ggn' needs the loss layer to split into outputs and loss, but "
+                f"{type(loss_layer).__name__} has no {' or '.join(missing)} method. Add "
+                "`logits(z) -> outputs` (everything with parameters) and "
+                "`loss(outputs, targets) -> scalar` (parameter-free), with "
+                "forward(z, targets) == loss(logits(z), targets); see AffineCrossEntropy."
+            )
+
+
+class _LogitsView(nn.Module):
+    """``z -> layer.logits(z)`` as a module, so ``functional_call`` can reach it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.inner = layer
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(z)
+
+
+def compute_layer_jacobians(layer: nn.Module, z_prev: torch.Tensor,
+                            input_derivatives: bool = True) -> LayerDerivatives:
+    """First-order part of the oracle only: ``J`` and ``F``, with ``A, C, G = 0``.
+
+    This is a hidden layer under Gauss-Newton (ALGORITHM.md section 7): the
+    curvature of the network's own nonlinearity is dropped.  Shapes as in
+    :class:`LayerDerivatives`; the zero blocks keep the lifted system's layout.
+    """
+    theta = _flat_parameters(layer, z_prev)
+    z = z_prev.detach().reshape(-1)
+    f = _flat_function(layer, z_prev.shape, ())
+    p, a_in = theta.numel(), z.numel()
+    zeros = theta.new_zeros
+    if not input_derivatives:
+        return LayerDerivatives(J=jacrev(f)(theta, z), A=zeros(p, p))
+    J, Fz = jacrev(f, argnums=(0, 1))(theta, z)
+    return LayerDerivatives(J=J, F=Fz, A=zeros(p, p), C=zeros(p, a_in), G=zeros(a_in, a_in))
+
+
+def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
+                                       targets: torch.Tensor,
+                                       input_derivatives: bool = True) -> LayerDerivatives:
+    """The fused loss layer's blocks for the Gauss-Newton matrix (ALGORITHM.md section 7).
+
+    The layer is split as ``o = phi(z; theta)`` (``layer.logits``, m outputs
+    flattened) and ``ell(o)`` (``layer.loss(o, targets)``).  With
+    ``J_theta = do/dtheta`` (m, p), ``J_z = do/dz`` (m, a_in), ``g_o = dell/do``
+    (m,) and ``H_o = d2 ell/do2`` (m, m), the blocks are
+
+        J = g_o^T J_theta (1, p),            F = g_o^T J_z (1, a_in),
+        A = J_theta^T H_o J_theta (p, p),    C = J_theta^T H_o J_z (p, a_in),
+        G = J_z^T H_o J_z (a_in, a_in).
+
+    With every hidden layer's A, C, G set to zero (:func:`compute_layer_jacobians`),
+    the product of section 3 becomes ``J_tot^T H_o J_tot v``: the tangent sweep
+    carries ``J_tot v`` to the logits, the loss layer applies ``H_o`` there, and
+    the adjoint sweep applies ``J_tot^T`` through the ``F^T`` and ``J^T`` blocks.
+    That is the generalized Gauss-Newton matrix, positive semi-definite for a
+    convex loss such as cross-entropy.  ``H_o`` is formed densely (m = batch x
+    classes), like the generic oracle's ``G``.
+    """
+    theta = _flat_parameters(layer, z_prev)
+    z = z_prev.detach().reshape(-1)
+    targets = targets.detach()
+    phi = _flat_function(_LogitsView(layer), z_prev.shape, ())
+    with torch.no_grad():
+        logits_shape = layer.logits(z_prev.detach()).shape
+    o = phi(theta, z).detach()
+
+    def ell(o_flat: torch.Tensor) -> torch.Tensor:
+        return layer.loss(o_flat.view(logits_shape), targets)
+
+    g_o = torch.func.grad(ell)(o)
+    H_o = jacrev(torch.func.grad(ell))(o)  # reverse over reverse: m is small
+    if not input_derivatives:
+        J_theta = jacrev(phi)(theta, z)
+        return LayerDerivatives(J=(g_o @ J_theta)[None], A=J_theta.T @ (H_o @ J_theta))
+    J_theta, J_z = jacrev(phi, argnums=(0, 1))(theta, z)
+    HJ_theta, HJ_z = H_o @ J_theta, H_o @ J_z
+    return LayerDerivatives(J=(g_o @ J_theta)[None], F=(g_o @ J_z)[None],
+                            A=J_theta.T @ HJ_theta, C=J_theta.T @ HJ_z, G=J_z.T @ HJ_z)
+
+
+def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None,
+                      curvature: str = "hessian") -> list[LayerDerivatives]:
     """All layers' derivatives in one backward sweep (l = L..1).
 
     The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
     exactly backprop, so every layer's second derivatives are contracted with
-    the right adjoint.
+    the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
+    instead: first order only for hidden layers, and the loss layer's curvature
+    restricted to its logits (ALGORITHM.md section 7).
     """
+    _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
     layers = list(model.layers)
     num_layers = len(layers)
@@ -399,8 +516,14 @@ def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None
     derivs: list[Optional[LayerDerivatives]] = [None] * num_layers
     for l in reversed(range(num_layers)):
         extra = (tracked.targets,) if l == num_layers - 1 else ()
-        d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
-                                      input_derivatives=l > 0)
+        if curvature == "ggn" and l == num_layers - 1:
+            d = compute_loss_layer_ggn_derivatives(layers[l], tracked.inputs[l],
+                                                   tracked.targets, input_derivatives=l > 0)
+        elif curvature == "ggn":
+            d = compute_layer_jacobians(layers[l], tracked.inputs[l], input_derivatives=l > 0)
+        else:
+            d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
+                                          input_derivatives=l > 0)
         derivs[l] = d
         if l > 0:
             adjoint = d.F.T @ adjoint
@@ -750,12 +873,16 @@ class HessianOperator:
 
     Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
     block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
-    reuses these derivatives for any number of damping values.
+    reuses these derivatives for any number of damping values.  With
+    ``curvature == 'ggn'`` the blocks are the Gauss-Newton matrix's and "H"
+    reads "GGN" throughout.
     """
 
-    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor]):
+    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor],
+                 curvature: str = "hessian"):
         self.derivs = derivs
         self.gauge = gauge
+        self.curvature = curvature
         self.param_sizes = [d.num_params for d in derivs]
         self.num_params = sum(self.param_sizes)
         self._like = derivs[-1].J
@@ -912,32 +1039,40 @@ def _check_model(model) -> None:
 
 
 def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                     memory_limit: Optional[int] = None) -> HessianOperator:
+                     memory_limit: Optional[int] = None,
+                     curvature: str = "hessian") -> HessianOperator:
     """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
 
     ``loss`` (optional) must be the tensor that tracked forward returned; it is
     only checked, never differentiated, so ``loss.backward(create_graph=True)``
     beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
     the free memory of the device used by the pre-allocation estimate.
+    ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
+    ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
+    parameters); the loss layer must expose ``logits`` and ``loss``.  The
+    softmax gauge is a null space of both.
     """
     _check_model(model)
+    _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
     _check_memory(model, tracked, memory_limit)
-    derivs = chain_derivatives(model, loss)
+    derivs = chain_derivatives(model, loss, curvature)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
-    return HessianOperator(derivs, gauge)
+    return HessianOperator(derivs, gauge, curvature)
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
-              memory_limit: Optional[int] = None) -> HessianInverse:
-    """Derivatives and factorisation of ``H + damping I``, ready for many solves."""
-    return hessian_operator(model, loss, memory_limit).factorize(damping)
+              memory_limit: Optional[int] = None, curvature: str = "hessian") -> HessianInverse:
+    """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
+    with ``curvature='ggn'``), ready for many solves."""
+    return hessian_operator(model, loss, memory_limit, curvature).factorize(damping)
 
 
 def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
                                    v: torch.Tensor, damping: float = 0.0,
-                                   memory_limit: Optional[int] = None) -> torch.Tensor:
+                                   memory_limit: Optional[int] = None,
+                                   curvature: str = "hessian") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -947,14 +1082,404 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
             gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
             space) is returned.
+        curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
+            ``J^T H_loss J``, positive semi-definite for cross-entropy).
 
     Raises :class:`SingularHessianError` if the system is singular beyond that.
     """
-    inverse = factorize(model, loss, damping, memory_limit)
+    inverse = factorize(model, loss, damping, memory_limit, curvature)
     return inverse.solve(v)
 
 
 def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
-                           v: torch.Tensor) -> torch.Tensor:
-    """``H v`` through the layer structure (equal to Pearlmutter's product)."""
-    return hessian_operator(model, loss).matmul(v)
+                           v: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
+    """``H v`` through the layer structure (equal to Pearlmutter's product), or
+    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
+    return hessian_operator(model, loss, curvature=curvature).matmul(v)
+
+
+# --------------------------------------------------------------------------
+# Trust regions: min_s g^T s + s^T B s / 2 subject to ||s|| <= radius
+# --------------------------------------------------------------------------
+
+
+def _gauge_projector(operator: HessianOperator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> v - P_N v`` on all n parameters (identity without a known gauge).
+
+    N is the loss layer's null basis (ALGORITHM.md section 9), living in the
+    last layer's coordinates; ``v`` is (n,) or (n, k).
+    """
+    basis = operator.gauge
+    if basis is None:
+        return lambda v: v
+    last = operator.param_sizes[-1]
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        tail = v[-last:]
+        return torch.cat([v[:-last], tail - basis @ (basis.T @ tail)])
+
+    return project
+
+
+@dataclass
+class EigenEstimate:
+    """Lanczos estimate of the lowest eigenpair of B (on the complement of the gauge).
+
+    - ``value``: the lowest Ritz value theta.  Always an UPPER bound on
+      lambda_min (Cauchy interlacing), so ``-value`` is a safe lower bound for
+      the trust-region multiplier.
+    - ``vector`` (n,): its unit Ritz vector q.
+    - ``residual``: ``||B q - theta q||``; when Lanczos has converged to the
+      lowest eigenvalue, lambda_min >= theta - residual.
+    - ``steps``: Lanczos steps (Hessian-vector products) taken.
+    """
+
+    value: float
+    vector: torch.Tensor
+    residual: float
+    steps: int
+
+
+def lowest_eigenpair(operator: HessianOperator, steps: int = 64, seed: int = 0
+                     ) -> EigenEstimate:
+    """Lowest eigenpair of the operator's B by Lanczos with full reorthogonalisation.
+
+    Uses only products ``B v`` (two sweeps each; no factorisation).  Runs on
+    the orthogonal complement of the known gauge N, where B is blind anyway
+    (``B N = 0`` for the Hessian and the GGN alike), so a softmax
+    classifier's always-zero eigenvalues are not reported.  The start vector
+    is random (``seed``), never the gradient: the Krylov space of a gradient
+    orthogonal to the lowest eigenvector (the trust region's hard case) would
+    never contain it.  Cost: ``min(steps, n - k)`` products and O(n steps^2).
+    """
+    project = _gauge_projector(operator)
+    kw = dict(dtype=operator.dtype, device=operator.device)
+    n = operator.num_params
+    free = n - (0 if operator.gauge is None else operator.gauge.shape[1])
+    m = max(1, min(int(steps), free))
+    gen = torch.Generator(device=operator.device).manual_seed(seed)
+    q = project(torch.randn(n, generator=gen, **kw))
+    basis = [q / q.norm()]
+    alpha, beta = [], []
+    for j in range(m):
+        w = project(operator.matmul(basis[j]))
+        alpha.append(torch.dot(basis[j], w))
+        Q = torch.stack(basis, dim=1)
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            w = w - Q @ (Q.T @ w)
+        beta.append(w.norm())
+        scale = max(abs(a.item()) for a in alpha)
+        if j + 1 == m or beta[-1] <= 1e-12 * scale:  # done, or an invariant subspace
+            break
+        basis.append(w / beta[-1])
+    T = torch.diag(torch.stack(alpha))
+    if len(alpha) > 1:
+        off = torch.stack(beta[:-1])
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(T)
+    y = vectors[:, 0]
+    ritz = torch.stack(basis[:len(alpha)], dim=1) @ y
+    return EigenEstimate(values[0].item(), ritz / ritz.norm(),
+                         (beta[-1] * y[-1].abs()).item(), len(alpha))
+
+
+@dataclass
+class Definiteness:
+    """Whether ``B + damping I`` is positive definite, decided exactly (:func:`definiteness`).
+
+    - ``positive_definite``: the verdict.
+    - ``layer``: 0-based layer whose Schur complement P_l failed, or None.
+    - ``direction`` (n,): when not positive definite, a vector v with
+      ``v^T (B + damping I) v = curvature <= 0``; None otherwise.
+    - ``curvature``: that value (the lowest eigenvalue of the failing P_l).
+    """
+
+    positive_definite: bool
+    layer: Optional[int] = None
+    direction: Optional[torch.Tensor] = None
+    curvature: Optional[float] = None
+
+
+def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
+    """Exact positive-definiteness test of ``B + damping I``: block Cholesky by layers.
+
+    B is the operator's curvature (with ``B + P_N`` at damping 0 when there
+    is a gauge, as in :meth:`HessianOperator.factorize`).  The quadratic form
+    is ``v^T B v = sum_l (v_l, t_{l-1})^T [[A_l, C_l], [C_l^T, G_l]] (v_l, t_{l-1})``
+    with the tangent ``t_l = J_l v_l + F_l t_{l-1}`` (section 3).  Eliminating
+    the layers from the last one (a backward Riccati recursion, ``Ghat_L = 0``):
+
+        P_l        = A_l + damping I + J_l^T Ghat_l J_l          (p_l, p_l)
+        K_l        = C_l + J_l^T Ghat_l F_l                      (p_l, a_{l-1})
+        Ghat_{l-1} = G_l + F_l^T Ghat_l F_l - K_l^T P_l^{-1} K_l (a_{l-1}, a_{l-1})
+
+    completes the square: ``v^T (B + damping I) v = sum_l w_l^T P_l w_l`` with
+    ``w_l = v_l + P_l^{-1} K_l t_{l-1}``, a unit block-triangular change of
+    variables.  By Sylvester's law of inertia ``B + damping I`` is positive
+    definite iff every P_l is, which one Cholesky factorisation each decides
+    (Moré-Sorensen's Cholesky test, done layer by layer).  P_l is the Schur
+    complement of the trailing principal block (layers l..L) onto layer l.
+    Cost O(sum_l p_l^3 + p_l^2 a + p_l a^2 + a^3), linear in depth; no n x n
+    matrix.  When P_l fails, its lowest eigenvector w, continued through the
+    later layers with ``w_k = 0`` (``v_k = -P_k^{-1} K_k t_{k-1}``), gives
+    a direction v with ``v^T (B + damping I) v = lambda_min(P_l) <= 0``.
+    """
+    derivs = operator.derivs
+    num_layers = len(derivs)
+    ghat = derivs[-1].J.new_zeros(1, 1)  # curvature in z_L, the loss itself: none
+    gains: list[Optional[torch.Tensor]] = [None] * num_layers
+    for l in reversed(range(num_layers)):
+        d = derivs[l]
+        JG = d.J.T @ ghat
+        P = d.A + JG @ d.J + damping * torch.eye(d.num_params, dtype=d.A.dtype,
+                                                 device=d.A.device)
+        if damping == 0.0 and operator.gauge is not None and l == num_layers - 1:
+            P = P + operator.gauge @ operator.gauge.T
+        P = 0.5 * (P + P.T)
+        chol, info = torch.linalg.cholesky_ex(P)
+        if info.item() != 0:
+            return _negative_direction(derivs, gains, l, P)
+        if l > 0:
+            K = d.C + JG @ d.F
+            gains[l] = torch.cholesky_solve(K, chol)
+            ghat = d.G + d.F.T @ ghat @ d.F - K.T @ gains[l]
+            ghat = 0.5 * (ghat + ghat.T)
+    return Definiteness(True)
+
+
+def _negative_direction(derivs: Sequence[LayerDerivatives], gains: list, layer: int,
+                        P: torch.Tensor) -> Definiteness:
+    """v = (0, .., 0, w, -P^{-1}K t, ..) with w P_layer's lowest eigenvector."""
+    values, vectors = torch.linalg.eigh(P)
+    w = vectors[:, 0]
+    blocks = [w.new_zeros(d.num_params) for d in derivs[:layer]] + [w]
+    t = derivs[layer].J @ w
+    for d, gain in zip(derivs[layer + 1:], gains[layer + 1:]):
+        v = -gain @ t
+        blocks.append(v)
+        t = d.J @ v + d.F @ t
+    return Definiteness(False, layer, torch.cat(blocks), values[0].item())
+
+
+@dataclass
+class TrustRegionStep:
+    """The solution of ``min g^T s + s^T B s / 2  s.t.  ||s|| <= radius``.
+
+    - ``step`` (n,): s.  ``(B + damping I) s = -g``, plus ``tau z`` in the hard case.
+    - ``damping``: the multiplier lambda >= 0 (0 for an interior Newton step).
+    - ``predicted_reduction``: ``-(g^T s + s^T B s / 2)`` from one more ``B s``.
+    - ``on_boundary``: ``||s|| = radius`` to the tolerance.
+    - ``hard_case``: the step is ``s(lambda) + tau z``, z an approximate lowest
+      eigenvector, lambda ~ -lambda_min: g is (nearly) orthogonal to z and the
+      secular equation has no root where ``B + lambda I`` is positive definite.
+    - ``iterations``: trial values of lambda (each one definiteness test and,
+      if positive definite, one LU factorisation).
+    - ``converged``: the stopping test was met; if not (iteration cap), the
+      feasible step with the lowest model value seen is returned.
+    - ``min_eigenvalue``: the best upper bound found on lambda_min(B) (Lanczos
+      and Rayleigh quotients), on the complement of the gauge.
+    """
+
+    step: torch.Tensor
+    damping: float
+    predicted_reduction: float
+    on_boundary: bool
+    hard_case: bool
+    iterations: int
+    converged: bool
+    min_eigenvalue: float
+
+
+@dataclass
+class _SecularPoint:
+    """The damped solves at lambda = ``damping`` (B + lambda I positive definite).
+
+    ``step`` = s = -(B + lambda I)^{-1} g; ``inverse_quadratic`` =
+    s^T (B + lambda I)^{-1} s, so that d||s||/dlambda = -inverse_quadratic/||s||;
+    ``curvature`` = s^T (B + lambda I) s = -g^T s; ``eigvec`` = the unit
+    inverse-iteration update (B + lambda I)^{-1} z of the lowest-eigenvector estimate.
+    """
+
+    damping: float
+    step: torch.Tensor
+    norm: float
+    inverse_quadratic: float
+    curvature: float
+    eigvec: torch.Tensor
+
+
+def _secular_point(operator: HessianOperator, g: torch.Tensor, z: torch.Tensor,
+                   damping: float, project) -> Optional[_SecularPoint]:
+    """One LU factorisation of ``B + damping I``, two solves (None if singular)."""
+    try:
+        inverse = operator.factorize(damping)
+    except SingularHessianError:
+        return None
+    solved = project(inverse.solve(torch.stack([g, z], dim=1)))
+    s, w = -solved[:, 0], solved[:, 1]
+    inverse_quadratic = torch.dot(s, project(inverse.solve(s))).item()
+    return _SecularPoint(damping, s, s.norm().item(), inverse_quadratic,
+                         -torch.dot(g, s).item(), w / w.norm())
+
+
+def _boundary_roots(s: torch.Tensor, z: torch.Tensor, radius: float) -> tuple[float, float]:
+    """Both roots tau of ``||s + tau z|| = radius`` (z a unit vector, ||s|| <= radius)."""
+    sz = torch.dot(s, z).item()
+    disc = math.sqrt(max(sz * sz + radius * radius - s.norm().item() ** 2, 0.0))
+    return -sz - disc, -sz + disc
+
+
+def _bracketed(candidate: Optional[float], lo: float, hi: float) -> float:
+    """The next trial lambda: ``candidate`` if inside (lo, hi), else just right of lo.
+
+    ``lo`` is a lower bound on the multiplier (so is every lambda found
+    indefinite), hence the fallback steps 1% of the bracket off it, as in
+    Moré-Sorensen's safeguard.
+    """
+    if candidate is not None and lo < candidate < hi:
+        return candidate
+    return lo + 0.01 * (hi - lo)
+
+
+def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius: float,
+                      tol: Optional[float] = None, max_iterations: int = 40,
+                      lanczos_steps: int = 20, seed: int = 0) -> TrustRegionStep:
+    """Solve the trust-region subproblem exactly with damped solves (Moré-Sorensen).
+
+    Minimises ``m(s) = g^T s + s^T B s / 2`` over ``||s|| <= radius`` for B the
+    operator's curvature (Hessian or GGN).  The minimiser is
+    ``s(lambda) = -(B + lambda I)^{-1} g`` with ``B + lambda I`` positive
+    semi-definite and ``lambda (radius - ||s||) = 0``.  If B is positive
+    definite and the Newton step fits, it is returned (lambda = 0).  Otherwise
+    lambda solves the secular equation ``phi(lambda) = 1/||s(lambda)|| -
+    1/radius = 0`` by safeguarded Newton, ``lambda+ = lambda + (||s||^2 / q)
+    (||s|| - radius) / radius`` with ``q = s^T (B + lambda I)^{-1} s``: each
+    trial lambda costs one ``operator.factorize(lambda)`` (reusing the same
+    derivatives) and two solves with it; no n x n matrix is formed.  phi is
+    concave and increasing where ``B + lambda I`` is positive definite, so
+    Newton from the left never overshoots; from the right it may, which the
+    bracket [lo, hi] catches.
+
+    Positive definiteness.  The factorisation is a pivoted LU of an indefinite
+    saddle-point system, so unlike Moré-Sorensen's Cholesky it cannot reveal
+    an indefinite ``B + lambda I``.  Each trial lambda is therefore first
+    tested exactly by :func:`definiteness`, a block Cholesky of ``B + lambda
+    I`` by layers (Sylvester's law of inertia; about the cost of the LU).  A
+    failure proves ``lambda < -lambda_min``; it also yields a direction of
+    non-positive curvature whose Rayleigh quotient rho raises the lower bound
+    to ``lo = -rho``.  A Lanczos run on B (:func:`lowest_eigenpair`, HVPs
+    only) gives the first such bound and the first lowest-eigenvector
+    estimate z; every factorisation then refines z by a step of inverse iteration.
+
+    Hard case.  When g is (nearly) orthogonal to the lowest eigenvector,
+    ``||s(lambda)|| < radius`` all the way down to ``lambda = -lambda_min``.
+    At any positive definite lambda with ``||s|| < radius``, the step
+    ``s + tau z`` with ``||s + tau z|| = radius`` (tau of lower model value)
+    satisfies ``m(s + tau z) <= (1 - sigma) m*`` whenever ``tau^2 z^T (B +
+    lambda I) z <= sigma (s^T (B + lambda I) s + lambda radius^2)`` (Moré and
+    Sorensen 1983, Lemma 3.4, with sigma = ``tol``); that step is returned
+    with ``hard_case=True``.  Likewise s alone is returned (interior, minimum
+    norm) when ``lambda (radius^2 - ||s||^2) <= sigma (s^T (B + lambda I) s +
+    lambda radius^2)``: this is how a singular positive semi-definite B (a GGN
+    with little data) ends.  After ``max_iterations`` trials the feasible step
+    of lowest model value seen is returned with ``converged=False``.
+
+    The softmax gauge.  The loss is exactly flat along the gauge directions N
+    (ALGORITHM.md section 9): g has no component there, B N = 0, and the model
+    predicts no change along them, so any multiple could be added to a
+    solution.  The subproblem is solved on the complement of N: the minimum-
+    norm solution is returned, g's component along N (rounding) is dropped,
+    and lambda = 0 means ``-B^+ g`` (the gauge-fixed factorisation).
+
+    Args:
+        operator: from :func:`hessian_operator` (``curvature='hessian'`` or ``'ggn'``).
+        gradient: g (n,), ordered as ``model.parameters()``.
+        radius: the trust-region radius > 0.
+        tol: relative tolerance on ``||s|| = radius`` and the model value (sigma);
+            default ``max(1e-9, 100 eps)`` of the dtype.
+        max_iterations: cap on trial values of lambda.
+        lanczos_steps, seed: for the initial :func:`lowest_eigenpair`.
+
+    Returns:
+        :class:`TrustRegionStep`.
+    """
+    blocks, vector = _split_vector(gradient, operator.param_sizes, operator._like, "gradient")
+    if not vector:
+        raise HessianInverseError("gradient must be a vector of shape (n,)")
+    radius = float(radius)
+    if not (math.isfinite(radius) and radius > 0):
+        raise HessianInverseError(f"radius must be a finite number > 0, got {radius}")
+    if tol is None:
+        tol = max(1e-9, 100 * torch.finfo(operator.dtype).eps)
+    project = _gauge_projector(operator)
+    g = project(torch.cat(blocks)[:, 0])
+    gnorm = g.norm().item()
+    eig = lowest_eigenpair(operator, lanczos_steps, seed)
+    z, rho = eig.vector, eig.value
+
+    def result(step, damping, on_boundary, hard_case, iterations, converged):
+        reduction = -(torch.dot(g, step) + 0.5 * torch.dot(step, operator.matmul(step))).item()
+        return TrustRegionStep(step, float(damping), reduction, on_boundary, hard_case,
+                               iterations, converged, rho)
+
+    def rayleigh(v: torch.Tensor) -> tuple[float, torch.Tensor]:
+        v = project(v)
+        v = v / v.norm()
+        return torch.dot(v, operator.matmul(v)).item(), v
+
+    if gnorm == 0.0:  # a stationary point: move along negative curvature, if any
+        if rho >= 0:
+            return result(torch.zeros_like(g), 0.0, False, False, 0, True)
+        return result(radius * z, -rho, True, True, 0, True)
+
+    lo = max(0.0, -rho)  # lambda* >= -lambda_min >= -rho
+    hi = gnorm / radius + max(0.0, eig.residual - eig.value)  # grown if wrong
+    lam = 0.0 if rho > 0 else _bracketed(None, lo, hi)
+    best = (math.inf, torch.zeros_like(g), 0.0, False)  # (model value, step, lambda, hard)
+    for iteration in range(1, max_iterations + 1):
+        test = definiteness(operator, lam)
+        point = _secular_point(operator, g, z, lam, project) if test.positive_definite else None
+        if point is None:  # indefinite (or singular): lambda <= -lambda_min
+            lo = max(lo, lam)
+            if test.direction is not None and test.direction.norm() > 0:
+                rho_v, v = rayleigh(test.direction)
+                if rho_v < rho:
+                    rho, z = rho_v, v
+                lo = max(lo, -rho)
+            hi = hi if hi > lo else 2 * lo + gnorm / radius
+            lam = _bracketed(None, lo, hi)
+            continue
+        zBz, z = rayleigh(point.eigvec)
+        rho = min(rho, zBz)
+        s, norm, curvature = point.step, point.norm, point.curvature
+        # With (B + lambda I) s = -g: m(s) = -(s^T (B + lambda I) s + lambda ||s||^2) / 2.
+        model_s = -0.5 * (curvature + lam * norm * norm)
+        scale = min(1.0, radius / norm)  # the feasible multiple of s, as a fallback
+        value = -scale * curvature + 0.5 * scale * scale * (curvature - lam * norm * norm)
+        best = min(best, (value, scale * s, lam, False), key=lambda c: c[0])
+        on_boundary = abs(norm - radius) <= tol * radius
+        if on_boundary or (lam == 0.0 and norm <= radius):
+            return result(s, lam, on_boundary, False, iteration, True)
+        newton = lam + (norm * norm / point.inverse_quadratic) * (norm - radius) / radius
+        fallback = None
+        if norm > radius:  # left of the root: Newton cannot overshoot it
+            lo = max(lo, lam)
+            hi = hi if newton < hi else 2 * newton
+        else:  # right of the root, or the hard case
+            hi = min(hi, lam)
+            bound = curvature + lam * radius * radius  # -2 m* <= bound
+            if lam * (radius * radius - norm * norm) <= tol * bound:
+                return result(s, lam, False, False, iteration, True)
+            # the largest lambda at which that test would pass if s stayed put: going
+            # lower only amplifies rounding in flat directions (~ eps / lambda)
+            fallback = 0.5 * tol * curvature / ((1 - tol) * radius * radius - norm * norm)
+            sz = torch.dot(s, z).item()
+            value_tau, tau = min((model_s - lam * tau * sz + 0.5 * tau * tau * zBz, tau)
+                                 for tau in _boundary_roots(s, z, radius))
+            best = min(best, (value_tau, s + tau * z, lam, True), key=lambda c: c[0])
+            if tau * tau * (zBz + lam) <= tol * bound:
+                return result(s + tau * z, lam, True, True, iteration, True)
+        lam = _bracketed(newton if lo < newton < hi else fallback, lo, hi)
+    _, step, damping, hard_case = best
+    on_boundary = abs(step.norm().item() - radius) <= tol * radius
+    return result(step, damping, on_boundary, hard_case, max_iterations, False)
