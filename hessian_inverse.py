@@ -1483,3 +1483,297 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
     _, step, damping, hard_case = best
     on_boundary = abs(step.norm().item() - radius) <= tol * radius
     return result(step, damping, on_boundary, hard_case, max_iterations, False)
+
+
+# --------------------------------------------------------------------------
+# Training: a Hessian-preconditioned optimizer
+# --------------------------------------------------------------------------
+
+
+__all__ += ["DampedNewton"]
+
+
+def _to_float(loss) -> float:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+class DampedNewton(torch.optim.Optimizer):
+    r"""Damped Newton steps ``s = -lr (H + damping I)^{-1} g`` with Levenberg-Marquardt damping.
+
+    Follows the ``step(closure)`` convention of :class:`torch.optim.LBFGS`: the
+    closure zeroes the gradients, re-evaluates the loss, calls ``backward()``
+    and returns the loss.  The curvature comes from a *tracked* forward pass
+    (``model(x, y, track_activations=True)``): either the closure's own, or one
+    run by ``curvature_closure`` on a separate, usually smaller batch
+    (sub-sampled Newton; the solve costs O(sum_l (p_l + 2 a_l)^3) with
+    a_l = batch x width, so the curvature batch sets the price of a step).
+
+    The Hessian of a deep net is indefinite and, on a sub-batch, noisy, so no
+    step is taken blindly.  One Newton step:
+
+    1. ``g`` and ``f0`` from ``closure()``; the derivatives once, by
+       :func:`hessian_operator` on the curvature batch.
+    2. ``s = -lr (H + damping I)^{-1} g`` (factorised for this damping only;
+       derivatives are reused across retries), clipped to ``max_step_norm``.
+       The solve is checked by its residual through ``H s`` (cheap), which also
+       gives the quadratic model's predicted reduction
+       ``pred = -(g.s + s.H s / 2)``.
+    3. The proposal is retried with ``damping * damping_factor`` when the
+       system is singular or the solve inaccurate (``singular``), when ``s`` is
+       not a descent direction or the model predicts no decrease
+       (``non_descent``), or when ``rho = (f0 - f(x + s)) / pred`` is below
+       ``accept_ratio`` (``rejected``; the parameters are restored).
+    4. Accepted: damping is divided by ``damping_factor`` if ``rho > 0.75``
+       and multiplied by it if ``rho < 0.25`` (the Levenberg-Marquardt rule).
+       After ``max_retries`` failed retries (or at ``max_damping``) a plain
+       gradient step ``-gradient_lr g`` is taken instead (``gradient_fallbacks``)
+       and the raised damping is kept for the next step.
+
+    Every ``curvature_interval``-th step is a Newton step; the steps between
+    are plain gradient steps ``-gradient_lr g`` (clipped), so no stale
+    curvature has to be kept and checkpoints resume exactly.  All state
+    (damping, step counter, event counters) is a few numbers in
+    :meth:`state_dict`.  A step whose loss or gradient is not finite changes
+    nothing (``nonfinite``); the caller decides whether to stop.
+
+    Args:
+        model: the :class:`TrackedChain` to train; all its parameters, in
+            order, form the single parameter group.
+        lr: scale of the Newton step (1 = the full damped Newton step).
+        damping: initial damping (the ``eps`` of ``H + eps I``).
+        min_damping, max_damping: bounds for the adapted damping (> 0).
+        damping_factor: multiplier (> 1) for raising and lowering the damping.
+        accept_ratio: smallest actual / predicted reduction accepted.
+        max_retries: re-damped proposals per step before the gradient fallback.
+        max_step_norm: cap on the 2-norm of any step (None: no cap).
+        curvature_interval: take a Newton step every this many steps.
+        gradient_lr: learning rate of the gradient steps (between Newton steps
+            and as the fallback).
+        solve_tol: largest accepted relative residual of the damped solve.
+        memory_limit: bytes, passed to :func:`hessian_operator`'s guard
+            (None: the device's free memory).
+
+    Example::
+
+        opt = DampedNewton(model, damping=1e-2, max_step_norm=1.0)
+        def closure():
+            opt.zero_grad()
+            loss = model(x, y)
+            loss.backward()
+            return loss
+        opt.step(closure, curvature_closure=lambda: model(xs, ys, track_activations=True))
+    """
+
+    COUNTERS = ("n_iter", "func_evals", "newton_steps", "gradient_steps", "accepted",
+                "rejected", "non_descent", "singular", "gradient_fallbacks", "clipped",
+                "nonfinite")
+
+    def __init__(self, model: TrackedChain, lr: float = 1.0, damping: float = 1e-2,
+                 min_damping: float = 1e-6, max_damping: float = 1e6,
+                 damping_factor: float = 3.0, accept_ratio: float = 1e-2,
+                 max_retries: int = 3, max_step_norm: Optional[float] = None,
+                 curvature_interval: int = 1, gradient_lr: float = 0.1,
+                 solve_tol: float = 1e-3, memory_limit: Optional[int] = None):
+        _check_model(model)
+        if not 0.0 < min_damping <= damping <= max_damping < math.inf:
+            raise ValueError("need 0 < min_damping <= damping <= max_damping < inf; got "
+                             f"{min_damping}, {damping}, {max_damping}")
+        if not damping_factor > 1.0:
+            raise ValueError(f"damping_factor must be > 1, got {damping_factor}")
+        if not (lr > 0 and gradient_lr >= 0 and solve_tol > 0 and max_retries >= 0):
+            raise ValueError("need lr > 0, gradient_lr >= 0, solve_tol > 0, max_retries >= 0")
+        if max_step_norm is not None and not max_step_norm > 0:
+            raise ValueError(f"max_step_norm must be > 0 or None, got {max_step_norm}")
+        if int(curvature_interval) < 1:
+            raise ValueError(f"curvature_interval must be >= 1, got {curvature_interval}")
+        params = list(model.parameters())
+        if not all(p.requires_grad for p in params):
+            raise ValueError("DampedNewton optimises every parameter of the model; all must "
+                             "require grad (the Hessian is over model.parameters())")
+        defaults = dict(lr=lr, damping=damping, min_damping=min_damping,
+                        max_damping=max_damping, damping_factor=damping_factor,
+                        accept_ratio=accept_ratio, max_retries=int(max_retries),
+                        max_step_norm=max_step_norm, curvature_interval=int(curvature_interval),
+                        gradient_lr=gradient_lr, solve_tol=solve_tol)
+        super().__init__(params, defaults)
+        self.model = model
+        self.memory_limit = memory_limit
+        self._params = self.param_groups[0]["params"]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("DampedNewton has one parameter group: the model's parameters")
+        super().add_param_group(param_group)
+
+    # --- global state (kept on the first parameter, as LBFGS does) ---------
+
+    def _state(self) -> dict:
+        state = self.state[self._params[0]]
+        state.setdefault("damping", float(self.param_groups[0]["damping"]))
+        state.setdefault("last_ratio", float("nan"))
+        for key in self.COUNTERS:
+            state.setdefault(key, 0)
+        return state
+
+    @property
+    def damping(self) -> float:
+        """The current (adapted) damping."""
+        return self._state()["damping"]
+
+    @property
+    def stats(self) -> dict:
+        """Damping, last reduction ratio and event counters, as plain numbers."""
+        state = self._state()
+        return {"damping": state["damping"], "last_ratio": state["last_ratio"],
+                **{key: state[key] for key in self.COUNTERS}}
+
+    # --- flat views of parameters and gradients ----------------------------
+
+    def _gather_flat_grad(self) -> torch.Tensor:
+        return torch.cat([p.grad.reshape(-1) if p.grad is not None
+                          else p.new_zeros(p.numel()) for p in self._params])
+
+    def _flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def _set_flat_params(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self._params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _add_flat(self, step: torch.Tensor) -> None:
+        offset = 0
+        for p in self._params:
+            p.add_(step[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _clip(self, step: torch.Tensor, state: dict) -> tuple[torch.Tensor, float]:
+        """``step`` scaled down to ``max_step_norm`` if longer; returns (step, scale)."""
+        cap = self.param_groups[0]["max_step_norm"]
+        norm = step.norm().item()
+        if cap is None or norm <= cap:
+            return step, 1.0
+        state["clipped"] += 1
+        return step * (cap / norm), cap / norm
+
+    # --- the two pieces a curvature or trust-region variant replaces -------
+
+    def _curvature(self, loss: torch.Tensor) -> HessianOperator:
+        """The curvature operator at the model's last tracked forward pass."""
+        with torch.enable_grad():
+            return hessian_operator(self.model, loss, memory_limit=self.memory_limit)
+
+    def _propose(self, curvature: HessianOperator, grad: torch.Tensor, damping: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One proposed step ``s = -lr (H + damping I)^{-1} g`` and ``H s``.
+
+        Raises :class:`SingularHessianError` if the damped system is singular
+        or its solve misses ``solve_tol`` (checked through ``H s``, which is
+        also what the predicted reduction needs).  The step is not clipped.
+        """
+        group = self.param_groups[0]
+        direction = curvature.factorize(damping, check_condition=False).solve(-grad)
+        h_direction = curvature @ direction
+        residual = (h_direction + damping * direction + grad).norm() / grad.norm()
+        if not residual <= group["solve_tol"]:
+            raise SingularHessianError(
+                f"damped solve inaccurate at damping {damping:g}: relative residual "
+                f"{float(residual):.1e} > solve_tol {group['solve_tol']:g}")
+        return group["lr"] * direction, group["lr"] * h_direction
+
+    def _try_newton_step(self, closure, curvature: HessianOperator, grad: torch.Tensor,
+                         f0: float, damping: float, state: dict) -> bool:
+        """Propose, check and test one damped step; True if it was taken.
+
+        On False the parameters may have moved; the caller restores them.
+        """
+        group = self.param_groups[0]
+        try:
+            step, h_step = self._propose(curvature, grad, damping)
+        except SingularHessianError:
+            state["singular"] += 1
+            return False
+        step, scale = self._clip(step, state)
+        slope = torch.dot(grad, step)
+        predicted = -(slope + 0.5 * scale * torch.dot(step, h_step)).item()
+        if not (slope < 0 and predicted > 0):
+            state["non_descent"] += 1
+            return False
+        self._add_flat(step)
+        f1 = _to_float(closure())
+        state["func_evals"] += 1
+        ratio = (f0 - f1) / predicted if math.isfinite(f1) else -math.inf
+        state["last_ratio"] = ratio
+        if ratio < group["accept_ratio"]:
+            state["rejected"] += 1
+            return False
+        factor = group["damping_factor"]
+        if ratio > 0.75:
+            damping = damping / factor
+        elif ratio < 0.25:
+            damping = damping * factor
+        state["damping"] = min(max(damping, group["min_damping"]), group["max_damping"])
+        state["accepted"] += 1
+        return True
+
+    # --- the step ----------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor],
+             curvature_closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """One step; returns the loss ``closure()`` gave before it.
+
+        Args:
+            closure: zeroes grads, evaluates the loss, calls ``backward()``,
+                returns the loss.  Called once per step, plus once per
+                Newton proposal that reaches the reduction-ratio test.  If no
+                ``curvature_closure`` is given its forward pass must be tracked.
+            curvature_closure: runs ``model(x_c, y_c, track_activations=True)``
+                on the curvature batch and returns that loss (no backward needed).
+        """
+        closure = torch.enable_grad()(closure)
+        group = self.param_groups[0]
+        state = self._state()
+        factor, max_damping = group["damping_factor"], group["max_damping"]
+
+        loss = closure()
+        state["func_evals"] += 1
+        state["n_iter"] += 1
+        f0 = _to_float(loss)
+        grad = self._gather_flat_grad()
+        if not (math.isfinite(f0) and torch.isfinite(grad).all()):
+            state["nonfinite"] += 1
+            return loss
+        if grad.norm() == 0:
+            return loss
+
+        if (state["n_iter"] - 1) % group["curvature_interval"] != 0:
+            step, _ = self._clip(-group["gradient_lr"] * grad, state)
+            self._add_flat(step)
+            state["gradient_steps"] += 1
+            return loss
+
+        state["newton_steps"] += 1
+        if curvature_closure is not None:
+            with torch.enable_grad():
+                curvature_loss = curvature_closure()
+            curvature = self._curvature(curvature_loss)
+        else:
+            curvature = self._curvature(loss)
+
+        start = self._flat_params().clone()
+        damping = state["damping"]
+        for _ in range(group["max_retries"] + 1):
+            if self._try_newton_step(closure, curvature, grad, f0, damping, state):
+                return loss
+            self._set_flat_params(start)
+            if damping >= max_damping:
+                break
+            damping = min(damping * factor, max_damping)
+
+        state["damping"] = damping
+        state["gradient_fallbacks"] += 1
+        step, _ = self._clip(-group["gradient_lr"] * grad, state)
+        self._add_flat(step)
+        return loss
