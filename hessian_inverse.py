@@ -20,6 +20,13 @@ Implements A. Rahimi, "The Hessian of tall-skinny networks is easy to invert"
    pivoting, the scheme of LAPACK's gbtrf/gbtrs (:func:`banded_lu`,
    :func:`banded_lu_solve`).  Unlike the paper's unpivoted block LDU this does
    not break when leading blocks are singular or the Hessian is ill-conditioned.
+6. Beyond the paper, affine layers (:class:`AffineActivation`, the fused
+   :class:`AffineCrossEntropy`) have closed-form blocks with Kronecker
+   structure (:class:`AffineLayerBlocks`); with damping > 0 each layer's
+   parameters are eliminated by the push-through identity, leaving a
+   block-tridiagonal system in (w_l, y_l) for the same pivoted LU
+   (:class:`StructuredHessianInverse`): cost O(sum_l a_l^3 + sum_l a_l p_l),
+   linear in the parameter count.  ``path='auto'`` (the default) picks it.
 
 Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
 softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
@@ -82,6 +89,7 @@ __all__ = [
     "eliminate_affine_layer",
     "eliminate_dense_layer",
     "assemble_reduced_system",
+    "equilibrate",
     "StructuredHessianInverse",
     "estimate_structured_bytes",
     "dense_operator",
@@ -1451,6 +1459,25 @@ def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridi
     return BlockTridiagonal(diag, sub)
 
 
+def equilibrate(system: BlockTridiagonal) -> tuple[BlockTridiagonal, list[torch.Tensor]]:
+    """Symmetric diagonal scaling ``S K S``, s_i = 1 / sqrt(max_j |K_ij|) (one sweep of
+    LAPACK's syequb idea); returns the scaled system and the per-block scales.
+
+    Eliminating x_l leaves entries ~ 1/eps (in R, where A_l has little
+    curvature) beside O(1) couplings; scaled, the reduced system's condition
+    number is back near the lifted system's (e.g. 1e12 -> 3e7 at eps = 1e-3),
+    which is what pivoting and the condition check should see.
+    """
+    row_max = [d.abs().amax(1) for d in system.diag]
+    for l, s in enumerate(system.sub):
+        row_max[l + 1] = torch.maximum(row_max[l + 1], s.abs().amax(1))
+        row_max[l] = torch.maximum(row_max[l], s.abs().amax(0))
+    scales = [torch.where(m > 0, m, torch.ones_like(m)).rsqrt() for m in row_max]
+    diag = [s[:, None] * d * s for s, d in zip(scales, system.diag)]
+    sub = [scales[l + 1][:, None] * s * scales[l] for l, s in enumerate(system.sub)]
+    return BlockTridiagonal(diag, sub), scales
+
+
 def _reduced_rhs(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
                  g_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Reduced right-hand side: w_l gets -J_l M_l^{-1} g_l, y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}."""
@@ -1481,20 +1508,31 @@ class StructuredHessianInverse(HessianInverse):
 
     ``eliminated`` holds each layer's :class:`EliminatedLayer`; ``system`` is
     the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
-    factored by the same pivoted :func:`banded_lu` as the generic path.  A solve
-    costs O(sum_l a_l^2 + sum_l a_l p_l) per vector.
+    equilibrated (``scales``, :func:`equilibrate`) and factored by the same
+    pivoted :func:`banded_lu` as the generic path.  A solve costs
+    O(sum_l a_l^2 + sum_l a_l p_l) per vector.
 
-    Eliminating x_l divides by eps, so the reduced system can be far worse
-    conditioned than ``H + eps I`` itself (entries ~ 1/eps where A_l has no
-    curvature).  ``solve`` therefore refines against the closed-form
-    Hessian-vector product of ``operator`` (exact, unlike the reduced system):
-    up to ``refine_steps`` corrections, stopping after one no larger than
-    sqrt(u) ||x|| (the next would be below rounding).  One step in the common
-    case, more when small damping made the reduced system ill-conditioned.
+    Eliminating x_l divides by eps, so the reduced system can be worse
+    conditioned than ``H + eps I`` itself.  ``solve`` therefore refines
+    against the closed-form Hessian-vector product of ``operator`` (exact,
+    unlike the reduced system): up to ``refine_steps`` corrections, stopping
+    after one below sqrt(u) ||x|| or once they stop shrinking; one in the
+    common case, a few when small damping made the reduced system
+    ill-conditioned.  With ``check_condition``, the factorisation is accepted
+    only if that refinement converges on a fixed random right-hand side, its
+    last correction (``probe_error``, relative to the solution: an error
+    bound for the unrefined step) below u^(1/4) (1e-4 in float64, 2e-2 in
+    float32); corrections stall at about u cond(H + eps I) when H itself is
+    ill-conditioned, as the generic path's error does.  The condition number
+    of the reduced system is not the test: refinement against the exact
+    product, not the reduced system, sets the final accuracy.  If the probe
+    fails (H + eps I singular, or too ill-conditioned for the elimination),
+    :class:`EliminationError` is raised and ``path='auto'`` takes the generic
+    path, which tells the two apart with its own condition estimate.
     """
 
     def __init__(self, operator: HessianOperator, damping: float,
-                 check_condition: bool = True, refine_steps: int = 3):
+                 check_condition: bool = True, refine_steps: int = 10):
         damping = float(damping)
         if not math.isfinite(damping) or damping <= 0:
             raise HessianInverseError(
@@ -1504,42 +1542,67 @@ class StructuredHessianInverse(HessianInverse):
         self.operator = operator
         self.damping = damping
         self.refine_steps = refine_steps
+        self.check_condition = check_condition
         self.gauge = None
         self.eliminated = [eliminate_layer(d, damping, l + 1)
                            for l, d in enumerate(operator.derivs)]
-        self.system = assemble_reduced_system(self.eliminated)
-        self._factor_system(f"H + {damping:g} I", check_condition, "the reduced system")
+        self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
+        self._factor_system(f"H + {damping:g} I", False)
+        self.probe_error = None
+        if check_condition and refine_steps > 0:
+            self.probe_error = self._probe()
+            if not self.probe_error <= torch.finfo(operator.dtype).eps ** 0.25:
+                raise EliminationError(
+                    f"H + {damping:g} I: iterative refinement of the structured solve did not "
+                    f"converge (last correction {self.probe_error:.1e} of the solution): either "
+                    "H + damping I is singular to working precision, or eliminating the "
+                    "parameters made the reduced system too ill-conditioned. Use "
+                    "path='generic' (pivoted on the full lifted system; it tells the two apart) "
+                    "or increase the damping."
+                )
+
+    def _probe(self) -> float:
+        op = self.operator
+        generator = torch.Generator(device=op.device).manual_seed(0)
+        g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype, device=op.device)
+        return self._refined_solve(list(g.split(op.param_sizes)))[1]
 
     def _solve_reduced(self, g_blocks: list) -> list:
         derivs = self.operator.derivs
-        reduced = banded_lu_solve(self.lu, _reduced_rhs(derivs, self.eliminated, g_blocks))
+        rhs = _reduced_rhs(derivs, self.eliminated, g_blocks)
+        scaled = banded_lu_solve(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
+        reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
         return _recover_parameters(derivs, self.eliminated, g_blocks, reduced)
+
+    def _refined_solve(self, g_blocks: list) -> tuple[list, float]:
+        """Reduced solve plus refinement; x and its last correction's relative size."""
+        x = self._solve_reduced(g_blocks)
+        tolerance = math.sqrt(torch.finfo(self.operator.dtype).eps)
+        last = math.inf
+        for _ in range(self.refine_steps):
+            hx = structured_hessian_vector_product(self.operator.derivs, x)
+            residual = [g - h - self.damping * xi for g, h, xi in zip(g_blocks, hx, x)]
+            dx = self._solve_reduced(residual)
+            size = _column_ratio(dx, x)
+            if not size < last:  # not contracting: keep x
+                break
+            x = [xi + di for xi, di in zip(x, dx)]
+            last = size
+            if size <= tolerance:
+                break
+        return x, last
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
         op = self.operator
         blocks, vector = _split_vector(v, op.param_sizes, op._like, "v")
-        x = self._solve_reduced(blocks)
-        tolerance = math.sqrt(torch.finfo(op.dtype).eps)
-        previous = math.inf
-        for _ in range(self.refine_steps):
-            hx = structured_hessian_vector_product(op.derivs, x)
-            residual = [g - h - self.damping * xi for g, h, xi in zip(blocks, hx, x)]
-            dx = self._solve_reduced(residual)
-            size = _column_ratio(dx, x)
-            if not size < previous:  # not contracting: keep x
-                break
-            x = [xi + di for xi, di in zip(x, dx)]
-            if size <= tolerance:
-                break
-            previous = size
-        return _join(x, vector)
+        return _join(self._refined_solve(blocks)[0], vector)
 
     __matmul__ = solve
 
     def with_damping(self, damping: float) -> "HessianInverse":
         """Another damping from the same derivatives (damping 0 goes the generic path)."""
-        return self.operator.factorize(damping, self.rcond is not None,
+        return self.operator.factorize(damping, self.check_condition,
                                        path="structured" if damping != 0 else "auto")
 
 

@@ -170,7 +170,7 @@ def test_closed_form_blocks_equal_autograd_blocks():
 
 @pytest.mark.parametrize("seed,activation,damping", [
     (0, "tanh", 1e-4), (1, "gelu", 1e-2), (2, "sigmoid", 1.0), (3, "silu", 1e-6),
-    (4, "relu", 1e-2), (5, "softplus", 10.0),
+    (4, "relu", 1e-2), (5, "softplus", 10.0), (6, "tanh", 1e-8),
 ])
 def test_structured_matches_dense_hessian(seed, activation, damping):
     model, x, t, loss = make_mlp(seed, 3 + seed % 2, 4, 2 + seed, activation, input_dim=3)
@@ -325,6 +325,25 @@ def test_singular_elimination_falls_back_or_raises():
     v = torch.randn(H.shape[0], dtype=F64)
     ref, cond = dense_solve_and_cond(H, v, damping)
     assert relative_error(inverse @ v, ref) < 10 * U64 * cond
+
+
+def test_damping_at_an_eigenvalue_is_refused():
+    # H + eps I singular (eps = -lambda_min of an indefinite H): the structured
+    # solve's refinement cannot converge, so path='structured' refuses with
+    # EliminationError and 'auto' hands over to the generic path, whose
+    # condition estimate reports the singular system.
+    model, x, t, loss = make_mlp(24, 3, 3, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    loss = model(x, t, track_activations=True)
+    H = dense_hessian(model, x, t)
+    damping = -torch.linalg.eigvalsh(H)[0].item()
+    assert damping > 1e-3
+    with pytest.raises(hi.EliminationError, match="did not converge"):
+        hi.factorize(model, loss, damping, path="structured")
+    with pytest.warns(RuntimeWarning), pytest.raises(hi.SingularHessianError):
+        hi.factorize(model, loss, damping)
 
 
 # -- 5. memory guard -----------------------------------------------------------------
