@@ -847,8 +847,7 @@ class HessianInverse:
                        if self.gauge is not None else ""))
         self._factor_system(what, check_condition)
 
-    def _factor_system(self, what: str, check_condition: bool,
-                       name: str = "the lifted system") -> None:
+    def _factor_system(self, what: str, check_condition: bool) -> None:
         """Pivoted banded LU of ``self.system``; refuse it if singular or too ill-conditioned."""
         try:
             self.lu = banded_lu(self.system)
@@ -859,7 +858,7 @@ class HessianInverse:
             self.rcond = self.reciprocal_condition()
             if not self.rcond > torch.finfo(self.operator.dtype).eps:
                 raise SingularHessianError(self._singular_message(
-                    what, f"reciprocal condition number of {name} ~ {self.rcond:.1e}"))
+                    what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}"))
 
     def _singular_message(self, what: str, detail: str) -> str:
         hint = ("use damping > 0 (e.g. 1e-4 relative to the curvature scale)"
