@@ -20,6 +20,13 @@ Implements A. Rahimi, "The Hessian of tall-skinny networks is easy to invert"
    pivoting, the scheme of LAPACK's gbtrf/gbtrs (:func:`banded_lu`,
    :func:`banded_lu_solve`).  Unlike the paper's unpivoted block LDU this does
    not break when leading blocks are singular or the Hessian is ill-conditioned.
+6. Beyond the paper, affine layers (:class:`AffineActivation`, the fused
+   :class:`AffineCrossEntropy`) have closed-form blocks with Kronecker
+   structure (:class:`AffineLayerBlocks`); with damping > 0 each layer's
+   parameters are eliminated by the push-through identity, leaving a
+   block-tridiagonal system in (w_l, y_l) for the same pivoted LU
+   (:class:`StructuredHessianInverse`): cost O(sum_l a_l^3 + sum_l a_l p_l),
+   linear in the parameter count.  ``path='auto'`` (the default) picks it.
 
 Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
 softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
@@ -39,8 +46,9 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -83,6 +91,21 @@ __all__ = [
     "NotTrackedError",
     "SingularHessianError",
     "InsufficientMemoryError",
+    "PATHS",
+    "EliminationError",
+    "LinearMap",
+    "AffineLayerBlocks",
+    "affine_activation_blocks",
+    "affine_cross_entropy_blocks",
+    "has_closed_form",
+    "EliminatedLayer",
+    "eliminate_affine_layer",
+    "eliminate_dense_layer",
+    "assemble_reduced_system",
+    "equilibrate",
+    "StructuredHessianInverse",
+    "estimate_structured_bytes",
+    "dense_operator",
 ]
 
 
@@ -497,45 +520,59 @@ def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
                             A=J_theta.T @ HJ_theta, C=J_theta.T @ HJ_z, G=J_z.T @ HJ_z)
 
 
+def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                       targets: torch.Tensor, is_loss: bool, first: bool, curvature: str,
+                       closed_form: bool):
+    """One layer's blocks: section 6's closed forms where ``closed_form``, else autograd."""
+    if closed_form:
+        d = (affine_cross_entropy_blocks(layer, z_prev, targets, not first) if is_loss
+             else affine_activation_blocks(layer, z_prev, adjoint, not first))
+        return gauss_newton_blocks(d, is_loss) if curvature == "ggn" else d
+    if curvature == "ggn":
+        return (compute_loss_layer_ggn_derivatives(layer, z_prev, targets, not first)
+                if is_loss else compute_layer_jacobians(layer, z_prev, not first))
+    extra = (targets,) if is_loss else ()
+    return compute_layer_derivatives(layer, z_prev, adjoint, *extra, input_derivatives=not first)
+
+
 def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                      curvature: str = "hessian") -> list[LayerDerivatives]:
+                      curvature: str = "hessian", closed_forms: bool = False) -> list:
     """All layers' derivatives in one backward sweep (l = L..1).
 
     The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
     exactly backprop, so every layer's second derivatives are contracted with
     the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
     instead: first order only for hidden layers, and the loss layer's curvature
-    restricted to its logits (ALGORITHM.md section 7).
+    restricted to its logits (ALGORITHM.md section 7).  With ``closed_forms``,
+    layers that have them (:func:`has_closed_form`) get section 6's
+    :class:`AffineLayerBlocks`; the others get dense :class:`LayerDerivatives`.
     """
     _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
     layers = list(model.layers)
-    num_layers = len(layers)
+    last = len(layers) - 1
+    closed = _closed_form_flags(model, tracked) if closed_forms else [False] * len(layers)
     z_last = tracked.inputs[-1]
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
-    derivs: list[Optional[LayerDerivatives]] = [None] * num_layers
-    for l in reversed(range(num_layers)):
-        extra = (tracked.targets,) if l == num_layers - 1 else ()
-        if curvature == "ggn" and l == num_layers - 1:
-            d = compute_loss_layer_ggn_derivatives(layers[l], tracked.inputs[l],
-                                                   tracked.targets, input_derivatives=l > 0)
-        elif curvature == "ggn":
-            d = compute_layer_jacobians(layers[l], tracked.inputs[l], input_derivatives=l > 0)
-        else:
-            d = compute_layer_derivatives(layers[l], tracked.inputs[l], adjoint, *extra,
-                                          input_derivatives=l > 0)
+    derivs: list = [None] * len(layers)
+    for l in reversed(range(len(layers))):
+        d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
+                               l == last, l == 0, curvature, closed[l])
+        _check_finite_blocks(l, d)
         derivs[l] = d
         if l > 0:
             adjoint = d.F.T @ adjoint
-    for l, d in enumerate(derivs):
-        for name in ("J", "A", "F", "C", "G"):
-            block = getattr(d, name)
-            if block is not None and not torch.isfinite(block).all():
-                raise HessianInverseError(
-                    f"layer {l + 1}: derivative block {name} has NaN/Inf entries; the "
-                    "tracked forward pass is not finite (check inputs, weights and loss)"
-                )
     return derivs
+
+
+def _check_finite_blocks(l: int, d) -> None:
+    for field in fields(d):
+        block = getattr(d, field.name)
+        if isinstance(block, torch.Tensor) and not torch.isfinite(block).all():
+            raise HessianInverseError(
+                f"layer {l + 1}: derivative block {field.name} has NaN/Inf entries; the "
+                "tracked forward pass is not finite (check inputs, weights and loss)"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -879,10 +916,11 @@ class HessianOperator:
     """
 
     def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor],
-                 curvature: str = "hessian"):
+                 curvature: str = "hessian", memory_limit: Optional[int] = None):
         self.derivs = derivs
         self.gauge = gauge
         self.curvature = curvature
+        self.memory_limit = memory_limit
         self.param_sizes = [d.num_params for d in derivs]
         self.num_params = sum(self.param_sizes)
         self._like = derivs[-1].J
@@ -905,10 +943,16 @@ class HessianOperator:
 
     __matmul__ = matmul
 
-    def factorize(self, damping: float = 0.0, check_condition: bool = True
-                  ) -> "HessianInverse":
-        """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0)."""
-        return HessianInverse(self, damping, check_condition)
+    def factorize(self, damping: float = 0.0, check_condition: bool = True,
+                  path: str = "auto") -> "HessianInverse":
+        """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
+
+        ``path``: ``'structured'`` eliminates every layer's parameters (section 6;
+        needs damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
+        takes the structured path when damping > 0 and the operator holds
+        closed-form layers.
+        """
+        return _factorize_operator(self, damping, check_condition, path)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -940,6 +984,10 @@ class HessianInverse:
         what = "H" + (f" + {damping:g} I" if damping else
                       (" + P_N (H gauge-fixed on the softmax null space)"
                        if self.gauge is not None else ""))
+        self._factor_system(what, check_condition)
+
+    def _factor_system(self, what: str, check_condition: bool) -> None:
+        """Pivoted banded LU of ``self.system``; refuse it if singular or too ill-conditioned."""
         try:
             self.lu = banded_lu(self.system)
         except SingularHessianError as err:
@@ -1039,8 +1087,8 @@ def _check_model(model) -> None:
 
 
 def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                     memory_limit: Optional[int] = None,
-                     curvature: str = "hessian") -> HessianOperator:
+                     memory_limit: Optional[int] = None, curvature: str = "hessian",
+                     path: str = "auto") -> HessianOperator:
     """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
 
     ``loss`` (optional) must be the tensor that tracked forward returned; it is
@@ -1051,28 +1099,44 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
     parameters); the loss layer must expose ``logits`` and ``loss``.  The
     softmax gauge is a null space of both.
+    ``path``: ``'generic'`` holds every layer's derivatives as dense autograd
+    blocks; ``'structured'`` holds closed forms for affine layers (section 6);
+    ``'auto'`` does the latter when the model has such layers.
     """
     _check_model(model)
     _check_curvature(curvature, model.loss_layer)
     tracked = model.tracked_forward(loss)
-    _check_memory(model, tracked, memory_limit)
-    derivs = chain_derivatives(model, loss, curvature)
+    if _operator_path(model, tracked, path) == "structured":
+        _check_structured_memory(model, tracked, memory_limit)
+        derivs = chain_derivatives(model, loss, curvature, closed_forms=True)
+    else:
+        _check_memory(model, tracked, memory_limit)
+        derivs = chain_derivatives(model, loss, curvature)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
-    return HessianOperator(derivs, gauge, curvature)
+    return HessianOperator(derivs, gauge, curvature, memory_limit)
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
-              memory_limit: Optional[int] = None, curvature: str = "hessian") -> HessianInverse:
+              memory_limit: Optional[int] = None, curvature: str = "hessian",
+              path: str = "auto") -> HessianInverse:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
-    with ``curvature='ggn'``), ready for many solves."""
-    return hessian_operator(model, loss, memory_limit, curvature).factorize(damping)
+    with ``curvature='ggn'``), ready for many solves.
+
+    ``path``: ``'auto'`` (default) takes the structured path of section 6 when
+    damping > 0 and the model has affine layers with closed forms, else the
+    generic one; ``'structured'`` or ``'generic'`` force a path.
+    """
+    operator_path = "generic" if path == "auto" and damping == 0 else path
+    operator = hessian_operator(model, loss, memory_limit, curvature, operator_path)
+    return operator.factorize(damping, path=path)
 
 
 def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
                                    v: torch.Tensor, damping: float = 0.0,
                                    memory_limit: Optional[int] = None,
-                                   curvature: str = "hessian") -> torch.Tensor:
+                                   curvature: str = "hessian",
+                                   path: str = "auto") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -1085,9 +1149,11 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
             ``J^T H_loss J``, positive semi-definite for cross-entropy).
 
+        path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
+
     Raises :class:`SingularHessianError` if the system is singular beyond that.
     """
-    inverse = factorize(model, loss, damping, memory_limit, curvature)
+    inverse = factorize(model, loss, damping, memory_limit, curvature, path)
     return inverse.solve(v)
 
 
@@ -1096,6 +1162,694 @@ def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
     """``H v`` through the layer structure (equal to Pearlmutter's product), or
     ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
     return hessian_operator(model, loss, curvature=curvature).matmul(v)
+
+
+# --------------------------------------------------------------------------
+# 6. Structured path: closed-form affine layers, parameters eliminated
+# --------------------------------------------------------------------------
+#
+# ALGORITHM.md section 6.  For a layer z_l = phi(u), u = W z + c per example,
+# write K = du/d(W, c), Wb = du/dz = I_B kron W, S = dz_l/du, r = S^T b_l and
+# D = d2(b_l . z_l)/du2 (one block per example).  Then
+#
+#     J = S K,   F = S Wb,   A = K^T D K,   C = K^T D Wb + E,   G = Wb^T D Wb,
+#
+# with E = d2(r . u)/d(W, c) dz.  With M_l = A_l + eps I, the x-row of the
+# lifted system gives x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l); putting
+# that into the other rows leaves a system in (y_l, w_l) alone (see
+# :func:`assemble_reduced_system`), and the push-through identity
+# M^{-1} = (I - K^T D P^{-1} K) / eps, P = eps I + K K^T D, makes every
+# eliminated block a product of (batch x width)-sized matrices.
+
+#: Values of the ``path`` keyword of the factorising entry points.
+PATHS = ("auto", "structured", "generic")
+
+
+class EliminationError(SingularHessianError):
+    """A layer's ``A_l + eps I`` is singular: its parameters cannot be eliminated."""
+
+
+class LinearMap:
+    """A matrix known by its action: ``M @ X`` and ``M.T @ X``, X (cols, k) or (cols,).
+
+    Stands where :class:`LayerDerivatives` holds a dense block; the
+    Hessian-vector product of section 3 only multiplies by its blocks.
+    """
+
+    def __init__(self, shape: tuple, apply: Callable, apply_t: Callable, like):
+        self.shape = tuple(shape)
+        self._apply, self._apply_t = apply, apply_t
+        self.dtype, self.device = like.dtype, like.device
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 1:
+            return self._apply(x.unsqueeze(1))[:, 0]
+        return self._apply(x)
+
+    @property
+    def T(self) -> "LinearMap":
+        return LinearMap(self.shape[::-1], self._apply_t, self._apply, self)
+
+    def dense(self) -> torch.Tensor:
+        return self @ torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
+
+
+@dataclass
+class AffineLayerBlocks:
+    """Closed-form derivatives of ``z_l = phi(u)``, ``u = W z + c`` per example.
+
+    B examples (every leading position of the input), m inputs and h outputs each;
+    parameters are W (row-major) then c, activations are flattened row-major.
+
+    - ``inputs`` Z (B, m): the layer's input z_{l-1}.
+    - ``weight`` W (h, m); ``bias``: whether the layer has c.
+    - ``out_map`` S (a_out, B h): dz_l/du.  diag(sigma'(u)) for a hidden layer
+      (a_out = B h); the loss gradient in the logits as one row for the fused
+      loss layer (a_out = 1).
+    - ``u_gradient`` r (B, h): b_l . dz_l/du.  Multiplies d2u/dW dz, giving
+      the term E[(i, k), (n, k')] = r[n, i] delta_kk' of C.
+    - ``u_curvature`` D (B, h, h): d2(b_l . z_l)/du2, one block per example.
+    - ``input_derivatives``: False for the first layer (its input is data).
+
+    r and D are the only second-order terms; Gauss-Newton (ALGORITHM.md
+    section 7) is this with r = 0 in every layer and D = 0 except in the loss
+    layer.  The blocks of :class:`LayerDerivatives` are the properties ``J``,
+    ``F``, ``A``, ``C``, ``G`` (as :class:`LinearMap`); ``densify`` writes them out.
+    """
+
+    inputs: torch.Tensor
+    weight: torch.Tensor
+    bias: bool
+    out_map: torch.Tensor
+    u_gradient: torch.Tensor
+    u_curvature: torch.Tensor
+    input_derivatives: bool = True
+
+    @property
+    def num_examples(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        h, m = self.weight.shape
+        return h * (m + int(self.bias))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.out_map.shape[0]
+
+    def augmented_inputs(self) -> torch.Tensor:
+        """[Z, 1] (B, m + 1), or Z without a bias: K is ``augmented_inputs kron I_h``."""
+        if not self.bias:
+            return self.inputs
+        return torch.cat([self.inputs, self.inputs.new_ones(self.num_examples, 1)], dim=1)
+
+    def gram(self) -> torch.Tensor:
+        """(B, B) Gram matrix of the augmented inputs: K K^T = gram kron I_h."""
+        zt = self.augmented_inputs()
+        return zt @ zt.T
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Parameter directions (p, k) as their W part (h, m, k) and c part (h, 1, k)."""
+        h, m = self.weight.shape
+        k = x.shape[1]
+        return x[:h * m].reshape(h, m, k), x[h * m:].reshape(h, 1, k) if self.bias else None
+
+    def _join(self, w_part: torch.Tensor, c_part: Optional[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``_split``: (h, m, k) and (h, k) -> (p, k)."""
+        flat = w_part.reshape(-1, w_part.shape[-1])
+        return torch.cat([flat, c_part]) if self.bias else flat
+
+    def _examples(self, u: torch.Tensor) -> torch.Tensor:
+        """(B h, k) -> (B, h, k)."""
+        return u.reshape(self.num_examples, -1, u.shape[1])
+
+    def K(self, x: torch.Tensor) -> torch.Tensor:
+        """du/d(W, c) x: (p, k) -> (B h, k)."""
+        x_w, x_c = self._split(x)
+        u = self.inputs @ x_w  # (h, B, k)
+        if x_c is not None:
+            u = u + x_c
+        return u.transpose(0, 1).reshape(-1, x.shape[1])
+
+    def K_t(self, u: torch.Tensor) -> torch.Tensor:
+        """K^T u: (B h, k) -> (p, k)."""
+        per_unit = self._examples(u).transpose(0, 1)  # (h, B, k)
+        return self._join(self.inputs.T @ per_unit, per_unit.sum(1) if self.bias else None)
+
+    def Wb(self, t: torch.Tensor) -> torch.Tensor:
+        """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
+        return (self.weight @ self._examples(t)).reshape(-1, t.shape[1])
+
+    def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
+        """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
+        return (self.weight.T @ self._examples(u)).reshape(-1, u.shape[1])
+
+    def D(self, u: torch.Tensor) -> torch.Tensor:
+        """The u-curvature, block diagonal over examples: (B h, k) -> (B h, k)."""
+        return (self.u_curvature @ self._examples(u)).reshape(-1, u.shape[1])
+
+    def E(self, t: torch.Tensor) -> torch.Tensor:
+        """d2(r . u)/d(W, c) dz t: (B m, k) -> (p, k); zero in the c rows.
+
+        (E t)[i, k] = sum_n r[n, i] t[n, k].
+        """
+        h, m = self.weight.shape
+        k = t.shape[1]
+        e_w = (self.u_gradient.T @ t.reshape(self.num_examples, -1)).reshape(h, m, k)
+        return self._join(e_w, e_w.new_zeros(h, k) if self.bias else None)
+
+    def E_t(self, x: torch.Tensor) -> torch.Tensor:
+        """E^T x: (p, k) -> (B m, k)."""
+        x_w, _ = self._split(x)
+        return (self.u_gradient @ x_w.reshape(x_w.shape[0], -1)).reshape(-1, x.shape[1])
+
+    def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
+        return LinearMap((rows, cols), apply, apply_t, self.weight)
+
+    @property
+    def J(self) -> LinearMap:
+        S = self.out_map
+        return self._map(self.num_outputs, self.num_params,
+                         lambda x: S @ self.K(x), lambda w: self.K_t(S.T @ w))
+
+    @property
+    def A(self) -> LinearMap:
+        def apply(x):
+            return self.K_t(self.D(self.K(x)))
+        return self._map(self.num_params, self.num_params, apply, apply)
+
+    @property
+    def F(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        S = self.out_map
+        return self._map(self.num_outputs, self.inputs.numel(),
+                         lambda t: S @ self.Wb(t), lambda w: self.Wb_t(S.T @ w))
+
+    @property
+    def C(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        return self._map(self.num_params, self.inputs.numel(),
+                         lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
+                         lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
+
+    @property
+    def G(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+
+        def apply(t):
+            return self.Wb_t(self.D(self.Wb(t)))
+        return self._map(self.inputs.numel(), self.inputs.numel(), apply, apply)
+
+    def densify(self) -> LayerDerivatives:
+        """The same blocks as dense tensors (what the generic oracle computes)."""
+        dense = {name: getattr(self, name) for name in ("J", "A", "F", "C", "G")}
+        return LayerDerivatives(**{name: block.dense() if block is not None else None
+                                   for name, block in dense.items()})
+
+
+def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> AffineLayerBlocks:
+    """The closed-form blocks of the Gauss-Newton matrix (ALGORITHM.md section 7).
+
+    GGN keeps only the loss's curvature in the logits: every layer loses the
+    E term (r = 0, it is d2u/dW dz contracted with the backprop gradient), and
+    hidden layers lose the activation curvature (D = 0).  The fused loss
+    layer's D is the softmax Hessian in its logits, which GGN keeps: its logits
+    are affine in (W, c, z).
+    """
+    curvature = blocks.u_curvature if is_loss_layer else torch.zeros_like(blocks.u_curvature)
+    return replace(blocks, u_gradient=torch.zeros_like(blocks.u_gradient), u_curvature=curvature)
+
+
+def _pointwise_derivatives(sigma: Callable, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma'(u) and sigma''(u) of an elementwise sigma, by forward mode (exact)."""
+    ones = torch.ones_like(u)
+
+    def slope(x):
+        return jvp(sigma, (x,), (ones,))[1]
+
+    return jvp(slope, (u,), (ones,))
+
+
+def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
+    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    Z = z_prev.detach().reshape(-1, weight.shape[1])
+    return Z, weight, bias, F.linear(Z, weight, bias)
+
+
+def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
+                             adjoint: torch.Tensor, input_derivatives: bool = True
+                             ) -> AffineLayerBlocks:
+    """Closed forms for ``sigma(W z + c)``: S = diag(sigma'(u)), r = b sigma'(u), D = diag(b sigma''(u)).
+
+    ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    slope, curvature = _pointwise_derivatives(layer._sigma, u)
+    b = adjoint.detach().reshape(u.shape)
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=torch.diag(slope.reshape(-1)), u_gradient=b * slope,
+                             u_curvature=torch.diag_embed(b * curvature),
+                             input_derivatives=input_derivatives)
+
+
+def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
+                                targets: torch.Tensor, input_derivatives: bool = True
+                                ) -> AffineLayerBlocks:
+    """Closed forms for the fused loss ``mean_n CE(W z_n + c, t_n)`` (b_L = 1).
+
+    Per example, with p = softmax(u) and y the one-hot (or probability) target
+    of mass mu = sum(y): gradient r = (mu p - y) / B, which is also S as one
+    row, and Hessian D = mu (diag(p) - p p^T) / B.
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    B, num_classes = u.shape
+    y = (targets.to(u.dtype) if targets.is_floating_point()
+         else F.one_hot(targets, num_classes).to(u.dtype))
+    mass = y.sum(-1, keepdim=True)
+    p = torch.softmax(u, dim=-1)
+    r = (mass * p - y) / B
+    D = mass[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=r.reshape(1, -1), u_gradient=r, u_curvature=D,
+                             input_derivatives=input_derivatives)
+
+
+def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
+                    targets: Optional[torch.Tensor] = None) -> bool:
+    """Whether section 6's closed forms describe this layer exactly.
+
+    Exact types only (a subclass may change ``forward``): ``AffineActivation``
+    as a hidden layer; ``AffineCrossEntropy`` as the loss layer on (B, m)
+    inputs with class-index targets in range or (B, C) probability targets.
+    """
+    if not is_loss_layer:
+        return type(layer) is AffineActivation
+    if type(layer) is not AffineCrossEntropy or z_prev.dim() != 2 or targets is None:
+        return False
+    num_classes = layer.linear.out_features
+    if targets.is_floating_point():
+        return tuple(targets.shape) == (z_prev.shape[0], num_classes)
+    return (tuple(targets.shape) == (z_prev.shape[0],) and
+            bool(((targets >= 0) & (targets < num_classes)).all()))
+
+
+def _closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool]:
+    layers = list(model.layers)
+    return [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets)
+            for l, layer in enumerate(layers)]
+
+
+@dataclass
+class EliminatedLayer:
+    """Layer l's parameters eliminated from the lifted system, M_l = A_l + eps I.
+
+    - ``Q`` (a_l, a_l) = J_l M_l^{-1} J_l^T.
+    - ``T`` (a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l; None for the first layer.
+    - ``R`` (a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l; None for the first layer.
+    - ``inverse``: X (p_l, k) -> M_l^{-1} X.
+    """
+
+    Q: torch.Tensor
+    T: Optional[torch.Tensor]
+    R: Optional[torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _nonsingular_lu(curvature: torch.Tensor, damping: float, layer: int, what: str):
+    """LU factors of ``curvature + damping I``; :class:`EliminationError` if singular.
+
+    Singular to working precision means a pivot below rounding of the terms
+    that were summed, ``finfo.eps * (max |curvature| + damping)``.
+    """
+    eye = torch.eye(curvature.shape[0], dtype=curvature.dtype, device=curvature.device)
+    LU, pivots, info = torch.linalg.lu_factor_ex(curvature + damping * eye)
+    if not LU.numel():
+        return LU, pivots
+    scale = curvature.abs().max() + damping
+    if (int(info) != 0 or not torch.isfinite(LU).all() or
+            not LU.diagonal().abs().min() > torch.finfo(LU.dtype).eps * scale):
+        raise EliminationError(
+            f"layer {layer}: {what} is singular to working precision, so the structured "
+            "path cannot eliminate this layer's parameters (A_l + damping I must be "
+            "invertible for each layer, which is more than H + damping I being "
+            "invertible). Use path='generic', whose pivoting does not need it, or another damping."
+        )
+    return LU, pivots
+
+
+def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layer: int
+                           ) -> EliminatedLayer:
+    """:class:`EliminatedLayer` of a closed-form layer by the push-through identity.
+
+    With Gamma = K K^T = gram kron I_h and P = eps I + Gamma D (B h square):
+    K M^{-1} = P^{-1} K, so Q = S P^{-1} Gamma S^T and, with
+    V = eps Wb - K E, T = S P^{-1} V and R = (V^T D P^{-1} V - E^T E) / eps
+    (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  Cost
+    O((B h)^3 + (B h)^2 a_{l-1} + a_{l-1}^3); nothing of size p_l squared.
+    """
+    eps, S, r = damping, blocks.out_map, blocks.u_gradient
+    B, h = r.shape
+    gram = blocks.gram()
+    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.u_curvature).reshape(B * h, B * h)
+    lu = _nonsingular_lu(gamma_d, eps, layer, "eps I + K K^T D (that is, A_l + eps I)")
+
+    def solve_p(X):
+        return torch.linalg.lu_solve(*lu, X)
+
+    def inverse(X):
+        return (X - blocks.K_t(blocks.D(solve_p(blocks.K(X))))) / eps
+
+    gamma_st = torch.einsum("nm,mio->nio", gram, S.T.reshape(B, h, -1)).flatten(0, 1)
+    Q = S @ solve_p(gamma_st)
+    if not blocks.input_derivatives:
+        return EliminatedLayer(Q, None, None, inverse)
+    Z, m = blocks.inputs, blocks.inputs.shape[1]
+    KE = torch.einsum("nk,mi->nimk", Z, r).reshape(B * h, B * m)
+    V = eps * torch.kron(torch.eye(B, dtype=S.dtype, device=S.device), blocks.weight) - KE
+    Y = solve_p(V)
+    EtE = torch.kron(r @ r.T, torch.eye(m, dtype=S.dtype, device=S.device))
+    R = (V.T @ blocks.D(Y) - EtE) / eps
+    return EliminatedLayer(Q, S @ Y, (R + R.T) / 2, inverse)
+
+
+def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layer: int
+                          ) -> EliminatedLayer:
+    """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l square)."""
+    lu = _nonsingular_lu(derivs.A, damping, layer, "A_l + eps I")
+
+    def inverse(X):
+        return torch.linalg.lu_solve(*lu, X) if X.shape[0] else X
+
+    Q = derivs.J @ inverse(derivs.J.T)
+    if derivs.C is None:
+        return EliminatedLayer(Q, None, None, inverse)
+    MC = inverse(derivs.C)
+    return EliminatedLayer(Q, derivs.F - derivs.J @ MC, derivs.G - derivs.C.T @ MC, inverse)
+
+
+def eliminate_layer(d, damping: float, layer: int) -> EliminatedLayer:
+    if isinstance(d, AffineLayerBlocks):
+        return eliminate_affine_layer(d, damping, layer)
+    return eliminate_dense_layer(d, damping, layer)
+
+
+def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridiagonal:
+    """The lifted system with every x_l eliminated: unknowns (w_l, y_l) per layer.
+
+    Per layer the diagonal is ``[[-Q_l, -I], [-I, R_{l+1}]]`` (R_{L+1} = 0) and
+    the only coupling to the previous layer is ``T_l`` in (w_l, y_{l-1}).  Every
+    coupling is then between neighbours of the sequence w_1, y_1, w_2, y_2, ...,
+    so the matrix is block tridiagonal with 2L blocks of size a_l each: the same
+    matrix and pivoting as with (y_l, w_l) blocks of size 2 a_l, at a quarter of
+    the LU flops.
+    """
+    diag, sub = [], []
+    for l, e in enumerate(eliminated):
+        a = e.Q.shape[0]
+        minus_eye = -torch.eye(a, dtype=e.Q.dtype, device=e.Q.device)
+        if l > 0:
+            sub.append(e.T)
+        diag.append(-e.Q)
+        sub.append(minus_eye)
+        diag.append(eliminated[l + 1].R if l + 1 < len(eliminated) else torch.zeros_like(e.Q))
+    return BlockTridiagonal(diag, sub)
+
+
+def equilibrate(system: BlockTridiagonal) -> tuple[BlockTridiagonal, list[torch.Tensor]]:
+    """Symmetric diagonal scaling ``S K S``, s_i = 1 / sqrt(max_j |K_ij|) (one sweep of
+    LAPACK's syequb idea); returns the scaled system and the per-block scales.
+
+    Eliminating x_l leaves entries ~ 1/eps (in R, where A_l has little
+    curvature) beside O(1) couplings; scaled, the reduced system's condition
+    number is back near the lifted system's (e.g. 1e12 -> 3e7 at eps = 1e-3),
+    which is what pivoting and the condition check should see.
+    """
+    row_max = [d.abs().amax(1) for d in system.diag]
+    for l, s in enumerate(system.sub):
+        row_max[l + 1] = torch.maximum(row_max[l + 1], s.abs().amax(1))
+        row_max[l] = torch.maximum(row_max[l], s.abs().amax(0))
+    scales = [torch.where(m > 0, m, torch.ones_like(m)).rsqrt() for m in row_max]
+    diag = [s[:, None] * d * s for s, d in zip(scales, system.diag)]
+    sub = [scales[l + 1][:, None] * s * scales[l] for l, s in enumerate(system.sub)]
+    return BlockTridiagonal(diag, sub), scales
+
+
+def _reduced_rhs(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
+                 g_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Reduced right-hand side: w_l gets -J_l M_l^{-1} g_l, y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}."""
+    mg = [e.inverse(g) for e, g in zip(eliminated, g_blocks)]
+    rhs = []
+    for l, d in enumerate(derivs):
+        rhs.append(-(d.J @ mg[l]))
+        rhs.append(-(derivs[l + 1].C.T @ mg[l + 1]) if l + 1 < len(derivs)
+                   else mg[l].new_zeros(d.num_outputs, mg[l].shape[1]))
+    return rhs
+
+
+def _recover_parameters(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
+                        g_blocks: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor]
+                        ) -> list[torch.Tensor]:
+    """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), reduced = (w_1, y_1, w_2, ...)."""
+    x = []
+    for l, (d, e, g) in enumerate(zip(derivs, eliminated, g_blocks)):
+        rest = g - d.J.T @ reduced[2 * l]
+        if l > 0:
+            rest = rest - d.C @ reduced[2 * l - 1]
+        x.append(e.inverse(rest))
+    return x
+
+
+class StructuredHessianInverse(HessianInverse):
+    """``(H + damping I)^{-1}``, damping > 0, by eliminating every layer's parameters.
+
+    ``eliminated`` holds each layer's :class:`EliminatedLayer`; ``system`` is
+    the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
+    equilibrated (``scales``, :func:`equilibrate`) and factored by the same
+    pivoted :func:`banded_lu` as the generic path.  A solve costs
+    O(sum_l a_l^2 + sum_l a_l p_l) per vector.
+
+    Eliminating x_l divides by eps, so the reduced system can be worse
+    conditioned than ``H + eps I`` itself.  ``solve`` therefore refines
+    against the closed-form Hessian-vector product of ``operator`` (exact,
+    unlike the reduced system): up to ``refine_steps`` corrections, stopping
+    after one below sqrt(u) ||x|| or once they stop shrinking; one in the
+    common case, a few when small damping made the reduced system
+    ill-conditioned.  With ``check_condition``, the factorisation is accepted
+    only if that refinement converges on a fixed random right-hand side, its
+    last correction (``probe_error``, relative to the solution: an error
+    bound for the unrefined step) below u^(1/4) (1e-4 in float64, 2e-2 in
+    float32); corrections stall at about u cond(H + eps I) when H itself is
+    ill-conditioned, as the generic path's error does.  The condition number
+    of the reduced system is not the test: refinement against the exact
+    product, not the reduced system, sets the final accuracy.  If the probe
+    fails (H + eps I singular, or too ill-conditioned for the elimination),
+    :class:`EliminationError` is raised and ``path='auto'`` takes the generic
+    path, which tells the two apart with its own condition estimate.
+    """
+
+    def __init__(self, operator: HessianOperator, damping: float,
+                 check_condition: bool = True, refine_steps: int = 10):
+        damping = float(damping)
+        if not math.isfinite(damping) or damping <= 0:
+            raise HessianInverseError(
+                f"the structured path needs a finite damping > 0 (it inverts A_l + damping I "
+                f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
+            )
+        self.operator = operator
+        self.damping = damping
+        self.refine_steps = refine_steps
+        self.check_condition = check_condition
+        self.gauge = None
+        self.eliminated = [eliminate_layer(d, damping, l + 1)
+                           for l, d in enumerate(operator.derivs)]
+        self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
+        self._factor_system(f"H + {damping:g} I", False)
+        self.probe_error = None
+        if check_condition and refine_steps > 0:
+            self.probe_error = self._probe()
+            if not self.probe_error <= torch.finfo(operator.dtype).eps ** 0.25:
+                raise EliminationError(
+                    f"H + {damping:g} I: iterative refinement of the structured solve did not "
+                    f"converge (last correction {self.probe_error:.1e} of the solution): either "
+                    "H + damping I is singular to working precision, or eliminating the "
+                    "parameters made the reduced system too ill-conditioned. Use "
+                    "path='generic' (pivoted on the full lifted system; it tells the two apart) "
+                    "or increase the damping."
+                )
+
+    def _probe(self) -> float:
+        op = self.operator
+        generator = torch.Generator(device=op.device).manual_seed(0)
+        g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype, device=op.device)
+        return self._refined_solve(list(g.split(op.param_sizes)))[1]
+
+    def _solve_reduced(self, g_blocks: list) -> list:
+        derivs = self.operator.derivs
+        rhs = _reduced_rhs(derivs, self.eliminated, g_blocks)
+        scaled = banded_lu_solve(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
+        reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
+        return _recover_parameters(derivs, self.eliminated, g_blocks, reduced)
+
+    def _refined_solve(self, g_blocks: list) -> tuple[list, float]:
+        """Reduced solve plus refinement; x and its last correction's relative size."""
+        x = self._solve_reduced(g_blocks)
+        tolerance = math.sqrt(torch.finfo(self.operator.dtype).eps)
+        last = math.inf
+        for _ in range(self.refine_steps):
+            hx = structured_hessian_vector_product(self.operator.derivs, x)
+            residual = [g - h - self.damping * xi for g, h, xi in zip(g_blocks, hx, x)]
+            dx = self._solve_reduced(residual)
+            size = _column_ratio(dx, x)
+            if not size < last:  # not contracting: keep x
+                break
+            x = [xi + di for xi, di in zip(x, dx)]
+            last = size
+            if size <= tolerance:
+                break
+        return x, last
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
+        op = self.operator
+        blocks, vector = _split_vector(v, op.param_sizes, op._like, "v")
+        return _join(self._refined_solve(blocks)[0], vector)
+
+    __matmul__ = solve
+
+    def with_damping(self, damping: float) -> "HessianInverse":
+        """Another damping from the same derivatives (damping 0 goes the generic path)."""
+        return self.operator.factorize(damping, self.check_condition,
+                                       path="structured" if damping != 0 else "auto")
+
+
+def _column_ratio(dx: Sequence[torch.Tensor], x: Sequence[torch.Tensor]) -> float:
+    """max over columns of ||dx_j|| / ||x_j||, for blocks of (p_l, k) matrices."""
+    dx_norm = torch.stack([d.square().sum(0) for d in dx]).sum(0).sqrt()
+    x_norm = torch.stack([xi.square().sum(0) for xi in x]).sum(0).sqrt()
+    return float((dx_norm / x_norm).max())
+
+
+def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequence[int],
+                              output_counts: Sequence[int], u_counts: Sequence[Optional[int]],
+                              dtype: torch.dtype) -> int:
+    """Peak bytes of the structured path (derivatives, elimination, reduced LU), before allocating.
+
+    Per layer: p parameters, a_in inputs (not counted for the first layer), a
+    outputs, a_u = batch x width of u for a closed-form layer (None otherwise).
+    A closed-form layer keeps S, D and the factors of P (~ a a_u + 2 a_u^2) and
+    needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
+    needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
+    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
+    per layer, and a solve ~ 6 p per right-hand side.  All summed, so this
+    errs high by up to 2x.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for l, (p, a_in, a, a_u) in enumerate(zip(param_counts, input_counts, output_counts,
+                                               u_counts)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            total += a * a_u + 5 * a_u * a_u + 2 * a_u * a + 5 * a_u * a_in + 2 * a_in * a_in
+        else:
+            total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
+        total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
+    return total * itemsize
+
+
+def _ensure_fits(need: int, memory_limit: Optional[int], device: torch.device,
+                 what: str, advice: str) -> None:
+    limit = _available_bytes(device) if memory_limit is None else memory_limit
+    if need > limit:
+        raise InsufficientMemoryError(
+            f"{what} needs about {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB is "
+            f"available on {device}. {advice}"
+        )
+
+
+def _check_structured_memory(model: TrackedChain, tracked: TrackedForward,
+                             memory_limit: Optional[int]) -> None:
+    layers = list(model.layers)
+    closed = _closed_form_flags(model, tracked)
+    params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    inputs = [z.numel() for z in tracked.inputs]
+    outputs = inputs[1:] + [1]
+    u_counts = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
+                for layer, a_in, c in zip(layers, inputs, closed)]
+    first = next(model.parameters())
+    need = estimate_structured_bytes(params, inputs, outputs, u_counts, first.dtype)
+    worst = max(range(len(layers)),
+                key=lambda l: max(u_counts[l] or params[l], outputs[l], inputs[l] if l else 0))
+    _ensure_fits(need, memory_limit, first.device, "the structured Hessian factorisation",
+                 f"The largest block is at layer {worst + 1} (a = batch x width = "
+                 f"{outputs[worst]} outputs, {inputs[worst]} inputs, p = {params[worst]}); "
+                 "memory grows with (batch x width)^2 per layer (p^2 for a layer without "
+                 "closed forms). Shrink the curvature batch, narrow the widest layers, or use "
+                 "fewer layers.")
+
+
+def dense_operator(operator: HessianOperator) -> HessianOperator:
+    """The same Hessian with closed-form layers written out as dense blocks (generic path)."""
+    derivs = operator.derivs
+    if all(isinstance(d, LayerDerivatives) for d in derivs):
+        return operator
+    params = operator.param_sizes
+    outputs = [d.num_outputs for d in derivs]
+    need = estimate_factorization_bytes(params, outputs, 0, operator.dtype)
+    worst = max(range(len(derivs)), key=lambda l: params[l] + 2 * outputs[l])
+    _ensure_fits(need, operator.memory_limit, operator.device,
+                 "the generic Hessian factorisation",
+                 f"The largest block is layer {worst + 1} (p={params[worst]} parameters, "
+                 f"a={outputs[worst]} activations); cost grows with (p + 2a)^2 per layer. Use "
+                 "damping > 0, which allows the structured path, or shrink the layers or batch.")
+    dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in derivs]
+    return HessianOperator(dense, operator.gauge, operator.curvature, operator.memory_limit)
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise HessianInverseError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def _operator_path(model: TrackedChain, tracked: TrackedForward, path: str) -> str:
+    """The derivative representation :func:`hessian_operator` builds for ``path``."""
+    _check_path(path)
+    if path == "auto":
+        return "structured" if any(_closed_form_flags(model, tracked)) else "generic"
+    return path
+
+
+def _factorize_operator(operator: HessianOperator, damping: float, check_condition: bool,
+                        path: str) -> HessianInverse:
+    """:meth:`HessianOperator.factorize`: the structured path where it applies, else generic.
+
+    ``'auto'`` takes the structured path for damping > 0 when the operator holds
+    closed-form layers.  Eliminating x_l needs every A_l + eps I invertible and
+    can square the conditioning, so where that fails (:class:`EliminationError`,
+    or a reduced system singular to working precision) ``'auto'`` warns and
+    takes the pivoted generic path, if it fits in memory.
+    """
+    _check_path(path)
+    closed = any(isinstance(d, AffineLayerBlocks) for d in operator.derivs)
+    if path == "structured" or (path == "auto" and closed and
+                                isinstance(damping, (int, float)) and damping > 0):
+        try:
+            return StructuredHessianInverse(operator, damping, check_condition)
+        except SingularHessianError as err:
+            if path == "structured":
+                raise
+            try:
+                dense = dense_operator(operator)
+            except InsufficientMemoryError:
+                raise err from None
+            warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
+            return HessianInverse(dense, damping, check_condition)
+    return HessianInverse(dense_operator(operator), damping, check_condition)
 
 
 # --------------------------------------------------------------------------
@@ -1223,8 +1977,9 @@ def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
     matrix.  When P_l fails, its lowest eigenvector w, continued through the
     later layers with ``w_k = 0`` (``v_k = -P_k^{-1} K_k t_{k-1}``), gives
     a direction v with ``v^T (B + damping I) v = lambda_min(P_l) <= 0``.
+    Closed-form layers (section 6) are written out densely for this test.
     """
-    derivs = operator.derivs
+    derivs = dense_operator(operator).derivs
     num_layers = len(derivs)
     ghat = derivs[-1].J.new_zeros(1, 1)  # curvature in z_L, the loss itself: none
     gains: list[Optional[torch.Tensor]] = [None] * num_layers

@@ -174,20 +174,24 @@ GGN_SPREAD = [
 ]
 
 
+@pytest.mark.parametrize("path", ["structured", "generic"])
 @pytest.mark.parametrize("seed,hidden,width,batch,activation,damping", GGN_SPREAD)
-def test_ggn_product_and_solve_match_dense(seed, hidden, width, batch, activation, damping):
+def test_ggn_product_and_solve_match_dense(seed, hidden, width, batch, activation, damping,
+                                           path):
+    """Both solver paths: closed forms (section 6) and the generic autograd oracle."""
     model, x, t, loss = make_model(seed, hidden, width, batch, activation)
     G = dense_ggn(model, x, cross_entropy_in_logits(batch, t))
     n = G.shape[0]
     V = torch.randn(n, 3, dtype=F64)
-    op = hi.hessian_operator(model, loss, curvature="ggn")
+    op = hi.hessian_operator(model, loss, curvature="ggn", path=path)
     assert rel(op @ V, G @ V) < 1e-12
     assert rel(hi.hessian_vector_product(model, loss, V[:, 0], curvature="ggn"),
                G @ V[:, 0]) < 1e-12
     M = G + damping * torch.eye(n, dtype=F64)
     ref = torch.linalg.solve(M, V)
-    assert rel(op.factorize(damping).solve(V), ref) < solve_tolerance(M)
-    x0 = hi.hessian_inverse_vector_product(model, loss, V[:, 0], damping, curvature="ggn")
+    assert rel(op.factorize(damping, path=path).solve(V), ref) < solve_tolerance(M)
+    x0 = hi.hessian_inverse_vector_product(model, loss, V[:, 0], damping, curvature="ggn",
+                                           path=path)
     assert rel(x0, ref[:, 0]) < solve_tolerance(M)
 
 
