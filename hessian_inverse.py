@@ -708,16 +708,24 @@ class PanelFactor:
     """Step l of the banded LU: ``P [D_l; S_{l+1}] = [L_11; L_21] U_ll``.
 
     ``perm`` (n_l + n_{l+1},) reorders the panel's rows; ``lower`` is the unit
-    lower-trapezoidal factor; ``upper`` (n_l, n_l); ``right1`` and ``right2``
-    are block-row l of U in block-columns l+1 and l+2 (the second is the fill
-    that row pivoting creates).
+    lower-trapezoidal factor; ``upper`` (n_l, n_l); ``right`` (n_l, n_{l+1} +
+    n_{l+2}) is block-row l of U in block-columns l+1 and l+2: ``right1`` and
+    ``right2`` (the second is the fill that row pivoting creates).
     """
 
     perm: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
-    right1: torch.Tensor
-    right2: torch.Tensor
+    right: torch.Tensor
+    split: int
+
+    @property
+    def right1(self) -> torch.Tensor:
+        return self.right[:, :self.split]
+
+    @property
+    def right2(self) -> torch.Tensor:
+        return self.right[:, self.split:]
 
 
 @dataclass
@@ -727,6 +735,19 @@ class BandedLU:
     panels: list
     block_sizes: list
     min_pivot: float
+
+
+def _panel_rows(top: torch.Tensor, diag_next: Optional[torch.Tensor],
+                super_next: Optional[torch.Tensor], n2: int) -> torch.Tensor:
+    """Rows of panel l in block-columns l+1 and l+2: ``[[top, 0], [D_{l+1}, S_{l+2}^T]]``."""
+    n, n1 = top.shape
+    rows = top.new_zeros(n + (diag_next.shape[0] if diag_next is not None else 0), n1 + n2)
+    rows[:n, :n1] = top
+    if diag_next is not None:
+        rows[n:, :n1] = diag_next
+        if super_next is not None:
+            rows[n:, n1:] = super_next
+    return rows
 
 
 def banded_lu(system: BlockTridiagonal) -> BandedLU:
@@ -745,40 +766,36 @@ def banded_lu(system: BlockTridiagonal) -> BandedLU:
     panels = []
     D = diag[0]
     U1 = sub[0].T if num_blocks > 1 else D.new_zeros(sizes[0], 0)
-    min_pivot = math.inf
+    pivots = []
     for l in range(num_blocks):
         n = sizes[l]
-        n1 = sizes[l + 1] if l + 1 < num_blocks else 0
         n2 = sizes[l + 2] if l + 2 < num_blocks else 0
-        below = sub[l] if l + 1 < num_blocks else D.new_zeros(0, n)
-        Pm, Lm, Um = torch.linalg.lu(torch.cat([D, below]))
+        has_next = l + 1 < num_blocks
+        panel = torch.cat([D, sub[l]]) if has_next else D
+        Pm, Lm, Um = torch.linalg.lu(panel)
         perm = Pm.argmax(dim=0)  # (P^T X)[i] = X[perm[i]]
-        smallest = Um.diagonal().abs().min().item()
-        if not smallest > 0.0:  # zero or NaN: pivoting found nothing to divide by
-            raise SingularHessianError(
-                f"the lifted system is exactly singular (zero pivot in block {l + 1})")
-        min_pivot = min(min_pivot, smallest)
-        # The rows of this panel, in block-columns l+1 and l+2.
-        top = torch.cat([U1, D.new_zeros(n, n2)], dim=1)
-        if l + 1 < num_blocks:
-            after = sub[l + 1].T if l + 2 < num_blocks else D.new_zeros(n1, 0)
-            bottom = torch.cat([diag[l + 1], after], dim=1)
-        else:
-            bottom = D.new_zeros(0, 0)
-        R = torch.cat([top, bottom])[perm]
+        pivots.append(Um.diagonal().abs().min())
+        R = _panel_rows(U1, diag[l + 1] if has_next else None,
+                        sub[l + 1].T if l + 2 < num_blocks else None, n2)[perm]
         Rt = torch.linalg.solve_triangular(Lm[:n], R[:n], upper=False, unitriangular=True)
-        panels.append(PanelFactor(perm, Lm, Um, Rt[:, :n1], Rt[:, n1:]))
-        if l + 1 < num_blocks:
-            Rb = R[n:] - Lm[n:] @ Rt
-            D, U1 = Rb[:, :n1], Rb[:, n1:]
-    return BandedLU(panels, sizes, min_pivot)
+        panels.append(PanelFactor(perm, Lm, Um, Rt, U1.shape[1]))
+        if has_next:
+            Rb = torch.addmm(R[n:], Lm[n:], Rt, alpha=-1)
+            D, U1 = Rb[:, :U1.shape[1]], Rb[:, U1.shape[1]:]
+    smallest = torch.stack(pivots)
+    # A zero or NaN pivot: pivoting found nothing to divide by.
+    bad = torch.nonzero(~(smallest > 0.0))
+    if bad.numel():
+        raise SingularHessianError(
+            f"the lifted system is exactly singular (zero pivot in block {int(bad[0]) + 1})")
+    return BandedLU(panels, sizes, float(smallest.min()))
 
 
 def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Solve with the factors of :func:`banded_lu`; ``rhs[l]`` is (n_l, k)."""
     panels, sizes = lu.panels, lu.block_sizes
     num_blocks = len(panels)
-    c = [r.clone() for r in rhs]
+    c = list(rhs)
     # Forward: apply each panel's row permutation and unit-lower factor.
     for l, f in enumerate(panels):
         n = sizes[l]
@@ -788,16 +805,15 @@ def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Ten
                                             unitriangular=True)
         c[l] = top
         if l + 1 < num_blocks:
-            c[l + 1] = rows[n:] - f.lower[n:] @ top
+            c[l + 1] = torch.addmm(rows[n:], f.lower[n:], top, alpha=-1)
     # Backward: block upper-triangular with two super-diagonals.
     x: list[Optional[torch.Tensor]] = [None] * num_blocks
     for l in reversed(range(num_blocks)):
         f = panels[l]
         r = c[l]
         if l + 1 < num_blocks:
-            r = r - f.right1 @ x[l + 1]
-        if l + 2 < num_blocks:
-            r = r - f.right2 @ x[l + 2]
+            later = torch.cat(x[l + 1:l + 3]) if l + 2 < num_blocks else x[l + 1]
+            r = torch.addmm(r, f.right, later, alpha=-1)
         x[l] = torch.linalg.solve_triangular(f.upper, r, upper=True)
     return x
 
