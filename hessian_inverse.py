@@ -1755,7 +1755,7 @@ class DampedNewton(torch.optim.Optimizer):
 
     def _propose_trust_region(self, curvature: HessianOperator, grad: torch.Tensor,
                               radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trust-region mode: ``s`` minimising ``g.s + s.B s / 2`` over ``||s|| <= radius``, and ``B s``.
+        """Trust-region mode: the minimiser s of ``g.s + s.B s / 2`` in the ball, and ``B s``.
 
         Solved by :func:`trust_region_step` with the same derivatives (damped
         solves only; the softmax gauge is handled there: the step has no
