@@ -1,17 +1,22 @@
-"""Standard gradient descent against Hessian-preconditioned descent (damped Newton
-steps through the exact inverse Hessian) on a small tall-skinny MLP.
+"""Standard gradient descent against Hessian-preconditioned descent (second-order
+steps through the exact inverse Hessian or Gauss-Newton matrix) on a small
+tall-skinny MLP.
 
     python simple_example.py                    # CIFAR-10 if present or downloadable, else digits
     python simple_example.py --dataset digits --steps 20 --hessian-batch-size 16
+    python simple_example.py --methods all      # all four methods (a few minutes on a CPU)
     python simple_example.py --quick            # a few seconds: a smoke test
 
-Both methods start from the same weights and see the same data for the same
-number of steps. Gradient descent uses the full training set per step
-(--batch-size 0); the Newton steps use the same gradient and take their
-curvature from --hessian-batch-size examples drawn afresh each step
+Methods (--methods, comma-separated, or all): gd (plain gradient descent),
+newton (damped Newton on the Hessian), ggn (damped Gauss-Newton, i.e.
+Levenberg-Marquardt on the generalized Gauss-Newton matrix) and tr (trust
+region on the Hessian). All start from the same weights and see the same data
+for the same number of steps. Gradient descent uses the full training set per
+step (--batch-size 0); the second-order steps use the same gradient and take
+their curvature from --hessian-batch-size examples drawn afresh each step
 (sub-sampled Newton). Printed: a table per method (training loss, test
 accuracy, optimizer seconds), then a summary with the steps and seconds each
-method needed to reach a target loss (default: gradient descent's final loss).
+method needed to reach a target loss (default: the first method's final loss).
 A plot of loss against steps and against seconds is saved as a PNG.
 """
 
@@ -31,6 +36,22 @@ from train_utils import (DTYPES, HelpFormatter, UsageError, build_model, curvatu
 # --quick: small enough for a test or a first look; explicit flags still win.
 QUICK = dict(steps=3, hidden_dim=8, num_layers=3, hessian_batch_size=8, log_every=1)
 
+# --methods: short name -> the name printed in the tables and the plot.
+METHODS = {"gd": "gradient descent", "newton": "damped Newton", "ggn": "Gauss-Newton",
+           "tr": "trust region"}
+DEFAULT_METHODS = "gd,newton,ggn"
+
+
+def parse_methods(text):
+    """``gd,newton,...`` or ``all`` -> the list of short names, in the order given."""
+    names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",")]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(METHODS)} (comma-separated) or all")
+    return list(dict.fromkeys(names))  # repeats run once
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -47,18 +68,27 @@ def get_args(argv=None):
                    choices=["tanh", "sigmoid", "softplus", "gelu", "silu", "relu"],
                    help="hidden activation")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES), help="parameter dtype")
+    p.add_argument("--methods", type=parse_methods, default=DEFAULT_METHODS,
+                   help="comma-separated, from " + ", ".join(f"{k} ({v})" for k, v in METHODS.items())
+                        + "; or all")
     p.add_argument("--steps", type=int, default=40, help="steps for each method")
     p.add_argument("--batch-size", type=int, default=0,
                    help="examples per gradient (0: the full training set)")
     p.add_argument("--lr", type=float, default=1.0, help="gradient descent learning rate")
-    p.add_argument("--newton-lr", type=float, default=1.0, help="scale of the Newton step")
-    p.add_argument("--damping", type=float, default=1.0, help="initial damping (then adapted)")
+    p.add_argument("--newton-lr", type=float, default=1.0,
+                   help="scale of the damped Newton and Gauss-Newton steps")
+    p.add_argument("--damping", type=float, default=1.0,
+                   help="initial damping of newton and ggn (then adapted)")
+    p.add_argument("--radius", type=float, default=1.0,
+                   help="initial trust-region radius of tr (then adapted)")
+    p.add_argument("--max-radius", type=float, default=100.0, help="largest trust-region radius")
     p.add_argument("--hessian-batch-size", type=int, default=16,
                    help="examples for the curvature of each Newton step; the cost is "
                         "cubic in this times --hidden-dim")
-    p.add_argument("--max-step-norm", type=float, default=None, help="cap on the Newton step's norm")
+    p.add_argument("--max-step-norm", type=float, default=None,
+                   help="cap on the second-order steps' norm")
     p.add_argument("--target-loss", type=float, default=None,
-                   help="loss to reach (None: gradient descent's final loss)")
+                   help="loss to reach (None: the first method's final loss)")
     p.add_argument("--log-every", type=int, default=5, help="steps between table rows")
     p.add_argument("--out", default="simple_example.png", help="where the plot goes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -71,6 +101,10 @@ def get_args(argv=None):
     for name in ("steps", "hessian_batch_size", "log_every", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if isinstance(args.methods, str):  # the default string is not run through type=
+        args.methods = parse_methods(args.methods)
+    if not 0 < args.radius <= args.max_radius:
+        p.error("need 0 < --radius <= --max-radius")
     return args
 
 
@@ -152,23 +186,18 @@ def run(args):
           f"{sum(p.numel() for p in model.parameters())} parameters), {args.dtype} on {device}; "
           f"{args.steps} steps of {batch} examples each")
 
-    methods = {
-        "gradient descent": lambda: torch.optim.SGD(model.parameters(), lr=args.lr),
-        "damped Newton": lambda: DampedNewton(
-            model, lr=args.newton_lr, damping=args.damping, max_step_norm=args.max_step_norm,
-            gradient_lr=args.lr),
-    }
     results = {}
-    for method, make_optimizer in methods.items():
+    for short in args.methods:
+        method = METHODS[short]
         model.load_state_dict(init)
-        optimizer = make_optimizer()
-        order = torch.Generator().manual_seed(args.seed)  # same batches for both methods
+        optimizer, settings = make_optimizer(short, model, args)
+        order = torch.Generator().manual_seed(args.seed)  # same batches for every method
         newton = isinstance(optimizer, DampedNewton)
-        print(f"\n{method}" + (f" (lr {args.newton_lr}, curvature on {args.hessian_batch_size} "
-                                f"examples, initial damping {args.damping})" if newton
-                                else f" (lr {args.lr})"))
+        tr = newton and optimizer.param_groups[0]["mode"] == "trust_region"
+        print(f"\n{method} ({settings})")
         print(f"{'step':>5} {'train loss':>11} {'test acc':>9} {'seconds':>9}"
-              + (f" {'damping':>9} {'rejected':>9}" if newton else ""))
+              + (f" {'damping':>9}" if newton else "") + (f" {'radius':>9}" if tr else "")
+              + (f" {'rejected':>9}" if newton else ""))
         history = [dict(step=0, seconds=0.0, **measure(model, xtr, ytr, xte, yte))]
         seconds = 0.0
         for step in range(1, args.steps + 1):
@@ -187,13 +216,31 @@ def run(args):
             if step % args.log_every == 0 or step == args.steps:
                 h = history[-1]
                 print(f"{step:>5} {h['loss']:>11.4f} {h['acc']:>9.3f} {seconds:>9.2f}"
-                      + (f" {optimizer.damping:>9.2g} {optimizer.stats['rejected']:>9}"
-                         if newton else ""))
-        results[method] = dict(history=history, stats=optimizer.stats if newton else None)
+                      + (f" {optimizer.damping:>9.2g}" if newton else "")
+                      + (f" {optimizer.radius:>9.2g}" if tr else "")
+                      + (f" {optimizer.stats['rejected']:>9}" if newton else ""))
+        results[method] = dict(history=history, stats=optimizer.stats if newton else None,
+                               trust_region=tr)
 
     summarize(results, args)
     plot(results, args.out, name)
     print(f"\nplot saved to {args.out}")
+
+
+def make_optimizer(short, model, args):
+    """The optimizer for method ``short`` and a one-line description of its settings."""
+    if short == "gd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr), f"lr {args.lr}"
+    common = dict(max_step_norm=args.max_step_norm, gradient_lr=args.lr)
+    curvature = f"curvature on {args.hessian_batch_size} examples"
+    if short == "tr":
+        return (DampedNewton(model, mode="trust_region", radius=args.radius,
+                             max_radius=args.max_radius, **common),
+                f"Hessian, {curvature}, initial radius {args.radius}")
+    kind = {"newton": "hessian", "ggn": "ggn"}[short]
+    return (DampedNewton(model, curvature=kind, lr=args.newton_lr, damping=args.damping, **common),
+            f"{'Hessian' if kind == 'hessian' else 'GGN'}, lr {args.newton_lr}, {curvature}, "
+            f"initial damping {args.damping}")
 
 
 @torch.no_grad()
@@ -208,9 +255,9 @@ def reach(history, target):
 
 
 def summarize(results, args):
-    first = next(iter(results.values()))["history"]
-    target = args.target_loss if args.target_loss is not None else first[-1]["loss"]
-    why = "" if args.target_loss is not None else " (gradient descent's final loss)"
+    first, r0 = next(iter(results.items()))
+    target = args.target_loss if args.target_loss is not None else r0["history"][-1]["loss"]
+    why = "" if args.target_loss is not None else f" ({first}'s final loss)"
     print(f"\nsummary after {args.steps} steps; target loss {target:.4f}{why}")
     header = (f"{'method':<17} {'final loss':>10} {'best loss':>10} {'final acc':>9} "
               f"{'best acc':>9} {'steps to target':>15} {'s to target':>11} {'total s':>8} {'s/step':>8}")
@@ -229,22 +276,24 @@ def summarize(results, args):
     for method, r in results.items():
         if r["stats"]:
             s = r["stats"]
-            print(f"{method}: {s['accepted']} Newton steps accepted, {s['rejected']} rejected "
-                  f"and retried, {s['non_descent']} non-descent and {s['singular']} singular "
-                  f"proposals re-damped, {s['gradient_fallbacks']} gradient fallbacks; final "
-                  f"damping {s['damping']:.3g}")
-    (a, ha), (b, hb) = reached.items()
-    if ha and hb:
-        def better(i, what):
-            if ha[i] == hb[i]:
-                return f"{what}: a tie"
-            return f"{what}: {a if ha[i] < hb[i] else b}"
-        print(f"to reach {target:.4f}, {better(0, 'fewer steps')}, {better(1, 'less time')} "
-              f"({a}: {ha[0]} steps, {ha[1]:.2f} s; {b}: {hb[0]} steps, {hb[1]:.2f} s)")
-    else:
-        print(f"to reach {target:.4f}: " + "; ".join(
-            f"{m}: " + (f"{h[0]} steps, {h[1]:.2f} s" if h else "not reached")
-            for m, h in reached.items()))
+            line = (f"{method}: {s['accepted']} second-order steps accepted, {s['rejected']} "
+                    f"rejected and retried, {s['non_descent']} non-descent and {s['singular']} "
+                    f"singular proposals, {s['gradient_fallbacks']} gradient fallbacks; ")
+            if r["trust_region"]:
+                line += (f"radius shrunk {s['radius_shrinks']} and grown {s['radius_expansions']} "
+                         f"times, final {s['radius']:.3g}; {s['hard_cases']} hard cases")
+            else:
+                line += f"final damping {s['damping']:.3g}"
+            print(line)
+    hits = {m: h for m, h in reached.items() if h}
+    if len(results) > 1 and hits:
+        def best(i):
+            low = min(h[i] for h in hits.values())
+            return " and ".join(m for m, h in hits.items() if h[i] == low)
+        print(f"to reach {target:.4f}: fewest steps: {best(0)}; least time: {best(1)}")
+    print(f"to reach {target:.4f}: " + "; ".join(
+        f"{m}: " + (f"{h[0]} steps, {h[1]:.2f} s" if h else "not reached")
+        for m, h in reached.items()))
 
 
 def plot(results, path, name):

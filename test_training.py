@@ -283,6 +283,7 @@ def test_simple_example_quick_reports_both_methods_and_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     summary = text[text.index("summary"):]
     assert "gradient descent" in summary and "damped Newton" in summary
+    assert "Gauss-Newton" in summary  # the default methods: gd,newton,ggn
     assert f"plot saved to {out}" in text
     assert out.read_bytes()[:4] == b"\x89PNG"
 

@@ -92,6 +92,13 @@ def get_args(argv=None):
     g.add_argument("--min-damping", type=float, default=1e-6, help="lower bound of the damping")
     g.add_argument("--max-damping", type=float, default=1e6, help="upper bound of the damping")
     g.add_argument("--max-step-norm", type=float, default=None, help="cap on the step's 2-norm")
+    g.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
+                   help="the Hessian, or the generalized Gauss-Newton matrix (positive semi-definite)")
+    g.add_argument("--trust-region", action="store_true",
+                   help="trust-region steps (radius adapted) instead of damped Newton steps "
+                        "(damping adapted); --newton-lr and the damping options then do not apply")
+    g.add_argument("--radius", type=float, default=1.0, help="initial trust-region radius")
+    g.add_argument("--max-radius", type=float, default=100.0, help="largest trust-region radius")
     g.add_argument("--hessian-memory-gb", type=float, default=None,
                    help="memory the curvature may use (None: the device's free memory)")
     g = p.add_argument_group("run")
@@ -110,6 +117,8 @@ def get_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.epochs < 0 or args.workers < 0 or args.max_batches < 0:
         p.error("--epochs, --workers and --max-batches must be >= 0")
+    if not 0 < args.radius <= args.max_radius:
+        p.error("need 0 < --radius <= --max-radius")
     return args
 
 
@@ -209,7 +218,9 @@ def train(args):
             model, lr=args.newton_lr, damping=args.damping, min_damping=args.min_damping,
             max_damping=args.max_damping, max_step_norm=args.max_step_norm,
             curvature_interval=args.hessian_freq, gradient_lr=args.lr,
-            memory_limit=None if args.hessian_memory_gb is None else int(args.hessian_memory_gb * 2**30))
+            memory_limit=None if args.hessian_memory_gb is None else int(args.hessian_memory_gb * 2**30),
+            curvature=args.curvature, mode="trust_region" if args.trust_region else "damped",
+            radius=args.radius, max_radius=args.max_radius)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
 
@@ -236,7 +247,8 @@ def train(args):
     print(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes; "
           f"MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x {args.num_layers - 1} -> "
           f"{num_classes}, {num_params:,} parameters, {args.dtype} on {device}; "
-          + (f"damped Newton every {args.hessian_freq} batch(es), curvature on "
+          + (f"{'trust-region' if args.trust_region else 'damped Newton'} steps on the "
+             f"{args.curvature} every {args.hessian_freq} batch(es), curvature on "
              f"{args.hessian_batch_size} images" if args.use_hessian else f"SGD lr {args.lr}"))
     log_metrics(metrics_path, {"event": "start", "epoch": start_epoch, "step": global_step,
                                "args": vars(args), "num_params": num_params})
