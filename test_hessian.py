@@ -241,15 +241,24 @@ def test_too_little_data_is_a_clear_singular_error():
         hi.hessian_inverse_vector_product(model, loss, v)
 
 
-def test_damping_at_an_eigenvalue_is_a_clear_singular_error():
-    """H + eps I singular because eps = -lambda_min(H) exactly (H indefinite)."""
+@pytest.mark.parametrize("path", ["generic", "structured", "auto"])
+def test_damping_at_an_eigenvalue_is_a_clear_singular_error(path):
+    """H + eps I singular because eps = -lambda_min(H) exactly (H indefinite).
+
+    Both paths refuse; 'auto' tries the structured path first, says that it
+    falls back, and the generic path's pivoted factorisation refuses.
+    """
     model, x, t, loss = make_mlp(24, 3, 3, 8, "tanh", weight_scale=3.0)
     H = dense_hessian(model, x, t)
     lam_min = torch.linalg.eigvalsh(H)[0].item()
     assert lam_min < -1e-3  # indefinite
     v = torch.randn(H.shape[0], dtype=F64)
     with pytest.raises(hi.SingularHessianError, match="increase the damping"):
-        hi.hessian_inverse_vector_product(model, loss, v, damping=-lam_min)
+        if path == "auto":
+            with pytest.warns(RuntimeWarning, match="Falling back to the generic path"):
+                hi.hessian_inverse_vector_product(model, loss, v, damping=-lam_min)
+        else:
+            hi.hessian_inverse_vector_product(model, loss, v, damping=-lam_min, path=path)
 
 
 def test_unit_in_the_last_place_away_from_singular_still_solves():
