@@ -1762,8 +1762,10 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
     needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
     needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
     Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
-    per layer, and a solve ~ 6 p per right-hand side.  All summed, so this
-    errs high by up to 2x.
+    per layer, and a solve ~ 6 p per right-hand side.  Against the measured
+    rise of resident memory (float32, 20 layers, 3072 inputs, 1000 classes,
+    curvature batch 4) this sum was 0.80 GiB for 0.81 GiB at width 128 and
+    8.5 GiB for 9.6 GiB at width 512, so the guard adds a quarter.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
     total = 0
@@ -1798,7 +1800,7 @@ def _check_structured_memory(model: TrackedChain, tracked: TrackedForward,
     u_counts = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
                 for layer, a_in, c in zip(layers, inputs, closed)]
     first = next(model.parameters())
-    need = estimate_structured_bytes(params, inputs, outputs, u_counts, first.dtype)
+    need = 5 * estimate_structured_bytes(params, inputs, outputs, u_counts, first.dtype) // 4
     worst = max(range(len(layers)),
                 key=lambda l: max(u_counts[l] or params[l], outputs[l], inputs[l] if l else 0))
     _ensure_fits(need, memory_limit, first.device, "the structured Hessian factorisation",

@@ -131,23 +131,13 @@ def curvature_too_large(err: BaseException, model: TrackedChain, batch_option: s
                         batch_size: int) -> UsageError:
     """Turn an out-of-memory error of a Newton step into advice on which option to lower.
 
-    The generic solver's cost per layer grows with ``(p_l + 2 a_l)^2`` in memory
-    (cubed in time), ``p_l`` the layer's parameters and ``a_l`` = curvature
-    batch x width; whichever term dominates decides what to lower.
+    Newton steps on these MLPs take the structured solver, whose memory per
+    layer grows with ``(curvature batch x width)^2``; the parameter count
+    (image size included) enters only linearly.  So the curvature batch and
+    the width are the options that help.
     """
-    layers = list(model.layers)
-    params = [sum(q.numel() for q in layer.parameters()) for layer in layers]
-    acts = [batch_size * layer.linear.out_features for layer in layers[:-1]] + [1]
-    worst = max(range(len(layers)), key=lambda l: params[l] + 2 * acts[l])
-    p, a = params[worst], acts[worst]
-    if 2 * a >= p:
-        advice = (f"lower {batch_option} (now {batch_size}): the activation term "
-                  f"2 x batch x width = {2 * a} dominates layer {worst + 1}")
-    elif worst == 0:
-        advice = (f"lower --image-size or --hidden-dim: the input layer's {p} parameters "
-                  f"dominate, so lowering {batch_option} alone will not help")
-    else:
-        advice = (f"lower --hidden-dim: layer {worst + 1}'s {p} parameters dominate, so "
-                  f"lowering {batch_option} alone will not help")
+    width = max(layer.linear.out_features for layer in model.layers)
     return UsageError(f"the Hessian configuration does not fit in memory: {err}\n"
-                      f"To fix it, {advice}.")
+                      f"To fix it, lower {batch_option} (now {batch_size}) or --hidden-dim: "
+                      f"memory grows with (batch x width)^2 per layer, and the widest "
+                      f"layer here (classes included) has {width} units.")
