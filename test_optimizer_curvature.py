@@ -15,7 +15,7 @@ import simple_example
 from hessian_inverse import (DampedNewton, DeepMLPWithTracking, HessianInverseError,
                              SingularHessianError)
 from test_training import image_folder  # noqa: F401 (a pytest fixture)
-from test_training import closure_for, flat, imagenet, teacher_problem
+from test_training import closure_for, flat, imagenet, spoiled_closure, teacher_problem
 
 
 class Recording(DampedNewton):
@@ -100,17 +100,8 @@ def test_trust_region_steps_stay_inside_the_radius_and_beat_gradient_descent():
 def test_trust_region_rejects_restores_and_shrinks_then_grows_on_the_boundary():
     model, x, y = teacher_problem()
     opt = DampedNewton(model, mode="trust_region", radius=0.5, max_retries=0, gradient_lr=0.0)
-    calls = []
-
-    def spoiled():  # the trial point of the first step looks worse than it is
-        opt.zero_grad()
-        loss = model(x, y, track_activations=True)
-        loss.backward()
-        calls.append(1)
-        return loss + 10.0 if len(calls) == 2 else loss
-
     start = flat(model)
-    opt.step(spoiled)
+    opt.step(spoiled_closure(model, opt, x, y))
     s = opt.stats
     assert (s["rejected"], s["radius_shrinks"], s["gradient_fallbacks"]) == (1, 1, 1)
     assert s["last_ratio"] < 0 and opt.radius == 0.5 / 4

@@ -42,6 +42,17 @@ def closure_for(model, opt, x, y, tracked=True):
     return closure
 
 
+def spoiled_closure(model, opt, x, y):
+    """A closure whose second call (the first step's trial point) reports a loss 10 too high."""
+    honest, calls = closure_for(model, opt, x, y), []
+
+    def closure():
+        calls.append(1)
+        return honest() + 10.0 if len(calls) == 2 else honest()
+
+    return closure
+
+
 def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -67,17 +78,8 @@ def test_newton_beats_gradient_descent_in_the_same_number_of_steps():
 def test_damping_rises_after_a_rejected_step_and_falls_after_accepted_ones():
     model, x, y = teacher_problem()
     opt = DampedNewton(model, damping=1.0, max_retries=0, gradient_lr=0.05)
-    calls = []
-
-    def spoiled():  # the trial point of the first step looks worse than it is
-        opt.zero_grad()
-        loss = model(x, y, track_activations=True)
-        loss.backward()
-        calls.append(1)
-        return loss + 10.0 if len(calls) == 2 else loss
-
     start = flat(model)
-    opt.step(spoiled)
+    opt.step(spoiled_closure(model, opt, x, y))
     assert opt.stats["rejected"] == 1 and opt.stats["gradient_fallbacks"] == 1
     assert opt.damping == pytest.approx(3.0)
     # The fallback is exactly a gradient step from the start, not the rejected Newton step.
