@@ -986,6 +986,9 @@ class HessianInverse:
     the system is singular beyond the gauge.
     """
 
+    #: Set by the structured path's acceptance probe (see StructuredHessianInverse).
+    probe_error: Optional[float] = None
+
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
                  check_condition: bool = True, refine_steps: int = 1):
         damping = float(damping)
