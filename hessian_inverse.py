@@ -865,6 +865,16 @@ def _available_bytes(device: torch.device) -> int:
         return 2 ** 62
 
 
+def _ensure_fits(need: int, memory_limit: Optional[int], device: torch.device,
+                 what: str, advice: str) -> None:
+    limit = _available_bytes(device) if memory_limit is None else memory_limit
+    if need > limit:
+        raise InsufficientMemoryError(
+            f"{what} needs about {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB is "
+            f"available on {device}. {advice}"
+        )
+
+
 def _check_memory(model: TrackedChain, tracked: TrackedForward,
                   memory_limit: Optional[int]) -> None:
     layers = list(model.layers)
@@ -872,16 +882,12 @@ def _check_memory(model: TrackedChain, tracked: TrackedForward,
     outputs = [z.numel() for z in tracked.inputs[1:]] + [1]
     first = next(model.parameters())
     need = estimate_factorization_bytes(params, outputs, tracked.inputs[0].numel(), first.dtype)
-    limit = _available_bytes(first.device) if memory_limit is None else memory_limit
-    if need > limit:
-        worst = max(range(len(layers)), key=lambda l: params[l] + 2 * outputs[l])
-        raise InsufficientMemoryError(
-            f"the Hessian factorisation needs about {need / 2**30:.2f} GiB but only "
-            f"{limit / 2**30:.2f} GiB is available on {first.device}. The largest block is "
-            f"layer {worst + 1} (p={params[worst]} parameters, a={outputs[worst]} "
-            "activations = batch x width); cost grows with (p + 2a)^2 per layer. Shrink "
-            "the curvature batch, narrow the layers, or use fewer layers."
-        )
+    worst = max(range(len(layers)), key=lambda l: params[l] + 2 * outputs[l])
+    _ensure_fits(need, memory_limit, first.device, "the Hessian factorisation",
+                 f"The largest block is layer {worst + 1} (p={params[worst]} parameters, "
+                 f"a={outputs[worst]} activations = batch x width); cost grows with "
+                 "(p + 2a)^2 per layer. Shrink the curvature batch, narrow the layers, or use "
+                 "fewer layers.")
 
 
 # --------------------------------------------------------------------------
@@ -942,6 +948,11 @@ class HessianOperator:
         self._like = derivs[-1].J
 
     @property
+    def symbol(self) -> str:
+        """The curvature's name in messages: ``'H'`` or ``'GGN'``."""
+        return "GGN" if self.curvature == "ggn" else "H"
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.num_params, self.num_params)
 
@@ -1000,9 +1011,10 @@ class HessianInverse:
         derivs = operator.derivs
         self.gauge = operator.gauge if damping == 0.0 else None
         self.system = assemble_lifted_system(derivs, damping, self.gauge)
-        what = "H" + (f" + {damping:g} I" if damping else
-                      (" + P_N (H gauge-fixed on the softmax null space)"
-                       if self.gauge is not None else ""))
+        B = operator.symbol
+        what = B + (f" + {damping:g} I" if damping else
+                    (f" + P_N ({B} gauge-fixed on the softmax null space)"
+                     if self.gauge is not None else ""))
         self._factor_system(what, check_condition)
 
     def _factor_system(self, what: str, check_condition: bool) -> None:
@@ -1688,18 +1700,18 @@ class StructuredHessianInverse(HessianInverse):
         self.eliminated = [eliminate_layer(d, damping, l + 1)
                            for l, d in enumerate(operator.derivs)]
         self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
-        self._factor_system(f"H + {damping:g} I", False)
+        self._factor_system(f"{operator.symbol} + {damping:g} I", False)
         self.probe_error = None
         if check_condition and refine_steps > 0:
             self.probe_error = self._probe()
             if not self.probe_error <= torch.finfo(operator.dtype).eps ** 0.25:
                 raise EliminationError(
-                    f"H + {damping:g} I: iterative refinement of the structured solve did not "
-                    f"converge (last correction {self.probe_error:.1e} of the solution): either "
-                    "H + damping I is singular to working precision, or eliminating the "
-                    "parameters made the reduced system too ill-conditioned. Use "
-                    "path='generic' (pivoted on the full lifted system; it tells the two apart) "
-                    "or increase the damping."
+                    f"{operator.symbol} + {damping:g} I: iterative refinement of the structured "
+                    f"solve did not converge (last correction {self.probe_error:.1e} of the "
+                    f"solution): either {operator.symbol} + damping I is singular to working "
+                    "precision, or eliminating the parameters made the reduced system too "
+                    "ill-conditioned. Use path='generic' (pivoted on the full lifted system; it "
+                    "tells the two apart) or increase the damping."
                 )
 
     def _probe(self) -> float:
@@ -1781,16 +1793,6 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
             total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
         total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
     return total * itemsize
-
-
-def _ensure_fits(need: int, memory_limit: Optional[int], device: torch.device,
-                 what: str, advice: str) -> None:
-    limit = _available_bytes(device) if memory_limit is None else memory_limit
-    if need > limit:
-        raise InsufficientMemoryError(
-            f"{what} needs about {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB is "
-            f"available on {device}. {advice}"
-        )
 
 
 def _check_structured_memory(model: TrackedChain, tracked: TrackedForward,
