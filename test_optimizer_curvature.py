@@ -15,7 +15,8 @@ import simple_example
 from hessian_inverse import (DampedNewton, DeepMLPWithTracking, HessianInverseError,
                              SingularHessianError)
 from test_training import image_folder  # noqa: F401 (a pytest fixture)
-from test_training import closure_for, flat, imagenet, spoiled_closure, teacher_problem
+from test_training import (assert_continue_identically, closure_for, flat,
+                           gradient_descent_losses, imagenet, spoiled_closure, teacher_problem)
 
 
 class Recording(DampedNewton):
@@ -76,13 +77,8 @@ def test_gauss_newton_steps_are_descent_directions_and_reduce_the_loss():
 
 def test_trust_region_steps_stay_inside_the_radius_and_beat_gradient_descent():
     model0, x, y = teacher_problem()
-    steps, gd = 8, {}
-    for lr in (0.3, 1.0, 3.0, 10.0):
-        model = copy.deepcopy(model0)
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        for _ in range(steps):
-            opt.step(closure_for(model, opt, x, y, tracked=False))
-        gd[lr] = loss_of(model, x, y)
+    steps = 8
+    gd = gradient_descent_losses(model0, x, y, steps)
     model = copy.deepcopy(model0)
     opt = Recording(model, mode="trust_region", radius=0.5)
     for _ in range(steps):
@@ -165,11 +161,7 @@ def test_trust_region_state_dict_round_trip_resumes_exactly():
     assert twin_opt.stats == opt.stats and twin_opt.radius == opt.radius
     group = twin_opt.param_groups[0]
     assert (group["mode"], group["curvature"], group["max_radius"]) == ("trust_region", "ggn", 5.0)
-    for _ in range(3):
-        opt.step(closure_for(model, opt, x, y))
-        twin_opt.step(closure_for(twin, twin_opt, x, y))
-    assert torch.equal(flat(model), flat(twin))
-    assert twin_opt.stats == opt.stats
+    assert_continue_identically(model, opt, twin, twin_opt, x, y)
 
 
 def test_state_dict_from_before_the_curvature_options_still_loads():

@@ -57,15 +57,31 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def test_newton_beats_gradient_descent_in_the_same_number_of_steps():
-    model0, x, y = teacher_problem()
-    steps, losses = 8, {}
-    for lr in (0.3, 1.0, 3.0, 10.0):
+def gradient_descent_losses(model0, x, y, steps, rates=(0.3, 1.0, 3.0, 10.0)):
+    """Final full-batch loss of ``steps`` SGD steps from a copy of ``model0``, per rate."""
+    losses = {}
+    for lr in rates:
         model = copy.deepcopy(model0)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         for _ in range(steps):
             opt.step(closure_for(model, opt, x, y, tracked=False))
         losses[f"gd lr={lr}"] = float(model(x, y).detach())
+    return losses
+
+
+def assert_continue_identically(model, opt, twin, twin_opt, x, y, steps=3):
+    """A resumed optimizer (twin) takes exactly the steps the original takes."""
+    for _ in range(steps):
+        opt.step(closure_for(model, opt, x, y))
+        twin_opt.step(closure_for(twin, twin_opt, x, y))
+    assert torch.equal(flat(model), flat(twin))
+    assert twin_opt.stats == opt.stats
+
+
+def test_newton_beats_gradient_descent_in_the_same_number_of_steps():
+    model0, x, y = teacher_problem()
+    steps = 8
+    losses = gradient_descent_losses(model0, x, y, steps)
     model = copy.deepcopy(model0)
     opt = DampedNewton(model, damping=1e-2)
     for _ in range(steps):
@@ -137,11 +153,7 @@ def test_state_dict_round_trip_resumes_exactly():
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert twin_opt.stats == opt.stats
     assert twin_opt.param_groups[0]["max_step_norm"] == 2.0
-    for _ in range(3):
-        opt.step(closure_for(model, opt, x, y))
-        twin_opt.step(closure_for(twin, twin_opt, x, y))
-    assert torch.equal(flat(model), flat(twin))
-    assert twin_opt.stats == opt.stats
+    assert_continue_identically(model, opt, twin, twin_opt, x, y)
 
 
 def test_curvature_interval_step_cap_and_curvature_batch():
