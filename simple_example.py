@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hessian_inverse import DampedNewton, InsufficientMemoryError
+from damped_newton import DampedNewton
+from hessian_inverse import InsufficientMemoryError
 from train_utils import (DTYPES, HelpFormatter, UsageError, build_model, curvature_too_large, evaluate,
                          resolve_device, seed_everything, train_step)
 

@@ -34,6 +34,7 @@ from scipy.optimize import brentq
 from torch.func import functional_call, hessian, jacrev
 
 import hessian_inverse as hi
+import trust_region as tr
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -313,11 +314,11 @@ def test_definiteness_matches_dense_eigenvalues(curvature):
     # at damping 0 the gauge is fixed (B + P_N): positive definite iff B is on N-perp
     Q = complement(gauge_basis(model))
     mu_perp = torch.linalg.eigvalsh(Q.T @ B @ Q)
-    assert hi.definiteness(op, 0.0).positive_definite == (mu_perp[0].item() > 0)
+    assert tr.definiteness(op, 0.0).positive_definite == (mu_perp[0].item() > 0)
     for lam in torch.linspace(0.01, 1.2 * max(-mu[0].item(), 0.05), 13).tolist():
         if (mu + lam).abs().min().item() < 1e-8:
             continue
-        test = hi.definiteness(op, lam)
+        test = tr.definiteness(op, lam)
         assert test.positive_definite == (mu[0].item() + lam > 0)
         if not test.positive_definite:
             v = test.direction
@@ -331,12 +332,12 @@ def test_lowest_eigenpair_is_an_upper_bound_and_exact_when_lanczos_completes():
     Q = complement(gauge_basis(model))
     lowest = torch.linalg.eigvalsh(Q.T @ H @ Q)[0].item()
     op = hi.hessian_operator(model, loss)
-    full = hi.lowest_eigenpair(op, steps=op.num_params)
+    full = tr.lowest_eigenpair(op, steps=op.num_params)
     assert full.value == pytest.approx(lowest, abs=1e-10)
     assert (H @ full.vector - full.value * full.vector).norm().item() < 1e-8
     assert (gauge_basis(model).T @ full.vector).abs().max().item() < 1e-12
     for steps in (1, 3):
-        assert hi.lowest_eigenpair(op, steps=steps).value >= lowest - 1e-12
+        assert tr.lowest_eigenpair(op, steps=steps).value >= lowest - 1e-12
 
 
 # ----------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_trust_region_positive_definite_interior_and_boundary(radius, on_boundar
     H, g = dense_hessian_and_gradient(model, x, t)
     N = gauge_basis(model)
     assert torch.linalg.eigvalsh(complement(N).T @ H @ complement(N))[0] > 1e-3
-    result = hi.trust_region_step(hi.hessian_operator(model, loss), g, radius)
+    result = tr.trust_region_step(hi.hessian_operator(model, loss), g, radius)
     check_against_dense(result, H, g, radius, N, on_boundary)
     if not on_boundary:
         assert result.damping == 0.0
@@ -381,7 +382,7 @@ def test_trust_region_indefinite_hessian(seed, hidden, width, batch, radius, lan
     H, g = dense_hessian_and_gradient(model, x, t)
     assert torch.linalg.eigvalsh(H)[0] < -0.1
     op = hi.hessian_operator(model, loss)
-    result = hi.trust_region_step(op, g, radius, lanczos_steps=lanczos_steps)
+    result = tr.trust_region_step(op, g, radius, lanczos_steps=lanczos_steps)
     check_against_dense(result, H, g, radius, gauge_basis(model), True)
     assert result.min_eigenvalue < 0
 
@@ -391,7 +392,7 @@ def test_trust_region_on_the_gauss_newton_matrix(radius, on_boundary):
     model, x, t, loss = make_model(3, 1, 3, 30, "gelu")
     G = dense_ggn(model, x, cross_entropy_in_logits(30, t))
     _, g = dense_hessian_and_gradient(model, x, t)
-    result = hi.trust_region_step(hi.hessian_operator(model, loss, curvature="ggn"), g, radius)
+    result = tr.trust_region_step(hi.hessian_operator(model, loss, curvature="ggn"), g, radius)
     check_against_dense(result, G, g, radius, gauge_basis(model), on_boundary)
 
 
@@ -404,7 +405,7 @@ def test_trust_region_singular_ggn_gives_the_minimum_norm_step():
     G = dense_ggn(model, x, cross_entropy_in_logits(3, t))
     _, g = dense_hessian_and_gradient(model, x, t)
     s_ref = -torch.linalg.pinv(G, hermitian=True, rtol=1e-10) @ g
-    result = hi.trust_region_step(hi.hessian_operator(model, loss, curvature="ggn"), g,
+    result = tr.trust_region_step(hi.hessian_operator(model, loss, curvature="ggn"), g,
                                   10 * s_ref.norm().item())
     assert result.converged and not result.on_boundary and not result.hard_case
     # stopped when lambda (radius^2 - ||s||^2) <= tol (...): the model value is optimal
@@ -435,7 +436,7 @@ def test_trust_region_hard_case(seed, hidden, width, batch, lanczos_steps):
     tau = math.sqrt(radius ** 2 - s_h.norm().item() ** 2)
     optima = [s_h + tau * V[:, 0], s_h - tau * V[:, 0]]  # both minimise the model
     m_ref = model_value(H, g, optima[0])
-    result = hi.trust_region_step(hi.hessian_operator(model, loss), g, radius,
+    result = tr.trust_region_step(hi.hessian_operator(model, loss), g, radius,
                                   lanczos_steps=lanczos_steps)
     assert result.hard_case and result.converged and result.on_boundary
     assert result.step.norm().item() <= radius * (1 + 1e-9)
@@ -448,7 +449,7 @@ def test_trust_region_at_a_saddle_moves_along_negative_curvature():
     model, x, t, loss = make_model(0, 2, 3, 5)
     op = hi.hessian_operator(model, loss)
     H, g = dense_hessian_and_gradient(model, x, t)
-    result = hi.trust_region_step(op, torch.zeros_like(g), 0.5, lanczos_steps=op.num_params)
+    result = tr.trust_region_step(op, torch.zeros_like(g), 0.5, lanczos_steps=op.num_params)
     Q = complement(gauge_basis(model))
     lowest = torch.linalg.eigvalsh(Q.T @ H @ Q)[0].item()
     assert result.hard_case and result.step.norm().item() == pytest.approx(0.5)
@@ -460,8 +461,8 @@ def test_trust_region_argument_errors():
     op = hi.hessian_operator(model, loss)
     g = torch.zeros(op.num_params, dtype=F64)
     with pytest.raises(hi.HessianInverseError, match="radius"):
-        hi.trust_region_step(op, g, 0.0)
+        tr.trust_region_step(op, g, 0.0)
     with pytest.raises(hi.HessianInverseError, match=r"shape \(n,\)"):
-        hi.trust_region_step(op, g[:, None], 1.0)
+        tr.trust_region_step(op, g[:, None], 1.0)
     with pytest.raises(hi.HessianInverseError, match="gradient must have shape"):
-        hi.trust_region_step(op, g[1:], 1.0)
+        tr.trust_region_step(op, g[1:], 1.0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import simple_example
-from hessian_inverse import (DampedNewton, DeepMLPWithTracking, HessianInverseError,
-                             SingularHessianError)
+from damped_newton import DampedNewton
+from hessian_inverse import DeepMLPWithTracking, HessianInverseError, SingularHessianError
 from test_training import image_folder  # noqa: F401 (a pytest fixture)
 from test_training import (assert_continue_identically, closure_for, flat,
                            gradient_descent_losses, imagenet, spoiled_closure, teacher_problem)

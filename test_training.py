@@ -15,7 +15,8 @@ import torch
 
 import simple_example
 import train_imagenet
-from hessian_inverse import DampedNewton, DeepMLPWithTracking, NotTrackedError, SingularHessianError
+from damped_newton import DampedNewton
+from hessian_inverse import DeepMLPWithTracking, NotTrackedError, SingularHessianError
 
 
 # --------------------------------------------------------------------------

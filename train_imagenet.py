@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hessian_inverse import DampedNewton, InsufficientMemoryError
+from damped_newton import DampedNewton
+from hessian_inverse import InsufficientMemoryError
 from train_utils import (DTYPES, HelpFormatter, UsageError, build_model, curvature_too_large, evaluate,
                          resolve_device, seed_everything, train_step)
 

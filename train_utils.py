@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hessian_inverse import DampedNewton, DeepMLPWithTracking, TrackedChain
+from damped_newton import DampedNewton
+from hessian_inverse import DeepMLPWithTracking, TrackedChain
 
 # torch.func's vmap path warns about torch.jit.script once per process; not ours to act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
