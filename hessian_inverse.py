@@ -1009,6 +1009,8 @@ class HessianInverse:
 
     #: Set by the structured path's acceptance probe (see StructuredHessianInverse).
     probe_error: Optional[float] = None
+    #: Which solver runs: ``'generic'`` (the lifted system) or ``'structured'``.
+    route = "generic"
 
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
                  check_condition: bool = True, refine_steps: int = 1):
@@ -1694,6 +1696,8 @@ class StructuredHessianInverse(HessianInverse):
     :class:`EliminationError` is raised and ``path='auto'`` takes the generic
     path, which tells the two apart with its own condition estimate.
     """
+
+    route = "structured"
 
     def __init__(self, operator: HessianOperator, damping: float,
                  check_condition: bool = True, refine_steps: int = 10):
