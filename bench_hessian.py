@@ -43,9 +43,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 import hessian_inverse as hi
+from conftest import dense_hessian, flat_parameters, loss_of_flat_parameters
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
@@ -148,18 +148,8 @@ class Problem:
         return self.v.numel()
 
     def flat_loss(self) -> tuple[Callable, torch.Tensor]:
-        """theta -> loss with all parameters as one flat vector, and theta."""
-        named = list(self.model.named_parameters())
-        names = [n for n, _ in named]
-        shapes = [p.shape for _, p in named]
-        sizes = [p.numel() for _, p in named]
-        theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-        def loss(th):
-            params = {n: p.view(s) for n, p, s in zip(names, th.split(sizes), shapes)}
-            return functional_call(self.model, params, (self.x, self.t))
-
-        return loss, theta
+        """theta -> loss with all parameters as one flat vector, and theta (conftest.py)."""
+        return loss_of_flat_parameters(self.model, self.x, self.t), flat_parameters(self.model)
 
 
 def make_problem(layers: int, width: int, batch: int, input_dim: int, device, dtype,
@@ -270,8 +260,7 @@ def measure_dense(case: str, problem: Problem, damping: float) -> Record:
     """torch.func.hessian of the flat-parameter loss, then torch.linalg.solve."""
     device = problem.v.device
     rec = _base_record(case, "dense", problem)
-    loss, theta = problem.flat_loss()
-    H, t_h = timed(lambda: torch.func.hessian(loss)(theta), device)
+    H, t_h = timed(lambda: dense_hessian(problem.model, problem.x, problem.t), device)
 
     def solve():
         H.diagonal().add_(damping)

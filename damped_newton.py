@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from hessian_inverse import HessianOperator, TrackedChain, hessian_operator, validate_model
+from hessian_inverse import (HessianOperator, SingularHessianError, TrackedChain, hessian_operator,
+                             validate_model)
 from trust_region import trust_region_step
 
 __all__ = ["DampedNewton"]
@@ -252,13 +253,13 @@ class DampedNewton(torch.optim.Optimizer):
 
     # --- the pieces a curvature or step variant replaces -------------------
 
-    def _curvature(self, loss: torch.Tensor) -> HessianOperator:
+    def _curvature_operator(self, loss: torch.Tensor) -> HessianOperator:
         """The curvature operator (Hessian or GGN) at the model's last tracked forward pass."""
         with torch.enable_grad():
             return hessian_operator(self.model, loss, memory_limit=self.memory_limit,
                                     curvature=self.param_groups[0]["curvature"])
 
-    def _propose(self, curvature: HessianOperator, grad: torch.Tensor, damping: float
+    def _propose(self, operator: HessianOperator, grad: torch.Tensor, damping: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Damped mode: one proposed step ``s = -lr (B + damping I)^{-1} g``, and ``B s``.
 
@@ -270,8 +271,8 @@ class DampedNewton(torch.optim.Optimizer):
         The step is not clipped.
         """
         group = self.param_groups[0]
-        direction = curvature.factorize(damping, check_condition=False).solve(-grad)
-        h_direction = curvature @ direction
+        direction = operator.factorize(damping, check_condition=False).solve(-grad)
+        h_direction = operator @ direction
         residual = (h_direction + damping * direction + grad).norm() / grad.norm()
         if not residual <= group["solve_tol"]:
             raise SingularHessianError(
@@ -279,7 +280,7 @@ class DampedNewton(torch.optim.Optimizer):
                 f"{float(residual):.1e} > solve_tol {group['solve_tol']:g}")
         return group["lr"] * direction, group["lr"] * h_direction
 
-    def _propose_trust_region(self, curvature: HessianOperator, grad: torch.Tensor,
+    def _propose_trust_region(self, operator: HessianOperator, grad: torch.Tensor,
                               radius: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Trust-region mode: the minimiser s of ``g.s + s.B s / 2`` in the ball, and ``B s``.
 
@@ -291,13 +292,13 @@ class DampedNewton(torch.optim.Optimizer):
         Raises :class:`SingularHessianError` if the step is not finite.
         """
         state = self._state()
-        result = trust_region_step(curvature, grad, radius)
+        result = trust_region_step(operator, grad, radius)
         if not torch.isfinite(result.step).all():
             raise SingularHessianError(f"trust-region step at radius {radius:g} is not finite")
         state["damping"] = result.damping
         state["hard_cases"] += int(result.hard_case)
         state["unconverged"] += int(not result.converged)
-        return result.step, curvature @ result.step
+        return result.step, operator @ result.step
 
     def _adapt(self, state: dict, ratio: float, on_boundary: bool) -> None:
         """Update the damping (damped mode) or the radius (trust region) after a proposal.
@@ -334,7 +335,7 @@ class DampedNewton(torch.optim.Optimizer):
             return state["radius"] <= group["min_radius"]
         return state["damping"] >= group["max_damping"]
 
-    def _try_step(self, closure, curvature: HessianOperator, grad: torch.Tensor,
+    def _try_step(self, closure, operator: HessianOperator, grad: torch.Tensor,
                   f0: float, state: dict) -> bool:
         """Propose, check and test one second-order step, then adapt; True if it was taken.
 
@@ -344,9 +345,9 @@ class DampedNewton(torch.optim.Optimizer):
         trust_region = group["mode"] == "trust_region"
         try:
             if trust_region:
-                step, h_step = self._propose_trust_region(curvature, grad, state["radius"])
+                step, h_step = self._propose_trust_region(operator, grad, state["radius"])
             else:
-                step, h_step = self._propose(curvature, grad, state["damping"])
+                step, h_step = self._propose(operator, grad, state["damping"])
         except torch.linalg.LinAlgError:  # SingularHessianError, or a failed eigensolve
             state["singular"] += 1
             self._adapt(state, -math.inf, False)
@@ -411,14 +412,14 @@ class DampedNewton(torch.optim.Optimizer):
         if curvature_closure is not None:
             with torch.enable_grad():
                 curvature_loss = curvature_closure()
-            curvature = self._curvature(curvature_loss)
+            operator = self._curvature_operator(curvature_loss)
         else:
-            curvature = self._curvature(loss)
+            operator = self._curvature_operator(loss)
 
         start = self._flat_params().clone()
         for _ in range(group["max_retries"] + 1):
             exhausted = self._exhausted(state)
-            if self._try_step(closure, curvature, grad, f0, state):
+            if self._try_step(closure, operator, grad, f0, state):
                 return loss
             self._set_flat_params(start)
             if exhausted:

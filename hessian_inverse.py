@@ -1,45 +1,36 @@
 """Exact inverse-Hessian-vector products for deep networks, linear in depth.
 
 Implements A. Rahimi, "The Hessian of tall-skinny networks is easy to invert"
-(arXiv:2601.06096), following ``ALGORITHM.md`` section by section:
+(arXiv:2601.06096).  Read it beside ``docs/ALGORITHM.md``, whose sections the
+comments cite by name; the module runs top to bottom in that order:
 
-1. The network is a chain ``z_l = f_l(z_{l-1}; x_l)``, l = 1..L, whose last
-   layer fuses the output layer with the loss, so ``z_L`` is the scalar loss
-   (:class:`TrackedChain`, :class:`DeepMLPWithTracking`).
-2. Each layer contributes first derivatives ``J_l = df_l/dx_l``,
-   ``F_l = df_l/dz_{l-1}`` and the second derivatives of ``b_l . f_l``
-   contracted with the backprop adjoint ``b_l = dz_L/dz_l``:
-   ``A_l`` (xx), ``C_l`` (xz), ``G_l`` (zz) (:func:`compute_layer_derivatives`).
-3. ``H v`` is a forward tangent sweep plus a backward adjoint sweep through
-   those blocks (:func:`structured_hessian_vector_product`); this is
-   Pearlmutter's method written through the structure.
-4. ``(H + eps I) x = g`` is equivalent to a symmetric, block-tridiagonal
-   "lifted" system in (x_l, y_l, w_l), y the tangent and w the adjoint
-   (:func:`assemble_lifted_system`).
-5. That system is factored by block-banded Gaussian elimination with partial
-   pivoting, the scheme of LAPACK's gbtrf/gbtrs (:func:`banded_lu`,
-   :func:`banded_lu_solve`).  Unlike the paper's unpivoted block LDU this does
-   not break when leading blocks are singular or the Hessian is ill-conditioned.
-6. Beyond the paper, affine layers (:class:`AffineActivation`, the fused
-   :class:`AffineCrossEntropy`) have closed-form blocks with Kronecker
-   structure (:class:`AffineLayerBlocks`); with damping > 0 each layer's
-   parameters are eliminated by the push-through identity, leaving a
-   block-tridiagonal system in (w_l, y_l) for the same pivoted LU
-   (:class:`StructuredHessianInverse`): cost O(sum_l a_l^3 + sum_l a_l p_l),
-   linear in the parameter count.  ``path='auto'`` (the default) picks it.
+- The chain: ``z_l = f_l(z_{l-1}; x_l)``, l = 1..L, the last layer fused with
+  the loss (:class:`TrackedChain`, :class:`DeepMLPWithTracking`).
+- The derivative oracle: per layer ``J_l``, ``F_l`` and the second derivatives
+  ``A_l``, ``C_l``, ``G_l`` of ``b_l . f_l`` (:func:`compute_layer_derivatives`),
+  or their closed forms for affine layers (:class:`AffineLayerBlocks`), in one
+  backward sweep (:func:`chain_derivatives`).
+- The Hessian-vector product through those blocks
+  (:func:`structured_hessian_vector_product`).
+- The lifted system: ``(H + eps I) x = g`` as a symmetric block-tridiagonal
+  system in (x_l, y_l, w_l) (:func:`assemble_lifted_system`), factored by
+  block-banded LU with partial pivoting (:func:`banded_lu`).
+- Parameter elimination (beyond the paper): with damping > 0, each affine
+  layer's parameters are eliminated by the push-through identity, leaving a
+  reduced system in (w_l, y_l) (:func:`assemble_reduced_system`): cost linear
+  in the parameter count.
+- One memory guard, the operators users hold (:class:`HessianOperator`,
+  :class:`HessianInverse`, whose solver is the lifted or the eliminated one),
+  one function that chooses the route (:func:`choose_route`), and the entry
+  points (:func:`hessian_operator`, :func:`factorize`,
+  :func:`hessian_inverse_vector_product`, :func:`hessian_vector_product`).
 
-Beyond the paper, with ``damping == 0`` the exact Moore-Penrose solution on the
-softmax gauge (ALGORITHM.md section 9) is returned, since a softmax
-classifier's Hessian is always singular.
-
-Curvature choices (ALGORITHM.md section 7): ``curvature='ggn'`` swaps H for
-the generalized Gauss-Newton matrix ``J^T H_loss J`` in the same lifted system
-(:func:`compute_loss_layer_ggn_derivatives`), and :func:`trust_region_step`
-solves the trust-region subproblem for either, by damped solves only.
-
-Cost: time O(sum_l (p_l + 2 a_l)^3), memory O(sum_l (p_l + 2 a_l)^2), where
-p_l is layer l's parameter count and a_l = batch size x width its activation
-count.  Nothing of size n x n (n = all parameters) is ever formed.
+With ``damping == 0`` a softmax classifier's always-singular Hessian is solved
+exactly on its known null space (Moore-Penrose, "The softmax gauge");
+``curvature='ggn'`` swaps H for the generalized Gauss-Newton matrix.  Nothing of
+size n x n (n = all parameters) is ever formed.  The trust-region solver
+(``trust_region.py``) and the optimizer (``damped_newton.py``) build on this
+module; it does not import them.
 """
 
 from __future__ import annotations
@@ -57,50 +48,23 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 __all__ = [
-    "ACTIVATIONS",
-    "AffineActivation",
-    "AffineCrossEntropy",
-    "TrackedChain",
+    # models
+    "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "TrackedChain",
     "DeepMLPWithTracking",
-    "LayerDerivatives",
-    "compute_layer_derivatives",
-    "compute_layer_jacobians",
-    "compute_loss_layer_ggn_derivatives",
-    "CURVATURES",
-    "chain_derivatives",
-    "structured_hessian_vector_product",
-    "BlockTridiagonal",
-    "assemble_lifted_system",
-    "BandedLU",
-    "banded_lu",
-    "banded_lu_solve",
-    "HessianOperator",
-    "HessianInverse",
-    "hessian_operator",
-    "factorize",
-    "hessian_inverse_vector_product",
-    "hessian_vector_product",
-    "estimate_factorization_bytes",
-    "HessianInverseError",
-    "NotTrackedError",
-    "SingularHessianError",
+    # the derivative oracle
+    "LayerDerivatives", "compute_layer_derivatives",
+    # operators and entry points
+    "CURVATURES", "PATHS", "HessianOperator", "HessianInverse", "hessian_operator",
+    "factorize", "hessian_inverse_vector_product", "hessian_vector_product",
+    # errors
+    "HessianInverseError", "NotTrackedError", "SingularHessianError", "EliminationError",
     "InsufficientMemoryError",
-    "PATHS",
-    "EliminationError",
-    "LinearMap",
-    "AffineLayerBlocks",
-    "affine_activation_blocks",
-    "affine_cross_entropy_blocks",
-    "has_closed_form",
-    "EliminatedLayer",
-    "eliminate_affine_layer",
-    "eliminate_dense_layer",
-    "assemble_reduced_system",
-    "equilibrate",
-    "StructuredHessianInverse",
-    "estimate_structured_bytes",
-    "dense_operator",
 ]
+
+#: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
+CURVATURES = ("hessian", "ggn")
+#: Values of the ``path`` keyword: which solver runs (see :func:`choose_route`).
+PATHS = ("auto", "structured", "generic")
 
 
 # --------------------------------------------------------------------------
@@ -120,12 +84,16 @@ class SingularHessianError(torch.linalg.LinAlgError):
     """``H + damping I`` (or the gauge-fixed ``H + P_N``) is singular."""
 
 
+class EliminationError(SingularHessianError):
+    """A layer's ``A_l + eps I`` is singular: its parameters cannot be eliminated."""
+
+
 class InsufficientMemoryError(MemoryError):
-    """The factorisation would not fit in the memory of the model's device."""
+    """The computation would not fit in the memory of the model's device."""
 
 
 # --------------------------------------------------------------------------
-# 1. The network as a chain
+# The chain (docs/ALGORITHM.md, "The chain")
 # --------------------------------------------------------------------------
 
 
@@ -192,7 +160,9 @@ class AffineCrossEntropy(nn.Module):
         return self.loss(self.logits(z), targets)
 
     def null_directions(self) -> torch.Tensor:
-        """Orthonormal basis N (p x k) of the softmax gauge (ALGORITHM.md section 9).
+        """Orthonormal basis N (p x k) of the softmax gauge.
+
+        See docs/ALGORITHM.md, "The softmax gauge".
 
         Adding the same number to every logit of an example leaves the loss
         unchanged, so ``dW = 1 u^T`` and ``dc = 1 d`` are exact null directions
@@ -317,9 +287,8 @@ class DeepMLPWithTracking(TrackedChain):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
 
-
 # --------------------------------------------------------------------------
-# 2. The per-layer derivative oracle
+# The derivative oracle (docs/ALGORITHM.md, "The derivative oracle")
 # --------------------------------------------------------------------------
 
 
@@ -378,7 +347,7 @@ def _flat_parameters(layer: nn.Module, like: torch.Tensor) -> torch.Tensor:
 def compute_layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
                               *extra_inputs: torch.Tensor,
                               input_derivatives: bool = True) -> LayerDerivatives:
-    """The derivative oracle for one layer (ALGORITHM.md section 2).
+    """The derivative oracle for one layer (docs/ALGORITHM.md, "The derivative oracle").
 
     Args:
         layer: any module mapping ``z_prev`` (and ``extra_inputs``, e.g. targets
@@ -419,10 +388,6 @@ def _dense_hessian(s: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return vmap(lambda e: jvp(grad(s), (x,), (e,))[1])(eye)
 
 
-#: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
-CURVATURES = ("hessian", "ggn")
-
-
 def _check_curvature(curvature: str, loss_layer: Optional[nn.Module] = None) -> None:
     """Validate ``curvature``; for ``'ggn'`` the loss layer must split into logits and loss."""
     if curvature not in CURVATURES:
@@ -455,7 +420,7 @@ def compute_layer_jacobians(layer: nn.Module, z_prev: torch.Tensor,
                             input_derivatives: bool = True) -> LayerDerivatives:
     """First-order part of the oracle only: ``J`` and ``F``, with ``A, C, G = 0``.
 
-    This is a hidden layer under Gauss-Newton (ALGORITHM.md section 7): the
+    This is a hidden layer under Gauss-Newton (docs/ALGORITHM.md, "Gauss-Newton"): the
     curvature of the network's own nonlinearity is dropped.  Shapes as in
     :class:`LayerDerivatives`; the zero blocks keep the lifted system's layout.
     """
@@ -473,7 +438,9 @@ def compute_layer_jacobians(layer: nn.Module, z_prev: torch.Tensor,
 def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
                                        targets: torch.Tensor,
                                        input_derivatives: bool = True) -> LayerDerivatives:
-    """The fused loss layer's blocks for the Gauss-Newton matrix (ALGORITHM.md section 7).
+    """The fused loss layer's blocks for the Gauss-Newton matrix.
+
+    See docs/ALGORITHM.md, "Gauss-Newton".
 
     The layer is split as ``o = phi(z; theta)`` (``layer.logits``, m outputs
     flattened) and ``ell(o)`` (``layer.loss(o, targets)``).  With
@@ -485,7 +452,7 @@ def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
         G = J_z^T H_o J_z (a_in, a_in).
 
     With every hidden layer's A, C, G set to zero (:func:`compute_layer_jacobians`),
-    the product of section 3 becomes ``J_tot^T H_o J_tot v``: the tangent sweep
+    the Hessian-vector product becomes ``J_tot^T H_o J_tot v``: the tangent sweep
     carries ``J_tot v`` to the logits, the loss layer applies ``H_o`` there, and
     the adjoint sweep applies ``J_tot^T`` through the ``F^T`` and ``J^T`` blocks.
     That is the generalized Gauss-Newton matrix, positive semi-definite for a
@@ -513,11 +480,306 @@ def compute_loss_layer_ggn_derivatives(layer: nn.Module, z_prev: torch.Tensor,
     return LayerDerivatives(J=(g_o @ J_theta)[None], F=(g_o @ J_z)[None],
                             A=J_theta.T @ HJ_theta, C=J_theta.T @ HJ_z, G=J_z.T @ HJ_z)
 
+# --------------------------------------------------------------------------
+# Structured layers (docs/ALGORITHM.md, "Structured layers")
+# --------------------------------------------------------------------------
+#
+# For a layer z_l = phi(u), u = W z + c per example, write K = du/d(W, c),
+# Wb = du/dz = I_B kron W, S = dz_l/du, r = S^T b_l and D = d2(b_l . z_l)/du2
+# (one block per example).  Then
+#
+#     J = S K,   F = S Wb,   A = K^T D K,   C = K^T D Wb + E,   G = Wb^T D Wb,
+#
+# with E = d2(r . u)/d(W, c) dz: every block is a product of small factors.
+
+
+class LinearMap:
+    """A matrix known by its action: ``M @ X`` and ``M.T @ X``, X (cols, k) or (cols,).
+
+    Stands where :class:`LayerDerivatives` holds a dense block; the
+    Hessian-vector product only multiplies by its blocks.
+    """
+
+    def __init__(self, shape: tuple, apply: Callable, apply_t: Callable, like):
+        self.shape = tuple(shape)
+        self._apply, self._apply_t = apply, apply_t
+        self.dtype, self.device = like.dtype, like.device
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 1:
+            return self._apply(x.unsqueeze(1))[:, 0]
+        return self._apply(x)
+
+    @property
+    def T(self) -> "LinearMap":
+        return LinearMap(self.shape[::-1], self._apply_t, self._apply, self)
+
+    def dense(self) -> torch.Tensor:
+        return self @ torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
+
+
+@dataclass
+class AffineLayerBlocks:
+    """Closed-form derivatives of ``z_l = phi(u)``, ``u = W z + c`` per example.
+
+    B examples (every leading position of the input), m inputs and h outputs each;
+    parameters are W (row-major) then c, activations are flattened row-major.
+
+    - ``inputs`` Z (B, m): the layer's input z_{l-1}.
+    - ``weight`` W (h, m); ``bias``: whether the layer has c.
+    - ``out_map`` S (a_out, B h): dz_l/du.  diag(sigma'(u)) for a hidden layer
+      (a_out = B h); the loss gradient in the logits as one row for the fused
+      loss layer (a_out = 1).
+    - ``u_gradient`` r (B, h): b_l . dz_l/du.  Multiplies d2u/dW dz, giving
+      the term E[(i, k), (n, k')] = r[n, i] delta_kk' of C.
+    - ``u_hessian`` D (B, h, h): d2(b_l . z_l)/du2, one block per example.
+    - ``input_derivatives``: False for the first layer (its input is data).
+
+    r and D are the only second-order terms; Gauss-Newton
+    ("Gauss-Newton") is this with r = 0 in every layer and D = 0 except in the loss
+    layer.  The blocks of :class:`LayerDerivatives` are the properties ``J``,
+    ``F``, ``A``, ``C``, ``G`` (as :class:`LinearMap`); ``densify`` writes them out.
+    """
+
+    inputs: torch.Tensor
+    weight: torch.Tensor
+    bias: bool
+    out_map: torch.Tensor
+    u_gradient: torch.Tensor
+    u_hessian: torch.Tensor
+    input_derivatives: bool = True
+
+    @property
+    def num_examples(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        h, m = self.weight.shape
+        return h * (m + int(self.bias))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.out_map.shape[0]
+
+    def augmented_inputs(self) -> torch.Tensor:
+        """[Z, 1] (B, m + 1), or Z without a bias: K is ``augmented_inputs kron I_h``."""
+        if not self.bias:
+            return self.inputs
+        return torch.cat([self.inputs, self.inputs.new_ones(self.num_examples, 1)], dim=1)
+
+    def gram(self) -> torch.Tensor:
+        """(B, B) Gram matrix of the augmented inputs: K K^T = gram kron I_h."""
+        zt = self.augmented_inputs()
+        return zt @ zt.T
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Parameter directions (p, k) as their W part (h, m, k) and c part (h, 1, k)."""
+        h, m = self.weight.shape
+        k = x.shape[1]
+        return x[:h * m].reshape(h, m, k), x[h * m:].reshape(h, 1, k) if self.bias else None
+
+    def _join(self, w_part: torch.Tensor, c_part: Optional[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``_split``: (h, m, k) and (h, k) -> (p, k)."""
+        flat = w_part.reshape(-1, w_part.shape[-1])
+        return torch.cat([flat, c_part]) if self.bias else flat
+
+    def _examples(self, u: torch.Tensor) -> torch.Tensor:
+        """(B h, k) -> (B, h, k)."""
+        return u.reshape(self.num_examples, -1, u.shape[1])
+
+    def K(self, x: torch.Tensor) -> torch.Tensor:
+        """du/d(W, c) x: (p, k) -> (B h, k)."""
+        x_w, x_c = self._split(x)
+        u = self.inputs @ x_w  # (h, B, k)
+        if x_c is not None:
+            u = u + x_c
+        return u.transpose(0, 1).reshape(-1, x.shape[1])
+
+    def K_t(self, u: torch.Tensor) -> torch.Tensor:
+        """K^T u: (B h, k) -> (p, k)."""
+        per_unit = self._examples(u).transpose(0, 1)  # (h, B, k)
+        return self._join(self.inputs.T @ per_unit, per_unit.sum(1) if self.bias else None)
+
+    def Wb(self, t: torch.Tensor) -> torch.Tensor:
+        """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
+        return (self.weight @ self._examples(t)).reshape(-1, t.shape[1])
+
+    def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
+        """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
+        return (self.weight.T @ self._examples(u)).reshape(-1, u.shape[1])
+
+    def D(self, u: torch.Tensor) -> torch.Tensor:
+        """The u-curvature, block diagonal over examples: (B h, k) -> (B h, k)."""
+        return (self.u_hessian @ self._examples(u)).reshape(-1, u.shape[1])
+
+    def E(self, t: torch.Tensor) -> torch.Tensor:
+        """d2(r . u)/d(W, c) dz t: (B m, k) -> (p, k); zero in the c rows.
+
+        (E t)[i, k] = sum_n r[n, i] t[n, k].
+        """
+        h, m = self.weight.shape
+        k = t.shape[1]
+        e_w = (self.u_gradient.T @ t.reshape(self.num_examples, -1)).reshape(h, m, k)
+        return self._join(e_w, e_w.new_zeros(h, k) if self.bias else None)
+
+    def E_t(self, x: torch.Tensor) -> torch.Tensor:
+        """E^T x: (p, k) -> (B m, k)."""
+        x_w, _ = self._split(x)
+        return (self.u_gradient @ x_w.reshape(x_w.shape[0], -1)).reshape(-1, x.shape[1])
+
+    def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
+        return LinearMap((rows, cols), apply, apply_t, self.weight)
+
+    @property
+    def J(self) -> LinearMap:
+        S = self.out_map
+        return self._map(self.num_outputs, self.num_params,
+                         lambda x: S @ self.K(x), lambda w: self.K_t(S.T @ w))
+
+    @property
+    def A(self) -> LinearMap:
+        def apply(x):
+            return self.K_t(self.D(self.K(x)))
+        return self._map(self.num_params, self.num_params, apply, apply)
+
+    @property
+    def F(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        S = self.out_map
+        return self._map(self.num_outputs, self.inputs.numel(),
+                         lambda t: S @ self.Wb(t), lambda w: self.Wb_t(S.T @ w))
+
+    @property
+    def C(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        return self._map(self.num_params, self.inputs.numel(),
+                         lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
+                         lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
+
+    @property
+    def G(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+
+        def apply(t):
+            return self.Wb_t(self.D(self.Wb(t)))
+        return self._map(self.inputs.numel(), self.inputs.numel(), apply, apply)
+
+    def densify(self) -> LayerDerivatives:
+        """The same blocks as dense tensors (what the generic oracle computes)."""
+        dense = {name: getattr(self, name) for name in ("J", "A", "F", "C", "G")}
+        return LayerDerivatives(**{name: block.dense() if block is not None else None
+                                   for name, block in dense.items()})
+
+
+def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> AffineLayerBlocks:
+    """The closed-form blocks of the Gauss-Newton matrix (docs/ALGORITHM.md, "Gauss-Newton").
+
+    GGN keeps only the loss's curvature in the logits: every layer loses the
+    E term (r = 0, it is d2u/dW dz contracted with the backprop gradient), and
+    hidden layers lose the activation curvature (D = 0).  The fused loss
+    layer's D is the softmax Hessian in its logits, which GGN keeps: its logits
+    are affine in (W, c, z).
+    """
+    kept = blocks.u_hessian if is_loss_layer else torch.zeros_like(blocks.u_hessian)
+    return replace(blocks, u_gradient=torch.zeros_like(blocks.u_gradient), u_hessian=kept)
+
+
+def _pointwise_derivatives(sigma: Callable, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma'(u) and sigma''(u) of an elementwise sigma, by forward mode (exact)."""
+    ones = torch.ones_like(u)
+
+    def first(x):
+        return jvp(sigma, (x,), (ones,))[1]
+
+    return jvp(first, (u,), (ones,))
+
+
+def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
+    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    Z = z_prev.detach().reshape(-1, weight.shape[1])
+    return Z, weight, bias, F.linear(Z, weight, bias)
+
+
+def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
+                             adjoint: torch.Tensor, input_derivatives: bool = True
+                             ) -> AffineLayerBlocks:
+    """Closed forms for ``sigma(W z + c)``.
+
+    S = diag(sigma'(u)), r = b sigma'(u), D = diag(b sigma''(u)).
+
+    ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    first, second = _pointwise_derivatives(layer._sigma, u)
+    b = adjoint.detach().reshape(u.shape)
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=torch.diag(first.reshape(-1)), u_gradient=b * first,
+                             u_hessian=torch.diag_embed(b * second),
+                             input_derivatives=input_derivatives)
+
+
+def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
+                                targets: torch.Tensor, input_derivatives: bool = True
+                                ) -> AffineLayerBlocks:
+    """Closed forms for the fused loss ``mean_n CE(W z_n + c, t_n)`` (b_L = 1).
+
+    Per example, with p = softmax(u) and y the one-hot (or probability) target
+    of mass mu = sum(y): gradient r = (mu p - y) / B, which is also S as one
+    row, and Hessian D = mu (diag(p) - p p^T) / B.
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    B, num_classes = u.shape
+    y = (targets.to(u.dtype) if targets.is_floating_point()
+         else F.one_hot(targets, num_classes).to(u.dtype))
+    mass = y.sum(-1, keepdim=True)
+    p = torch.softmax(u, dim=-1)
+    r = (mass * p - y) / B
+    D = mass[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=r.reshape(1, -1), u_gradient=r, u_hessian=D,
+                             input_derivatives=input_derivatives)
+
+
+def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
+                    targets: Optional[torch.Tensor] = None) -> bool:
+    """Whether the closed forms of "Structured layers" describe this layer exactly.
+
+    Exact types only (a subclass may change ``forward``): ``AffineActivation``
+    as a hidden layer; ``AffineCrossEntropy`` as the loss layer on (B, m)
+    inputs with class-index targets in range or (B, C) probability targets.
+    """
+    if not is_loss_layer:
+        return type(layer) is AffineActivation
+    if type(layer) is not AffineCrossEntropy or z_prev.dim() != 2 or targets is None:
+        return False
+    num_classes = layer.linear.out_features
+    if targets.is_floating_point():
+        return tuple(targets.shape) == (z_prev.shape[0], num_classes)
+    return (tuple(targets.shape) == (z_prev.shape[0],) and
+            bool(((targets >= 0) & (targets < num_classes)).all()))
+
+
+def closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool]:
+    """Per layer, whether :func:`has_closed_form` holds at the tracked point."""
+    layers = list(model.layers)
+    return [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets)
+            for l, layer in enumerate(layers)]
+
+# --------------------------------------------------------------------------
+# All layers in one backward sweep
+# --------------------------------------------------------------------------
+
 
 def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
                        targets: torch.Tensor, is_loss: bool, first: bool, curvature: str,
                        closed_form: bool):
-    """One layer's blocks: section 6's closed forms where ``closed_form``, else autograd."""
+    """One layer's blocks: closed forms where ``closed_form``, else autograd."""
     if closed_form:
         d = (affine_cross_entropy_blocks(layer, z_prev, targets, not first) if is_loss
              else affine_activation_blocks(layer, z_prev, adjoint, not first))
@@ -529,23 +791,22 @@ def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Te
     return compute_layer_derivatives(layer, z_prev, adjoint, *extra, input_derivatives=not first)
 
 
-def chain_derivatives(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                      curvature: str = "hessian", closed_forms: bool = False) -> list:
+def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: str = "hessian",
+                      closed: Optional[Sequence[bool]] = None) -> list:
     """All layers' derivatives in one backward sweep (l = L..1).
 
     The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
     exactly backprop, so every layer's second derivatives are contracted with
     the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
     instead: first order only for hidden layers, and the loss layer's curvature
-    restricted to its logits (ALGORITHM.md section 7).  With ``closed_forms``,
-    layers that have them (:func:`has_closed_form`) get section 6's
+    restricted to its logits (docs/ALGORITHM.md, "Gauss-Newton").  Layers
+    flagged in ``closed`` (from :func:`closed_form_flags`) get
     :class:`AffineLayerBlocks`; the others get dense :class:`LayerDerivatives`.
+    ``tracked`` is the model's checked tracked forward pass.
     """
-    _check_curvature(curvature, model.loss_layer)
-    tracked = model.tracked_forward(loss)
     layers = list(model.layers)
     last = len(layers) - 1
-    closed = _closed_form_flags(model, tracked) if closed_forms else [False] * len(layers)
+    closed = [False] * len(layers) if closed is None else closed
     z_last = tracked.inputs[-1]
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
     derivs: list = [None] * len(layers)
@@ -568,15 +829,14 @@ def _check_finite_blocks(l: int, d) -> None:
                 "tracked forward pass is not finite (check inputs, weights and loss)"
             )
 
-
 # --------------------------------------------------------------------------
-# 3. Hessian-vector product through the structure
+# The Hessian-vector product (docs/ALGORITHM.md, "The Hessian-vector product")
 # --------------------------------------------------------------------------
 
 
 def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
                                       v_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``(H v)_l`` for every layer (ALGORITHM.md section 3).
+    """``(H v)_l`` for every layer (docs/ALGORITHM.md, "The Hessian-vector product").
 
     ``v_blocks[l]`` is (p_l, k).  Forward tangent ``t_l = J_l v_l + F_l t_{l-1}``,
     backward adjoint ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}``
@@ -598,9 +858,8 @@ def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
             u = d.C.T @ v_blocks[l] + d.G @ tangents[l - 1] + d.F.T @ u
     return out
 
-
 # --------------------------------------------------------------------------
-# 4. The lifted block-tridiagonal system
+# The lifted system (docs/ALGORITHM.md, "The lifted system")
 # --------------------------------------------------------------------------
 
 
@@ -638,7 +897,7 @@ class BlockTridiagonal:
 
 def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
                            gauge: Optional[torch.Tensor] = None) -> BlockTridiagonal:
-    """The lifted system of ALGORITHM.md section 4, unknowns ordered (x_l, y_l, w_l).
+    """The lifted system (docs/ALGORITHM.md, "The lifted system"), unknowns ordered (x_l, y_l, w_l).
 
     Diagonal block l (sizes p_l, a_l, a_l)::
 
@@ -650,7 +909,7 @@ def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
     (x_l, y_{l-1}) and ``F_l`` in (w_l, y_{l-1}); zero elsewhere.
 
     ``gauge`` (p_L, k), an orthonormal basis of known null directions of the
-    last layer's parameters, adds ``N N^T`` to its x-block (section 9).
+    last layer's parameters, adds ``N N^T`` to its x-block ("The softmax gauge").
     """
     num_layers = len(derivs)
     diag, sub = [], []
@@ -691,9 +950,8 @@ def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) 
     """The parameter part x_l of each lifted block."""
     return [s[:d.num_params] for d, s in zip(derivs, blocks)]
 
-
 # --------------------------------------------------------------------------
-# 5. Block-banded LU with partial pivoting (LAPACK gbtrf / gbtrs, by blocks)
+# Banded LU with partial pivoting (docs/ALGORITHM.md, "Banded LU with partial pivoting")
 # --------------------------------------------------------------------------
 
 
@@ -813,729 +1071,46 @@ def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Ten
 
 
 # --------------------------------------------------------------------------
-# Memory guard
-# --------------------------------------------------------------------------
-
-
-def estimate_factorization_bytes(param_counts: Sequence[int], output_counts: Sequence[int],
-                                 input_count: int, dtype: torch.dtype) -> int:
-    """Peak bytes of derivatives + lifted system + factors, before any is allocated.
-
-    Per layer (p params, a_in inputs, a outputs, n = p + 2a): the derivative
-    blocks (a p + p^2 + p a_in + a a_in + a_in^2), the oracle's Hessian
-    workspace (~3 (p + a_in)^2), the lifted blocks (n^2 + n n_prev) and the LU
-    factors (~3 n^2 + n n_next + n n_next2).
-    """
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    sizes = [p + 2 * a for p, a in zip(param_counts, output_counts)]
-    total, a_in = 0, input_count
-    peak_workspace = 0
-    for l, (p, a, n) in enumerate(zip(param_counts, output_counts, sizes)):
-        ain = a_in if l > 0 else 0
-        total += a * p + p * p + p * ain + a * ain + ain * ain
-        peak_workspace = max(peak_workspace, 3 * (p + ain) ** 2)
-        n1 = sizes[l + 1] if l + 1 < len(sizes) else 0
-        n2 = sizes[l + 2] if l + 2 < len(sizes) else 0
-        prev = sizes[l - 1] if l > 0 else 0
-        total += n * n + n * prev + 3 * n * n + n * (n1 + n2) + n1 * n
-        a_in = a
-    return (total + peak_workspace) * itemsize
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2 ** 62
-
-
-def _ensure_fits(need: int, memory_limit: Optional[int], device: torch.device,
-                 what: str, advice: str) -> None:
-    limit = _available_bytes(device) if memory_limit is None else memory_limit
-    if need > limit:
-        raise InsufficientMemoryError(
-            f"{what} needs about {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB is "
-            f"available on {device}. {advice}"
-        )
-
-
-def _check_memory(model: TrackedChain, tracked: TrackedForward,
-                  memory_limit: Optional[int]) -> None:
-    layers = list(model.layers)
-    params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    outputs = [z.numel() for z in tracked.inputs[1:]] + [1]
-    first = next(model.parameters())
-    need = estimate_factorization_bytes(params, outputs, tracked.inputs[0].numel(), first.dtype)
-    worst = max(range(len(layers)), key=lambda l: params[l] + 2 * outputs[l])
-    _ensure_fits(need, memory_limit, first.device, "the Hessian factorisation",
-                 f"The largest block is layer {worst + 1} (p={params[worst]} parameters, "
-                 f"a={outputs[worst]} activations = batch x width); cost grows with "
-                 "(p + 2a)^2 per layer. Shrink the curvature batch, narrow the layers, or use "
-                 "fewer layers.")
-
-
-# --------------------------------------------------------------------------
-# The operators users hold: H and (H + eps I)^{-1}
-# --------------------------------------------------------------------------
-
-
-def _split_vector(v: torch.Tensor, sizes: Sequence[int], like: torch.Tensor,
-                  what: str) -> tuple[list[torch.Tensor], bool]:
-    """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
-    n = sum(sizes)
-    if not isinstance(v, torch.Tensor):
-        raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
-    if v.dim() not in (1, 2) or v.shape[0] != n:
-        raise HessianInverseError(
-            f"{what} must have shape ({n},) or ({n}, k): one entry per model parameter "
-            f"(torch.cat([p.flatten() for p in model.parameters()])); got {tuple(v.shape)}"
-        )
-    if v.dtype != like.dtype:
-        raise HessianInverseError(
-            f"{what} has dtype {v.dtype} but the model has {like.dtype}; convert it with "
-            f".to({like.dtype})"
-        )
-    if v.device != like.device:
-        raise HessianInverseError(
-            f"{what} is on {v.device} but the model is on {like.device}; move it with "
-            f".to('{like.device}')"
-        )
-    if not torch.isfinite(v).all():
-        raise HessianInverseError(f"{what} contains NaN or Inf entries")
-    matrix = v.detach().reshape(n, -1)
-    return list(matrix.split(list(sizes))), v.dim() == 1
-
-
-def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
-    out = torch.cat(list(blocks))
-    return out[:, 0] if vector else out
-
-
-class HessianOperator:
-    """The Hessian ``H`` of a tracked chain's loss, held through its layer blocks.
-
-    Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
-    block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
-    reuses these derivatives for any number of damping values.  With
-    ``curvature == 'ggn'`` the blocks are the Gauss-Newton matrix's and "H"
-    reads "GGN" throughout.
-    """
-
-    def __init__(self, derivs: list[LayerDerivatives], gauge: Optional[torch.Tensor],
-                 curvature: str = "hessian", memory_limit: Optional[int] = None):
-        self.derivs = derivs
-        self.gauge = gauge
-        self.curvature = curvature
-        self.memory_limit = memory_limit
-        self.param_sizes = [d.num_params for d in derivs]
-        self.num_params = sum(self.param_sizes)
-        self._like = derivs[-1].J
-
-    @property
-    def symbol(self) -> str:
-        """The curvature's name in messages: ``'H'`` or ``'GGN'``."""
-        return "GGN" if self.curvature == "ggn" else "H"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._like.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._like.device
-
-    def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
-        """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
-        return _split_vector(v, self.param_sizes, self._like, what)[0]
-
-    def project_out_gauge(self, v: torch.Tensor) -> torch.Tensor:
-        """``v - P_N v`` for v (n,) or (n, k); v itself when there is no known gauge."""
-        if self.gauge is None:
-            return v
-        last = self.param_sizes[-1]
-        tail = v[-last:]
-        return torch.cat([v[:-last], tail - self.gauge @ (self.gauge.T @ tail)])
-
-    def densified(self) -> "HessianOperator":
-        """The same curvature with closed-form layers written out as dense blocks."""
-        return dense_operator(self)
-
-    def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        blocks, vector = _split_vector(v, self.param_sizes, self._like, "v")
-        return _join(structured_hessian_vector_product(self.derivs, blocks), vector)
-
-    __matmul__ = matmul
-
-    def factorize(self, damping: float = 0.0, check_condition: bool = True,
-                  path: str = "auto") -> "HessianInverse":
-        """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
-
-        ``path``: ``'structured'`` eliminates every layer's parameters (section 6;
-        needs damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        takes the structured path when damping > 0 and the operator holds
-        closed-form layers.
-        """
-        return _factorize_operator(self, damping, check_condition, path)
-
-    def as_linear_operator(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
-        return _scipy_operator(self, self.matmul)
-
-
-class HessianInverse:
-    """``(H + damping I)^{-1}`` as a factorised operator; ``inv @ v`` solves.
-
-    With ``damping == 0`` and a loss layer with known null directions N (the
-    softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
-    ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
-    The factorisation is done once; vectors (or (n, k) matrices of them) are
-    solved in O(sum_l n_l^2) each.  Raises :class:`SingularHessianError` when
-    the system is singular beyond the gauge.
-    """
-
-    #: Set by the structured path's acceptance probe (see StructuredHessianInverse).
-    probe_error: Optional[float] = None
-    #: Which solver runs: ``'generic'`` (the lifted system) or ``'structured'``.
-    route = "generic"
-
-    def __init__(self, operator: HessianOperator, damping: float = 0.0,
-                 check_condition: bool = True, refine_steps: int = 1):
-        damping = float(damping)
-        if not math.isfinite(damping) or damping < 0:
-            raise HessianInverseError(f"damping must be a finite number >= 0, got {damping}")
-        self.operator = operator
-        self.damping = damping
-        self.refine_steps = refine_steps
-        derivs = operator.derivs
-        self.gauge = operator.gauge if damping == 0.0 else None
-        self.system = assemble_lifted_system(derivs, damping, self.gauge)
-        B = operator.symbol
-        what = B + (f" + {damping:g} I" if damping else
-                    (f" + P_N ({B} gauge-fixed on the softmax null space)"
-                     if self.gauge is not None else ""))
-        self._factor_system(what, check_condition)
-
-    def _factor_system(self, what: str, check_condition: bool) -> None:
-        """Pivoted banded LU of ``self.system``; refuse it if singular or too ill-conditioned."""
-        try:
-            self.lu = banded_lu(self.system)
-        except SingularHessianError as err:
-            raise SingularHessianError(self._singular_message(what, str(err))) from None
-        self.rcond = None
-        if check_condition:
-            self.rcond = self.reciprocal_condition()
-            if not self.rcond > torch.finfo(self.operator.dtype).eps:
-                raise SingularHessianError(self._singular_message(
-                    what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}"))
-
-    def _singular_message(self, what: str, detail: str) -> str:
-        hint = ("use damping > 0 (e.g. 1e-4 relative to the curvature scale)"
-                if self.damping == 0 else "increase the damping")
-        return (f"{what} is singular to working precision ({detail}). With too little data "
-                "for the parameter count (batch small against the layer sizes), or an "
-                f"eigenvalue of H at -damping, there is no unique solution: {hint}.")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.operator.shape
-
-    def _solve_lifted(self, rhs: list) -> list:
-        x = banded_lu_solve(self.lu, rhs)
-        for _ in range(self.refine_steps):
-            residual = [r - ax for r, ax in zip(rhs, self.system.matmul(x))]
-            x = [xi + di for xi, di in zip(x, banded_lu_solve(self.lu, residual))]
-        return x
-
-    def solve(self, v: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
-        op = self.operator
-        blocks, vector = _split_vector(v, op.param_sizes, op._like, "v")
-        if self.gauge is not None:
-            blocks[-1] = blocks[-1] - self.gauge @ (self.gauge.T @ blocks[-1])
-        x = _unlift(op.derivs, self._solve_lifted(_lift(op.derivs, blocks)))
-        return _join(x, vector)
-
-    __matmul__ = solve
-
-    def with_damping(self, damping: float) -> "HessianInverse":
-        """A new factorisation for another damping, reusing the derivatives."""
-        return HessianInverse(self.operator, damping, self.rcond is not None, self.refine_steps)
-
-    def reciprocal_condition(self, iterations: int = 5) -> float:
-        """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
-
-        A few solves with the factors give a lower bound on ||K^{-1}||_1 that
-        is usually within a factor of 3; K is symmetric so K^{-T} = K^{-1}.
-        """
-        sizes = self.lu.block_sizes
-        like = self.system.diag[0]
-        total = sum(sizes)
-        x = torch.full((total, 1), 1.0 / total, dtype=like.dtype, device=like.device)
-        estimate = 0.0
-        for it in range(iterations):
-            y = torch.cat(banded_lu_solve(self.lu, list(x.split(sizes))))
-            if not torch.isfinite(y).all():
-                return 0.0
-            estimate = y.abs().sum().item()
-            z = torch.cat(banded_lu_solve(self.lu, list(torch.sign(y).split(sizes))))
-            j = int(z.abs().argmax())
-            if it > 0 and z.abs()[j, 0] <= (z * x).sum():
-                break
-            x = torch.zeros_like(x)
-            x[j] = 1.0
-        return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
-
-    def as_linear_operator(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
-        return _scipy_operator(self.operator, self.solve)
-
-
-def _scipy_operator(op: HessianOperator, apply: Callable[[torch.Tensor], torch.Tensor]):
-    from scipy.sparse.linalg import LinearOperator
-    import numpy as np
-
-    def matvec(x):
-        t = torch.as_tensor(np.asarray(x), dtype=op.dtype, device=op.device)
-        return apply(t.reshape(op.num_params, -1)).cpu().double().numpy()
-
-    return LinearOperator(op.shape, matvec=lambda x: matvec(x)[:, 0], matmat=matvec,
-                          rmatvec=lambda x: matvec(x)[:, 0], dtype=np.float64)
-
-
-# --------------------------------------------------------------------------
-# One-shot convenience functions
-# --------------------------------------------------------------------------
-
-
-def validate_model(model, curvature: str = "hessian") -> None:
-    """Refuse a model that is not a :class:`TrackedChain` or cannot give ``curvature``."""
-    if not isinstance(model, TrackedChain):
-        raise HessianInverseError(
-            f"model must be a TrackedChain (e.g. DeepMLPWithTracking), got "
-            f"{type(model).__name__}"
-        )
-    _check_curvature(curvature, model.loss_layer)
-
-
-def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
-                     memory_limit: Optional[int] = None, curvature: str = "hessian",
-                     path: str = "auto") -> HessianOperator:
-    """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
-
-    ``loss`` (optional) must be the tensor that tracked forward returned; it is
-    only checked, never differentiated, so ``loss.backward(create_graph=True)``
-    beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
-    the free memory of the device used by the pre-allocation estimate.
-    ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
-    ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
-    parameters); the loss layer must expose ``logits`` and ``loss``.  The
-    softmax gauge is a null space of both.
-    ``path``: ``'generic'`` holds every layer's derivatives as dense autograd
-    blocks; ``'structured'`` holds closed forms for affine layers (section 6);
-    ``'auto'`` does the latter when the model has such layers.
-    """
-    validate_model(model, curvature)
-    tracked = model.tracked_forward(loss)
-    if _operator_path(model, tracked, path) == "structured":
-        _check_structured_memory(model, tracked, memory_limit)
-        derivs = chain_derivatives(model, loss, curvature, closed_forms=True)
-    else:
-        _check_memory(model, tracked, memory_limit)
-        derivs = chain_derivatives(model, loss, curvature)
-    null_directions = getattr(model.loss_layer, "null_directions", None)
-    gauge = null_directions().detach() if callable(null_directions) else None
-    return HessianOperator(derivs, gauge, curvature, memory_limit)
-
-
-def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
-              memory_limit: Optional[int] = None, curvature: str = "hessian",
-              path: str = "auto") -> HessianInverse:
-    """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
-    with ``curvature='ggn'``), ready for many solves.
-
-    ``path``: ``'auto'`` (default) takes the structured path of section 6 when
-    damping > 0 and the model has affine layers with closed forms, else the
-    generic one; ``'structured'`` or ``'generic'`` force a path.
-    """
-    operator_path = "generic" if path == "auto" and damping == 0 else path
-    operator = hessian_operator(model, loss, memory_limit, curvature, operator_path)
-    return operator.factorize(damping, path=path)
-
-
-def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
-                                   v: torch.Tensor, damping: float = 0.0,
-                                   memory_limit: Optional[int] = None,
-                                   curvature: str = "hessian",
-                                   path: str = "auto") -> torch.Tensor:
-    """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
-
-    Args:
-        model: a :class:`TrackedChain` run with ``track_activations=True``.
-        loss: the scalar loss that forward pass returned (or None).
-        v: (n,) or (n, k), n = total parameters, ordered as ``model.parameters()``.
-        damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
-            gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
-            space) is returned.
-        curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
-            ``J^T H_loss J``, positive semi-definite for cross-entropy).
-
-        path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
-
-    Raises :class:`SingularHessianError` if the system is singular beyond that.
-    """
-    inverse = factorize(model, loss, damping, memory_limit, curvature, path)
-    return inverse.solve(v)
-
-
-def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
-                           v: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
-    """``H v`` through the layer structure (equal to Pearlmutter's product), or
-    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
-    return hessian_operator(model, loss, curvature=curvature).matmul(v)
-
-
-# --------------------------------------------------------------------------
-# 6. Structured path: closed-form affine layers, parameters eliminated
+# Parameter elimination (docs/ALGORITHM.md, "Parameter elimination")
 # --------------------------------------------------------------------------
 #
-# ALGORITHM.md section 6.  For a layer z_l = phi(u), u = W z + c per example,
-# write K = du/d(W, c), Wb = du/dz = I_B kron W, S = dz_l/du, r = S^T b_l and
-# D = d2(b_l . z_l)/du2 (one block per example).  Then
-#
-#     J = S K,   F = S Wb,   A = K^T D K,   C = K^T D Wb + E,   G = Wb^T D Wb,
-#
-# with E = d2(r . u)/d(W, c) dz.  With M_l = A_l + eps I, the x-row of the
-# lifted system gives x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l); putting
-# that into the other rows leaves a system in (y_l, w_l) alone (see
-# :func:`assemble_reduced_system`), and the push-through identity
+# With M_l = A_l + eps I, the x-row of the lifted system gives
+# x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l); putting that into the other
+# rows leaves a system in (w_l, y_l) alone, and the push-through identity
 # M^{-1} = (I - K^T D P^{-1} K) / eps, P = eps I + K K^T D, makes every
-# eliminated block a product of (batch x width)-sized matrices.
-
-#: Values of the ``path`` keyword of the factorising entry points.
-PATHS = ("auto", "structured", "generic")
-
-
-class EliminationError(SingularHessianError):
-    """A layer's ``A_l + eps I`` is singular: its parameters cannot be eliminated."""
-
-
-class LinearMap:
-    """A matrix known by its action: ``M @ X`` and ``M.T @ X``, X (cols, k) or (cols,).
-
-    Stands where :class:`LayerDerivatives` holds a dense block; the
-    Hessian-vector product of section 3 only multiplies by its blocks.
-    """
-
-    def __init__(self, shape: tuple, apply: Callable, apply_t: Callable, like):
-        self.shape = tuple(shape)
-        self._apply, self._apply_t = apply, apply_t
-        self.dtype, self.device = like.dtype, like.device
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 1:
-            return self._apply(x.unsqueeze(1))[:, 0]
-        return self._apply(x)
-
-    @property
-    def T(self) -> "LinearMap":
-        return LinearMap(self.shape[::-1], self._apply_t, self._apply, self)
-
-    def dense(self) -> torch.Tensor:
-        return self @ torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
-
-
-@dataclass
-class AffineLayerBlocks:
-    """Closed-form derivatives of ``z_l = phi(u)``, ``u = W z + c`` per example.
-
-    B examples (every leading position of the input), m inputs and h outputs each;
-    parameters are W (row-major) then c, activations are flattened row-major.
-
-    - ``inputs`` Z (B, m): the layer's input z_{l-1}.
-    - ``weight`` W (h, m); ``bias``: whether the layer has c.
-    - ``out_map`` S (a_out, B h): dz_l/du.  diag(sigma'(u)) for a hidden layer
-      (a_out = B h); the loss gradient in the logits as one row for the fused
-      loss layer (a_out = 1).
-    - ``u_gradient`` r (B, h): b_l . dz_l/du.  Multiplies d2u/dW dz, giving
-      the term E[(i, k), (n, k')] = r[n, i] delta_kk' of C.
-    - ``u_curvature`` D (B, h, h): d2(b_l . z_l)/du2, one block per example.
-    - ``input_derivatives``: False for the first layer (its input is data).
-
-    r and D are the only second-order terms; Gauss-Newton (ALGORITHM.md
-    section 7) is this with r = 0 in every layer and D = 0 except in the loss
-    layer.  The blocks of :class:`LayerDerivatives` are the properties ``J``,
-    ``F``, ``A``, ``C``, ``G`` (as :class:`LinearMap`); ``densify`` writes them out.
-    """
-
-    inputs: torch.Tensor
-    weight: torch.Tensor
-    bias: bool
-    out_map: torch.Tensor
-    u_gradient: torch.Tensor
-    u_curvature: torch.Tensor
-    input_derivatives: bool = True
-
-    @property
-    def num_examples(self) -> int:
-        return self.inputs.shape[0]
-
-    @property
-    def num_params(self) -> int:
-        h, m = self.weight.shape
-        return h * (m + int(self.bias))
-
-    @property
-    def num_outputs(self) -> int:
-        return self.out_map.shape[0]
-
-    def augmented_inputs(self) -> torch.Tensor:
-        """[Z, 1] (B, m + 1), or Z without a bias: K is ``augmented_inputs kron I_h``."""
-        if not self.bias:
-            return self.inputs
-        return torch.cat([self.inputs, self.inputs.new_ones(self.num_examples, 1)], dim=1)
-
-    def gram(self) -> torch.Tensor:
-        """(B, B) Gram matrix of the augmented inputs: K K^T = gram kron I_h."""
-        zt = self.augmented_inputs()
-        return zt @ zt.T
-
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Parameter directions (p, k) as their W part (h, m, k) and c part (h, 1, k)."""
-        h, m = self.weight.shape
-        k = x.shape[1]
-        return x[:h * m].reshape(h, m, k), x[h * m:].reshape(h, 1, k) if self.bias else None
-
-    def _join(self, w_part: torch.Tensor, c_part: Optional[torch.Tensor]) -> torch.Tensor:
-        """Inverse of ``_split``: (h, m, k) and (h, k) -> (p, k)."""
-        flat = w_part.reshape(-1, w_part.shape[-1])
-        return torch.cat([flat, c_part]) if self.bias else flat
-
-    def _examples(self, u: torch.Tensor) -> torch.Tensor:
-        """(B h, k) -> (B, h, k)."""
-        return u.reshape(self.num_examples, -1, u.shape[1])
-
-    def K(self, x: torch.Tensor) -> torch.Tensor:
-        """du/d(W, c) x: (p, k) -> (B h, k)."""
-        x_w, x_c = self._split(x)
-        u = self.inputs @ x_w  # (h, B, k)
-        if x_c is not None:
-            u = u + x_c
-        return u.transpose(0, 1).reshape(-1, x.shape[1])
-
-    def K_t(self, u: torch.Tensor) -> torch.Tensor:
-        """K^T u: (B h, k) -> (p, k)."""
-        per_unit = self._examples(u).transpose(0, 1)  # (h, B, k)
-        return self._join(self.inputs.T @ per_unit, per_unit.sum(1) if self.bias else None)
-
-    def Wb(self, t: torch.Tensor) -> torch.Tensor:
-        """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
-        return (self.weight @ self._examples(t)).reshape(-1, t.shape[1])
-
-    def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
-        """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
-        return (self.weight.T @ self._examples(u)).reshape(-1, u.shape[1])
-
-    def D(self, u: torch.Tensor) -> torch.Tensor:
-        """The u-curvature, block diagonal over examples: (B h, k) -> (B h, k)."""
-        return (self.u_curvature @ self._examples(u)).reshape(-1, u.shape[1])
-
-    def E(self, t: torch.Tensor) -> torch.Tensor:
-        """d2(r . u)/d(W, c) dz t: (B m, k) -> (p, k); zero in the c rows.
-
-        (E t)[i, k] = sum_n r[n, i] t[n, k].
-        """
-        h, m = self.weight.shape
-        k = t.shape[1]
-        e_w = (self.u_gradient.T @ t.reshape(self.num_examples, -1)).reshape(h, m, k)
-        return self._join(e_w, e_w.new_zeros(h, k) if self.bias else None)
-
-    def E_t(self, x: torch.Tensor) -> torch.Tensor:
-        """E^T x: (p, k) -> (B m, k)."""
-        x_w, _ = self._split(x)
-        return (self.u_gradient @ x_w.reshape(x_w.shape[0], -1)).reshape(-1, x.shape[1])
-
-    def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
-        return LinearMap((rows, cols), apply, apply_t, self.weight)
-
-    @property
-    def J(self) -> LinearMap:
-        S = self.out_map
-        return self._map(self.num_outputs, self.num_params,
-                         lambda x: S @ self.K(x), lambda w: self.K_t(S.T @ w))
-
-    @property
-    def A(self) -> LinearMap:
-        def apply(x):
-            return self.K_t(self.D(self.K(x)))
-        return self._map(self.num_params, self.num_params, apply, apply)
-
-    @property
-    def F(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-        S = self.out_map
-        return self._map(self.num_outputs, self.inputs.numel(),
-                         lambda t: S @ self.Wb(t), lambda w: self.Wb_t(S.T @ w))
-
-    @property
-    def C(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-        return self._map(self.num_params, self.inputs.numel(),
-                         lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
-                         lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
-
-    @property
-    def G(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-
-        def apply(t):
-            return self.Wb_t(self.D(self.Wb(t)))
-        return self._map(self.inputs.numel(), self.inputs.numel(), apply, apply)
-
-    def densify(self) -> LayerDerivatives:
-        """The same blocks as dense tensors (what the generic oracle computes)."""
-        dense = {name: getattr(self, name) for name in ("J", "A", "F", "C", "G")}
-        return LayerDerivatives(**{name: block.dense() if block is not None else None
-                                   for name, block in dense.items()})
-
-
-def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> AffineLayerBlocks:
-    """The closed-form blocks of the Gauss-Newton matrix (ALGORITHM.md section 7).
-
-    GGN keeps only the loss's curvature in the logits: every layer loses the
-    E term (r = 0, it is d2u/dW dz contracted with the backprop gradient), and
-    hidden layers lose the activation curvature (D = 0).  The fused loss
-    layer's D is the softmax Hessian in its logits, which GGN keeps: its logits
-    are affine in (W, c, z).
-    """
-    curvature = blocks.u_curvature if is_loss_layer else torch.zeros_like(blocks.u_curvature)
-    return replace(blocks, u_gradient=torch.zeros_like(blocks.u_gradient), u_curvature=curvature)
-
-
-def _pointwise_derivatives(sigma: Callable, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma'(u) and sigma''(u) of an elementwise sigma, by forward mode (exact)."""
-    ones = torch.ones_like(u)
-
-    def slope(x):
-        return jvp(sigma, (x,), (ones,))[1]
-
-    return jvp(slope, (u,), (ones,))
-
-
-def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
-    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c."""
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    Z = z_prev.detach().reshape(-1, weight.shape[1])
-    return Z, weight, bias, F.linear(Z, weight, bias)
-
-
-def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
-                             adjoint: torch.Tensor, input_derivatives: bool = True
-                             ) -> AffineLayerBlocks:
-    """Closed forms for ``sigma(W z + c)``: S = diag(sigma'(u)), r = b sigma'(u), D = diag(b sigma''(u)).
-
-    ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
-    """
-    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
-    slope, curvature = _pointwise_derivatives(layer._sigma, u)
-    b = adjoint.detach().reshape(u.shape)
-    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
-                             out_map=torch.diag(slope.reshape(-1)), u_gradient=b * slope,
-                             u_curvature=torch.diag_embed(b * curvature),
-                             input_derivatives=input_derivatives)
-
-
-def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
-                                targets: torch.Tensor, input_derivatives: bool = True
-                                ) -> AffineLayerBlocks:
-    """Closed forms for the fused loss ``mean_n CE(W z_n + c, t_n)`` (b_L = 1).
-
-    Per example, with p = softmax(u) and y the one-hot (or probability) target
-    of mass mu = sum(y): gradient r = (mu p - y) / B, which is also S as one
-    row, and Hessian D = mu (diag(p) - p p^T) / B.
-    """
-    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
-    B, num_classes = u.shape
-    y = (targets.to(u.dtype) if targets.is_floating_point()
-         else F.one_hot(targets, num_classes).to(u.dtype))
-    mass = y.sum(-1, keepdim=True)
-    p = torch.softmax(u, dim=-1)
-    r = (mass * p - y) / B
-    D = mass[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
-    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
-                             out_map=r.reshape(1, -1), u_gradient=r, u_curvature=D,
-                             input_derivatives=input_derivatives)
-
-
-def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
-                    targets: Optional[torch.Tensor] = None) -> bool:
-    """Whether section 6's closed forms describe this layer exactly.
-
-    Exact types only (a subclass may change ``forward``): ``AffineActivation``
-    as a hidden layer; ``AffineCrossEntropy`` as the loss layer on (B, m)
-    inputs with class-index targets in range or (B, C) probability targets.
-    """
-    if not is_loss_layer:
-        return type(layer) is AffineActivation
-    if type(layer) is not AffineCrossEntropy or z_prev.dim() != 2 or targets is None:
-        return False
-    num_classes = layer.linear.out_features
-    if targets.is_floating_point():
-        return tuple(targets.shape) == (z_prev.shape[0], num_classes)
-    return (tuple(targets.shape) == (z_prev.shape[0],) and
-            bool(((targets >= 0) & (targets < num_classes)).all()))
-
-
-def _closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool]:
-    layers = list(model.layers)
-    return [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets)
-            for l, layer in enumerate(layers)]
+# eliminated block of an affine layer a product of (batch x width)-sized matrices.
 
 
 @dataclass
 class EliminatedLayer:
     """Layer l's parameters eliminated from the lifted system, M_l = A_l + eps I.
 
-    - ``Q`` (a_l, a_l) = J_l M_l^{-1} J_l^T.
-    - ``T`` (a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l; None for the first layer.
-    - ``R`` (a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l; None for the first layer.
+    - ``w_block`` Q_l (a_l, a_l) = J_l M_l^{-1} J_l^T; the reduced system has -Q_l
+      on the diagonal of w_l.
+    - ``coupling`` T_l (a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l, between w_l and
+      y_{l-1}; None for the first layer.
+    - ``y_block`` R_l (a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l, on the diagonal
+      of y_{l-1}; None for the first layer.
     - ``inverse``: X (p_l, k) -> M_l^{-1} X.
     """
 
-    Q: torch.Tensor
-    T: Optional[torch.Tensor]
-    R: Optional[torch.Tensor]
+    w_block: torch.Tensor
+    coupling: Optional[torch.Tensor]
+    y_block: Optional[torch.Tensor]
     inverse: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _nonsingular_lu(curvature: torch.Tensor, damping: float, layer: int, what: str):
-    """LU factors of ``curvature + damping I``; :class:`EliminationError` if singular.
+def _nonsingular_lu(matrix: torch.Tensor, damping: float, layer: int, what: str):
+    """LU factors of ``matrix + damping I``; :class:`EliminationError` if singular.
 
     Singular to working precision means a pivot below rounding of the terms
-    that were summed, ``finfo.eps * (max |curvature| + damping)``.
+    that were summed, ``finfo.eps * (max |matrix| + damping)``.
     """
-    eye = torch.eye(curvature.shape[0], dtype=curvature.dtype, device=curvature.device)
-    LU, pivots, info = torch.linalg.lu_factor_ex(curvature + damping * eye)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    LU, pivots, info = torch.linalg.lu_factor_ex(matrix + damping * eye)
     if not LU.numel():
         return LU, pivots
-    scale = curvature.abs().max() + damping
+    scale = matrix.abs().max() + damping
     if (int(info) != 0 or not torch.isfinite(LU).all() or
             not LU.diagonal().abs().min() > torch.finfo(LU.dtype).eps * scale):
         raise EliminationError(
@@ -1560,7 +1135,7 @@ def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layer: int
     eps, S, r = damping, blocks.out_map, blocks.u_gradient
     B, h = r.shape
     gram = blocks.gram()
-    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.u_curvature).reshape(B * h, B * h)
+    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.u_hessian).reshape(B * h, B * h)
     lu = _nonsingular_lu(gamma_d, eps, layer, "eps I + K K^T D (that is, A_l + eps I)")
 
     def solve_p(X):
@@ -1615,13 +1190,12 @@ def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridi
     """
     diag, sub = [], []
     for l, e in enumerate(eliminated):
-        a = e.Q.shape[0]
-        minus_eye = -torch.eye(a, dtype=e.Q.dtype, device=e.Q.device)
+        q = e.w_block
         if l > 0:
-            sub.append(e.T)
-        diag.append(-e.Q)
-        sub.append(minus_eye)
-        diag.append(eliminated[l + 1].R if l + 1 < len(eliminated) else torch.zeros_like(e.Q))
+            sub.append(e.coupling)
+        diag.append(-q)
+        sub.append(-torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
+        diag.append(eliminated[l + 1].y_block if l + 1 < len(eliminated) else torch.zeros_like(q))
     return BlockTridiagonal(diag, sub)
 
 
@@ -1646,7 +1220,10 @@ def equilibrate(system: BlockTridiagonal) -> tuple[BlockTridiagonal, list[torch.
 
 def _reduced_rhs(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
                  g_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Reduced right-hand side: w_l gets -J_l M_l^{-1} g_l, y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}."""
+    """Reduced right-hand side.
+
+    w_l gets -J_l M_l^{-1} g_l and y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}.
+    """
     mg = [e.inverse(g) for e, g in zip(eliminated, g_blocks)]
     rhs = []
     for l, d in enumerate(derivs):
@@ -1669,40 +1246,433 @@ def _recover_parameters(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
     return x
 
 
-class StructuredHessianInverse(HessianInverse):
-    """``(H + damping I)^{-1}``, damping > 0, by eliminating every layer's parameters.
+# --------------------------------------------------------------------------
+# One memory guard (docs/ALGORITHM.md, "Cost and memory")
+# --------------------------------------------------------------------------
+
+
+def estimate_factorization_bytes(param_counts: Sequence[int], output_counts: Sequence[int],
+                                 input_count: int, dtype: torch.dtype) -> int:
+    """Peak bytes of derivatives + lifted system + factors, before any is allocated.
+
+    Per layer (p params, a_in inputs, a outputs, n = p + 2a): the derivative
+    blocks (a p + p^2 + p a_in + a a_in + a_in^2), the oracle's Hessian
+    workspace (~3 (p + a_in)^2), the lifted blocks (n^2 + n n_prev) and the LU
+    factors (~3 n^2 + n n_next + n n_next2).
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = [p + 2 * a for p, a in zip(param_counts, output_counts)]
+    total, a_in = 0, input_count
+    peak_workspace = 0
+    for l, (p, a, n) in enumerate(zip(param_counts, output_counts, sizes)):
+        ain = a_in if l > 0 else 0
+        total += a * p + p * p + p * ain + a * ain + ain * ain
+        peak_workspace = max(peak_workspace, 3 * (p + ain) ** 2)
+        n1 = sizes[l + 1] if l + 1 < len(sizes) else 0
+        n2 = sizes[l + 2] if l + 2 < len(sizes) else 0
+        prev = sizes[l - 1] if l > 0 else 0
+        total += n * n + n * prev + 3 * n * n + n * (n1 + n2) + n1 * n
+        a_in = a
+    return (total + peak_workspace) * itemsize
+
+
+def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequence[int],
+                              output_counts: Sequence[int], u_counts: Sequence[Optional[int]],
+                              dtype: torch.dtype) -> int:
+    """Peak bytes of the structured path (derivatives, elimination, reduced LU), before allocating.
+
+    Per layer: p parameters, a_in inputs (not counted for the first layer), a
+    outputs, a_u = batch x width of u for a closed-form layer (None otherwise).
+    A closed-form layer keeps S, D and the factors of P (~ a a_u + 2 a_u^2) and
+    needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
+    needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
+    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
+    per layer, and a solve ~ 6 p per right-hand side.  Against the measured
+    rise of resident memory (float32, 20 layers, 3072 inputs, 1000 classes,
+    curvature batch 4) this sum was 0.80 GiB for 0.81 GiB at width 128 and
+    8.5 GiB for 9.6 GiB at width 512, so the guard adds a quarter.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for l, (p, a_in, a, a_u) in enumerate(zip(param_counts, input_counts, output_counts,
+                                               u_counts)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            total += a * a_u + 5 * a_u * a_u + 2 * a_u * a + 5 * a_u * a_in + 2 * a_in * a_in
+        else:
+            total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
+        total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
+    return total * itemsize
+
+
+@dataclass
+class LayerSizes:
+    """What a route's memory depends on, one entry per layer.
+
+    ``params`` p_l; ``inputs`` a_{l-1} (the first layer's input is data and is
+    not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
+    of u = W z + c for a closed-form layer, None for any other.
+    """
+
+    params: list
+    inputs: list
+    outputs: list
+    u: list
+
+    @classmethod
+    def of_model(cls, model: TrackedChain, tracked: TrackedForward,
+                 closed: Sequence[bool]) -> "LayerSizes":
+        """From the layers and the tracked activations, before any derivative exists."""
+        layers = list(model.layers)
+        inputs = [z.numel() for z in tracked.inputs]
+        u = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
+             for layer, a_in, c in zip(layers, inputs, closed)]
+        return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
+                   inputs, inputs[1:] + [1], u)
+
+    @classmethod
+    def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
+        """From derivative blocks already computed."""
+        outputs = [d.num_outputs for d in derivs]
+        u = [d.u_gradient.numel() if isinstance(d, AffineLayerBlocks) else None for d in derivs]
+        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u)
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 62
+
+
+def check_memory(sizes: LayerSizes, route: str, dtype: torch.dtype, device: torch.device,
+                 memory_limit: Optional[int], advice: str = "") -> None:
+    """The memory guard: raise before allocating what ``route`` would need.
+
+    :class:`InsufficientMemoryError` names the estimate, the free memory
+    (``memory_limit`` bytes instead, if given), the largest layer and what to
+    shrink.  The structured estimate gets a quarter on top (measured; see
+    :func:`estimate_structured_bytes`).
+    """
+    p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
+    if route == "structured":
+        need = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4
+        l = max(range(len(p)), key=lambda l: max(u[l] or p[l], a[l], a_in[l] if l else 0))
+        largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
+                   f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
+                   "layer without closed forms)")
+    else:
+        need = estimate_factorization_bytes(p, a, a_in[0], dtype)
+        l = max(range(len(p)), key=lambda l: p[l] + 2 * a[l])
+        largest = (f"layer {l + 1} (p={p[l]} parameters, a={a[l]} activations = batch x "
+                   "width); cost grows with (p + 2a)^2 per layer")
+    limit = _available_bytes(device) if memory_limit is None else memory_limit
+    if need > limit:
+        raise InsufficientMemoryError(
+            f"the {route} Hessian factorisation needs about {need / 2**30:.2f} GiB but only "
+            f"{limit / 2**30:.2f} GiB is available on {device}. The largest block is "
+            f"{largest}. {advice}Shrink the curvature batch, narrow the widest layers, or use "
+            "fewer layers."
+        )
+
+
+# --------------------------------------------------------------------------
+# The operators users hold: H, and (H + eps I)^{-1} by either route
+# --------------------------------------------------------------------------
+
+
+def _split_vector(v: torch.Tensor, sizes: Sequence[int], like: torch.Tensor,
+                  what: str) -> tuple[list[torch.Tensor], bool]:
+    """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
+    n = sum(sizes)
+    if not isinstance(v, torch.Tensor):
+        raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() not in (1, 2) or v.shape[0] != n:
+        raise HessianInverseError(
+            f"{what} must have shape ({n},) or ({n}, k): one entry per model parameter "
+            f"(torch.cat([p.flatten() for p in model.parameters()])); got {tuple(v.shape)}"
+        )
+    if v.dtype != like.dtype:
+        raise HessianInverseError(
+            f"{what} has dtype {v.dtype} but the model has {like.dtype}; convert it with "
+            f".to({like.dtype})"
+        )
+    if v.device != like.device:
+        raise HessianInverseError(
+            f"{what} is on {v.device} but the model is on {like.device}; move it with "
+            f".to('{like.device}')"
+        )
+    if not torch.isfinite(v).all():
+        raise HessianInverseError(f"{what} contains NaN or Inf entries")
+    matrix = v.detach().reshape(n, -1)
+    return list(matrix.split(list(sizes))), v.dim() == 1
+
+
+def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
+    out = torch.cat(list(blocks))
+    return out[:, 0] if vector else out
+
+
+def _check_damping(damping) -> float:
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise HessianInverseError(f"damping must be a finite number >= 0, got {damping!r}")
+    return value
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise HessianInverseError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def choose_route(path: str, damping: Optional[float], closed_forms: bool) -> str:
+    """The one place the route is decided: ``'structured'`` or ``'generic'``.
+
+    A forced ``path`` is kept.  ``'auto'`` takes the structured route (parameter
+    elimination) when the chain has closed-form layers and damping > 0
+    (``damping=None``: an operator whose damping is not chosen yet, so it keeps
+    the closed forms); damping 0 needs the generic route, whose pivoting copes
+    with singular A_l and the softmax gauge (docs/ALGORITHM.md, "Choosing the route").
+    """
+    if path != "auto":
+        return path
+    return "structured" if closed_forms and (damping is None or damping > 0) else "generic"
+
+
+def _scipy_operator(op: HessianOperator, apply: Callable[[torch.Tensor], torch.Tensor]):
+    from scipy.sparse.linalg import LinearOperator
+    import numpy as np
+
+    def matvec(x):
+        t = torch.as_tensor(np.asarray(x), dtype=op.dtype, device=op.device)
+        return apply(t.reshape(op.num_params, -1)).cpu().double().numpy()
+
+    return LinearOperator(op.shape, matvec=lambda x: matvec(x)[:, 0], matmat=matvec,
+                          rmatvec=lambda x: matvec(x)[:, 0], dtype=np.float64)
+
+
+class HessianOperator:
+    """The Hessian ``H`` of a tracked chain's loss, held through its layer blocks.
+
+    Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
+    block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
+    reuses these derivatives for any number of damping values.  With
+    ``curvature == 'ggn'`` the blocks are the Gauss-Newton matrix's and "H"
+    reads "GGN" throughout.  ``derivs`` holds one :class:`LayerDerivatives`
+    (dense) or :class:`AffineLayerBlocks` (closed form) per layer; ``gauge``
+    the loss layer's known null basis N, or None.
+    """
+
+    def __init__(self, derivs: list, gauge: Optional[torch.Tensor],
+                 curvature: str = "hessian", memory_limit: Optional[int] = None):
+        self.derivs = derivs
+        self.gauge = gauge
+        self.curvature = curvature
+        self.memory_limit = memory_limit
+        self.param_sizes = [d.num_params for d in derivs]
+        self.num_params = sum(self.param_sizes)
+        self._like = derivs[-1].J
+
+    @property
+    def symbol(self) -> str:
+        """The matrix's name in messages: ``'H'`` or ``'GGN'``."""
+        return "GGN" if self.curvature == "ggn" else "H"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._like.device
+
+    @property
+    def has_closed_forms(self) -> bool:
+        return any(isinstance(d, AffineLayerBlocks) for d in self.derivs)
+
+    def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
+        """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
+        return _split_vector(v, self.param_sizes, self._like, what)[0]
+
+    def project_out_gauge(self, v: torch.Tensor) -> torch.Tensor:
+        """``v - P_N v`` for v (n,) or (n, k); v itself when there is no known gauge."""
+        if self.gauge is None:
+            return v
+        last = self.param_sizes[-1]
+        tail = v[-last:]
+        return torch.cat([v[:-last], tail - self.gauge @ (self.gauge.T @ tail)])
+
+    def densified(self) -> "HessianOperator":
+        """The same matrix with closed-form layers written out as dense blocks.
+
+        Guarded by the generic route's memory estimate before writing them out.
+        """
+        if not self.has_closed_forms:
+            return self
+        check_memory(LayerSizes.of_derivatives(self.derivs), "generic", self.dtype,
+                     self.device, self.memory_limit,
+                     "Use damping > 0, which allows the structured path, or: ")
+        dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in self.derivs]
+        return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit)
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        blocks, vector = _split_vector(v, self.param_sizes, self._like, "v")
+        return _join(structured_hessian_vector_product(self.derivs, blocks), vector)
+
+    __matmul__ = matmul
+
+    def factorize(self, damping: float = 0.0, check_condition: bool = True,
+                  path: str = "auto") -> "HessianInverse":
+        """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
+
+        ``path``: ``'structured'`` eliminates every layer's parameters (needs
+        damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
+        decides by :func:`choose_route`.
+        """
+        return HessianInverse(self, damping, check_condition, path)
+
+    def as_linear_operator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        return _scipy_operator(self, self.matmul)
+
+
+def _singular_message(what: str, detail: str, damping: float) -> str:
+    hint = ("use damping > 0 (e.g. 1e-4 relative to the curvature scale)"
+            if damping == 0 else "increase the damping")
+    return (f"{what} is singular to working precision ({detail}). With too little data "
+            "for the parameter count (batch small against the layer sizes), or an "
+            f"eigenvalue of H at -damping, there is no unique solution: {hint}.")
+
+
+def _factor_or_explain(system: BlockTridiagonal, what: str, damping: float) -> BandedLU:
+    """:func:`banded_lu`, with a zero pivot turned into advice about ``what``."""
+    try:
+        return banded_lu(system)
+    except SingularHessianError as err:
+        raise SingularHessianError(_singular_message(what, str(err), damping)) from None
+
+
+class LiftedSolver:
+    """The generic route: the lifted system, factored by pivoted banded LU.
+
+    Works for any chain and any damping >= 0; with damping 0 and a known
+    gauge it solves ``(H + N N^T) x = v - N N^T v`` (Moore-Penrose;
+    docs/ALGORITHM.md, "The softmax gauge").  One step of iterative refinement
+    against the lifted system follows every solve.  With ``check_condition``
+    the factorisation is refused when the Hager-Higham estimate ``rcond`` of
+    the lifted system's reciprocal condition number is below the dtype's eps.
+    Needs dense blocks (a :class:`HessianOperator` after :meth:`densified`).
+    """
+
+    route = "generic"
+    probe_error = None
+
+    def __init__(self, operator: HessianOperator, damping: float, check_condition: bool,
+                 refine_steps: int = 1):
+        self.operator = operator
+        self.refine_steps = refine_steps
+        self.gauge = operator.gauge if damping == 0.0 else None
+        self.system = assemble_lifted_system(operator.derivs, damping, self.gauge)
+        B = operator.symbol
+        what = B + (f" + {damping:g} I" if damping else
+                    (f" + P_N ({B} gauge-fixed on the softmax null space)"
+                     if self.gauge is not None else ""))
+        self.lu = _factor_or_explain(self.system, what, damping)
+        self.rcond = None
+        if check_condition:
+            self.rcond = self.reciprocal_condition()
+            if not self.rcond > torch.finfo(operator.dtype).eps:
+                raise SingularHessianError(_singular_message(
+                    what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}",
+                    damping))
+
+    def solve(self, blocks: list) -> list:
+        """Per-layer blocks (p_l, k) of the right-hand side -> those of the solution."""
+        derivs = self.operator.derivs
+        if self.gauge is not None:
+            blocks = blocks[:-1] + [blocks[-1] - self.gauge @ (self.gauge.T @ blocks[-1])]
+        rhs = _lift(derivs, blocks)
+        x = banded_lu_solve(self.lu, rhs)
+        for _ in range(self.refine_steps):
+            residual = [r - ax for r, ax in zip(rhs, self.system.matmul(x))]
+            x = [xi + di for xi, di in zip(x, banded_lu_solve(self.lu, residual))]
+        return _unlift(derivs, x)
+
+    def reciprocal_condition(self, iterations: int = 5) -> float:
+        """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
+
+        A few solves with the factors give a lower bound on ||K^{-1}||_1 that
+        is usually within a factor of 3; K is symmetric so K^{-T} = K^{-1}.
+        """
+        sizes = self.lu.block_sizes
+        like = self.system.diag[0]
+        total = sum(sizes)
+        x = torch.full((total, 1), 1.0 / total, dtype=like.dtype, device=like.device)
+        estimate = 0.0
+        for it in range(iterations):
+            y = torch.cat(banded_lu_solve(self.lu, list(x.split(sizes))))
+            if not torch.isfinite(y).all():
+                return 0.0
+            estimate = y.abs().sum().item()
+            z = torch.cat(banded_lu_solve(self.lu, list(torch.sign(y).split(sizes))))
+            j = int(z.abs().argmax())
+            if it > 0 and z.abs()[j, 0] <= (z * x).sum():
+                break
+            x = torch.zeros_like(x)
+            x[j] = 1.0
+        return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
+
+
+def _column_ratio(dx: Sequence[torch.Tensor], x: Sequence[torch.Tensor]) -> float:
+    """max over columns of ||dx_j|| / ||x_j||, for blocks of (p_l, k) matrices."""
+    dx_norm = torch.stack([d.square().sum(0) for d in dx]).sum(0).sqrt()
+    x_norm = torch.stack([xi.square().sum(0) for xi in x]).sum(0).sqrt()
+    return float((dx_norm / x_norm).max())
+
+
+class EliminatedSolver:
+    """The structured route: every layer's parameters eliminated, damping > 0.
 
     ``eliminated`` holds each layer's :class:`EliminatedLayer`; ``system`` is
     the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
     equilibrated (``scales``, :func:`equilibrate`) and factored by the same
-    pivoted :func:`banded_lu` as the generic path.  A solve costs
+    pivoted :func:`banded_lu` as the generic route.  A solve costs
     O(sum_l a_l^2 + sum_l a_l p_l) per vector.
 
     Eliminating x_l divides by eps, so the reduced system can be worse
-    conditioned than ``H + eps I`` itself.  ``solve`` therefore refines
-    against the closed-form Hessian-vector product of ``operator`` (exact,
-    unlike the reduced system): up to ``refine_steps`` corrections, stopping
-    after one below sqrt(u) ||x|| or once they stop shrinking; one in the
-    common case, a few when small damping made the reduced system
-    ill-conditioned.  With ``check_condition``, the factorisation is accepted
-    only if that refinement converges on a fixed random right-hand side, its
-    last correction (``probe_error``, relative to the solution: an error
-    bound for the unrefined step) below u^(1/4) (1e-4 in float64, 2e-2 in
-    float32); corrections stall at about u cond(H + eps I) when H itself is
-    ill-conditioned, as the generic path's error does.  The condition number
-    of the reduced system is not the test: refinement against the exact
-    product, not the reduced system, sets the final accuracy.  If the probe
-    fails (H + eps I singular, or too ill-conditioned for the elimination),
-    :class:`EliminationError` is raised and ``path='auto'`` takes the generic
-    path, which tells the two apart with its own condition estimate.
+    conditioned than ``H + eps I`` itself.  :meth:`solve` therefore refines
+    against the exact closed-form Hessian-vector product (not the reduced
+    system): up to ``refine_steps`` corrections, stopping after one below
+    sqrt(u) ||x|| or once they stop shrinking.  With ``check_condition`` the
+    factorisation is accepted only if that refinement converges on a fixed
+    random right-hand side, its last correction (``probe_error``, relative to
+    the solution) below u^(1/4) (1e-4 in float64, 2e-2 in float32); else
+    :class:`EliminationError` (docs/ALGORITHM.md, "Parameter elimination").
     """
 
     route = "structured"
+    rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float,
-                 check_condition: bool = True, refine_steps: int = 10):
-        damping = float(damping)
-        if not math.isfinite(damping) or damping <= 0:
+    def __init__(self, operator: HessianOperator, damping: float, check_condition: bool,
+                 refine_steps: int = 10):
+        if not damping > 0:
             raise HessianInverseError(
                 f"the structured path needs a finite damping > 0 (it inverts A_l + damping I "
                 f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
@@ -1710,12 +1680,10 @@ class StructuredHessianInverse(HessianInverse):
         self.operator = operator
         self.damping = damping
         self.refine_steps = refine_steps
-        self.check_condition = check_condition
-        self.gauge = None
         self.eliminated = [eliminate_layer(d, damping, l + 1)
                            for l, d in enumerate(operator.derivs)]
         self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
-        self._factor_system(f"{operator.symbol} + {damping:g} I", False)
+        self.lu = _factor_or_explain(self.system, f"{operator.symbol} + {damping:g} I", damping)
         self.probe_error = None
         if check_condition and refine_steps > 0:
             self.probe_error = self._probe()
@@ -1760,134 +1728,203 @@ class StructuredHessianInverse(HessianInverse):
                 break
         return x, last
 
+    def solve(self, blocks: list) -> list:
+        """Per-layer blocks (p_l, k) of the right-hand side -> those of the solution."""
+        return self._refined_solve(blocks)[0]
+
+
+class HessianInverse:
+    """``(H + damping I)^{-1}`` as a factorised operator; ``inv @ v`` solves.
+
+    Build it with :func:`factorize` or :meth:`HessianOperator.factorize`.  The
+    work is done by ``solver``, chosen by :func:`choose_route`: a
+    :class:`LiftedSolver` (``route == 'generic'``, accuracy checked by the
+    condition estimate ``rcond``) or an :class:`EliminatedSolver`
+    (``route == 'structured'``, checked by its refinement probe
+    ``probe_error``).  With ``path='auto'``, a structured factorisation that
+    fails (:class:`EliminationError`, or a reduced system singular to working
+    precision) warns and falls back to the generic route if that fits in
+    memory.
+
+    With ``damping == 0`` and a loss layer with known null directions N (the
+    softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
+    ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
+    Vectors, or (n, k) matrices of them, are solved with the stored factors.
+    Raises :class:`SingularHessianError` when the system is singular beyond the gauge.
+    """
+
+    def __init__(self, operator: HessianOperator, damping: float = 0.0,
+                 check_condition: bool = True, path: str = "auto"):
+        _check_path(path)
+        self.operator = operator
+        self.damping = _check_damping(damping)
+        self.check_condition = check_condition
+        self.path = path
+        self.solver = self._make_solver(choose_route(path, self.damping,
+                                                     operator.has_closed_forms))
+
+    def _make_solver(self, route: str):
+        if route == "generic":
+            return LiftedSolver(self.operator.densified(), self.damping, self.check_condition)
+        try:
+            return EliminatedSolver(self.operator, self.damping, self.check_condition)
+        except SingularHessianError as err:
+            if self.path != "auto":
+                raise
+            try:
+                dense = self.operator.densified()
+            except InsufficientMemoryError:
+                raise err from None
+            warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
+            return LiftedSolver(dense, self.damping, self.check_condition)
+
+    @property
+    def route(self) -> str:
+        """``'generic'`` (the lifted system) or ``'structured'`` (parameters eliminated)."""
+        return self.solver.route
+
+    @property
+    def rcond(self) -> Optional[float]:
+        """Generic route: estimated reciprocal condition number of the lifted system."""
+        return self.solver.rcond
+
+    @property
+    def probe_error(self) -> Optional[float]:
+        """Structured route: the acceptance probe's last refinement correction."""
+        return self.solver.probe_error
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.operator.shape
+
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
-        op = self.operator
-        blocks, vector = _split_vector(v, op.param_sizes, op._like, "v")
-        return _join(self._refined_solve(blocks)[0], vector)
+        blocks, vector = _split_vector(v, self.operator.param_sizes, self.operator._like, "v")
+        return _join(self.solver.solve(blocks), vector)
 
     __matmul__ = solve
 
     def with_damping(self, damping: float) -> "HessianInverse":
-        """Another damping from the same derivatives (damping 0 goes the generic path)."""
-        return self.operator.factorize(damping, self.check_condition,
-                                       path="structured" if damping != 0 else "auto")
+        """Another damping from the same derivatives (the route chosen anew, same ``path``)."""
+        return HessianInverse(self.operator, damping, self.check_condition, self.path)
+
+    def as_linear_operator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        return _scipy_operator(self.operator, self.solve)
 
 
-def _column_ratio(dx: Sequence[torch.Tensor], x: Sequence[torch.Tensor]) -> float:
-    """max over columns of ||dx_j|| / ||x_j||, for blocks of (p_l, k) matrices."""
-    dx_norm = torch.stack([d.square().sum(0) for d in dx]).sum(0).sqrt()
-    x_norm = torch.stack([xi.square().sum(0) for xi in x]).sum(0).sqrt()
-    return float((dx_norm / x_norm).max())
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
 
 
-def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequence[int],
-                              output_counts: Sequence[int], u_counts: Sequence[Optional[int]],
-                              dtype: torch.dtype) -> int:
-    """Peak bytes of the structured path (derivatives, elimination, reduced LU), before allocating.
+def validate_model(model, curvature: str = "hessian") -> None:
+    """Refuse a model that is not a :class:`TrackedChain` or cannot give ``curvature``."""
+    if not isinstance(model, TrackedChain):
+        raise HessianInverseError(
+            f"model must be a TrackedChain (e.g. DeepMLPWithTracking), got "
+            f"{type(model).__name__}"
+        )
+    _check_curvature(curvature, model.loss_layer)
 
-    Per layer: p parameters, a_in inputs (not counted for the first layer), a
-    outputs, a_u = batch x width of u for a closed-form layer (None otherwise).
-    A closed-form layer keeps S, D and the factors of P (~ a a_u + 2 a_u^2) and
-    needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
-    needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
-    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
-    per layer, and a solve ~ 6 p per right-hand side.  Against the measured
-    rise of resident memory (float32, 20 layers, 3072 inputs, 1000 classes,
-    curvature batch 4) this sum was 0.80 GiB for 0.81 GiB at width 128 and
-    8.5 GiB for 9.6 GiB at width 512, so the guard adds a quarter.
+
+def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor],
+                               curvature: str, path: str, damping: Optional[float],
+                               memory_limit: Optional[int]) -> HessianOperator:
+    """Check the tracked pass, decide the route, guard memory, then one derivative sweep.
+
+    Arguments are already validated.  Layers get closed forms exactly when the
+    route is structured.
     """
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    total = 0
-    for l, (p, a_in, a, a_u) in enumerate(zip(param_counts, input_counts, output_counts,
-                                               u_counts)):
-        a_in = a_in if l > 0 else 0
-        if a_u is not None:
-            total += a * a_u + 5 * a_u * a_u + 2 * a_u * a + 5 * a_u * a_in + 2 * a_in * a_in
-        else:
-            total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
-        total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
-    return total * itemsize
+    tracked = model.tracked_forward(loss)
+    closed = closed_form_flags(model, tracked)
+    if choose_route(path, damping, any(closed)) == "structured":
+        route = "structured"
+    else:
+        route, closed = "generic", [False] * len(closed)
+    first = tracked.inputs[-1]
+    check_memory(LayerSizes.of_model(model, tracked, closed), route, first.dtype, first.device,
+                 memory_limit)
+    derivs = chain_derivatives(model, tracked, curvature, closed)
+    null_directions = getattr(model.loss_layer, "null_directions", None)
+    gauge = null_directions().detach() if callable(null_directions) else None
+    return HessianOperator(derivs, gauge, curvature, memory_limit)
 
 
-def _check_structured_memory(model: TrackedChain, tracked: TrackedForward,
-                             memory_limit: Optional[int]) -> None:
-    layers = list(model.layers)
-    closed = _closed_form_flags(model, tracked)
-    params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    inputs = [z.numel() for z in tracked.inputs]
-    outputs = inputs[1:] + [1]
-    u_counts = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
-                for layer, a_in, c in zip(layers, inputs, closed)]
-    first = next(model.parameters())
-    need = 5 * estimate_structured_bytes(params, inputs, outputs, u_counts, first.dtype) // 4
-    worst = max(range(len(layers)),
-                key=lambda l: max(u_counts[l] or params[l], outputs[l], inputs[l] if l else 0))
-    _ensure_fits(need, memory_limit, first.device, "the structured Hessian factorisation",
-                 f"The largest block is at layer {worst + 1} (a = batch x width = "
-                 f"{outputs[worst]} outputs, {inputs[worst]} inputs, p = {params[worst]}); "
-                 "memory grows with (batch x width)^2 per layer (p^2 for a layer without "
-                 "closed forms). Shrink the curvature batch, narrow the widest layers, or use "
-                 "fewer layers.")
+def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
+                     memory_limit: Optional[int] = None, curvature: str = "hessian",
+                     path: str = "auto") -> HessianOperator:
+    """The Hessian of the model's last tracked loss w.r.t. ``model.parameters()``.
 
-
-def dense_operator(operator: HessianOperator) -> HessianOperator:
-    """The same Hessian with closed-form layers written out as dense blocks (generic path)."""
-    derivs = operator.derivs
-    if all(isinstance(d, LayerDerivatives) for d in derivs):
-        return operator
-    params = operator.param_sizes
-    outputs = [d.num_outputs for d in derivs]
-    need = estimate_factorization_bytes(params, outputs, 0, operator.dtype)
-    worst = max(range(len(derivs)), key=lambda l: params[l] + 2 * outputs[l])
-    _ensure_fits(need, operator.memory_limit, operator.device,
-                 "the generic Hessian factorisation",
-                 f"The largest block is layer {worst + 1} (p={params[worst]} parameters, "
-                 f"a={outputs[worst]} activations); cost grows with (p + 2a)^2 per layer. Use "
-                 "damping > 0, which allows the structured path, or shrink the layers or batch.")
-    dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in derivs]
-    return HessianOperator(dense, operator.gauge, operator.curvature, operator.memory_limit)
-
-
-def _check_path(path: str) -> None:
-    if path not in PATHS:
-        raise HessianInverseError(f"path must be one of {PATHS}, got {path!r}")
-
-
-def _operator_path(model: TrackedChain, tracked: TrackedForward, path: str) -> str:
-    """The derivative representation :func:`hessian_operator` builds for ``path``."""
-    _check_path(path)
-    if path == "auto":
-        return "structured" if any(_closed_form_flags(model, tracked)) else "generic"
-    return path
-
-
-def _factorize_operator(operator: HessianOperator, damping: float, check_condition: bool,
-                        path: str) -> HessianInverse:
-    """:meth:`HessianOperator.factorize`: the structured path where it applies, else generic.
-
-    ``'auto'`` takes the structured path for damping > 0 when the operator holds
-    closed-form layers.  Eliminating x_l needs every A_l + eps I invertible and
-    can square the conditioning, so where that fails (:class:`EliminationError`,
-    or a reduced system singular to working precision) ``'auto'`` warns and
-    takes the pivoted generic path, if it fits in memory.
+    ``loss`` (optional) must be the tensor that tracked forward returned; it is
+    only checked, never differentiated, so ``loss.backward(create_graph=True)``
+    beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
+    the free memory of the device used by the pre-allocation estimate.
+    ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
+    ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
+    parameters); the loss layer must expose ``logits`` and ``loss``.  The
+    softmax gauge is a null space of both.
+    ``path``: ``'generic'`` holds every layer's derivatives as dense autograd
+    blocks; ``'structured'`` and ``'auto'`` hold closed forms for affine
+    layers (``AffineLayerBlocks``) and dense blocks for the others.
     """
+    validate_model(model, curvature)
     _check_path(path)
-    closed = any(isinstance(d, AffineLayerBlocks) for d in operator.derivs)
-    if path == "structured" or (path == "auto" and closed and
-                                isinstance(damping, (int, float)) and damping > 0):
-        try:
-            return StructuredHessianInverse(operator, damping, check_condition)
-        except SingularHessianError as err:
-            if path == "structured":
-                raise
-            try:
-                dense = dense_operator(operator)
-            except InsufficientMemoryError:
-                raise err from None
-            warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
-            return HessianInverse(dense, damping, check_condition)
-    return HessianInverse(dense_operator(operator), damping, check_condition)
+    return _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit)
+
+
+def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
+              memory_limit: Optional[int] = None, curvature: str = "hessian",
+              path: str = "auto") -> HessianInverse:
+    """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
+    with ``curvature='ggn'``), ready for many solves.
+
+    ``path``: ``'auto'`` (default) takes the structured route when damping > 0
+    and the model has affine layers with closed forms, else the generic one
+    (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
+    """
+    validate_model(model, curvature)
+    _check_path(path)
+    damping = _check_damping(damping)
+    operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit)
+    return HessianInverse(operator, damping, path=path)
+
+
+def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
+                                   v: torch.Tensor, damping: float = 0.0,
+                                   memory_limit: Optional[int] = None,
+                                   curvature: str = "hessian",
+                                   path: str = "auto") -> torch.Tensor:
+    """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
+
+    Args:
+        model: a :class:`TrackedChain` run with ``track_activations=True``.
+        loss: the scalar loss that forward pass returned (or None).
+        v: (n,) or (n, k), n = total parameters, ordered as ``model.parameters()``.
+        damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
+            gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
+            space) is returned.
+        memory_limit: bytes available to the factorisation (default: the
+            device's free memory).
+        curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
+            ``J^T H_loss J``, positive semi-definite for cross-entropy).
+        path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
+
+    ``v`` is checked before any derivative is computed.  Raises
+    :class:`SingularHessianError` if the system is singular beyond the gauge.
+    """
+    validate_model(model, curvature)
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+    blocks, vector = _split_vector(v, sizes, next(model.parameters()), "v")
+    inverse = factorize(model, loss, damping, memory_limit, curvature, path)
+    return _join(inverse.solver.solve(blocks), vector)
+
+
+def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
+                           v: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
+    """``H v`` through the layer structure (equal to Pearlmutter's product), or
+    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
+    return hessian_operator(model, loss, curvature=curvature).matmul(v)
 
 
 _MOVED = {"DampedNewton": "damped_newton", "trust_region_step": "trust_region",

@@ -4,9 +4,10 @@ Every reference here is built independently of the lifted system and of the
 layer oracle, densely, in float64, on small models:
 
 - the GGN as ``J^T H_loss J`` with J = ``torch.func.jacrev`` of the logits in
-  the flattened parameters (``torch.func.functional_call``) and H_loss =
+  the flattened parameters (``conftest.loss_of_flat_parameters``) and H_loss =
   ``torch.func.hessian`` of the loss in the logits;
-- the Hessian as ``torch.func.hessian`` of the loss in the flattened parameters;
+- the Hessian as ``torch.func.hessian`` of the loss in the flattened parameters
+  (``conftest.dense_hessian``);
 - the trust-region solution from the eigendecomposition of the dense matrix
   (secular equation on the eigenvalues, solved by bisection-safe Brent);
 - the softmax gauge basis written out from its definition.
@@ -31,10 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import brentq
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
 import hessian_inverse as hi
 import trust_region as tr
+from conftest import dense_hessian, flat_parameters, loss_of_flat_parameters, make_mlp
+from conftest import relative_error as rel
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -44,26 +47,6 @@ TOL = 1e-9  # trust_region_step's default tolerance in float64
 # ----------------------------------------------------------------------------
 # Independent dense oracles
 # ----------------------------------------------------------------------------
-
-
-def make_model(seed, hidden_layers, width, batch, activation="tanh", input_dim=4, classes=3):
-    torch.manual_seed(seed)
-    model = hi.DeepMLPWithTracking(input_dim, width, classes, hidden_layers, activation).to(F64)
-    x = torch.randn(batch, input_dim, dtype=F64)
-    t = torch.randint(0, classes, (batch,))
-    loss = model(x, t, track_activations=True)
-    return model, x, t, loss
-
-
-def flat_parameters(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def as_parameters(model, theta, prefix=""):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    return {prefix + n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
 
 
 class Logits(nn.Module):
@@ -82,11 +65,11 @@ class Logits(nn.Module):
 
 def dense_ggn(model, x, loss_in_logits):
     """``J^T H_loss J``: J by jacrev of the logits, H_loss by hessian in the logits."""
-    wrapper = Logits(model)
+    logits_of_flat_parameters = loss_of_flat_parameters(Logits(model), x)
     theta = flat_parameters(model)
 
     def logits(th):
-        return functional_call(wrapper, as_parameters(model, th, "chain."), (x,)).reshape(-1)
+        return logits_of_flat_parameters(th).reshape(-1)
 
     o = logits(theta)
     J = jacrev(logits)(theta)
@@ -99,12 +82,9 @@ def cross_entropy_in_logits(batch, t):
 
 
 def dense_hessian_and_gradient(model, x, t):
-    theta = flat_parameters(model)
-
-    def loss(th):
-        return functional_call(model, as_parameters(model, th), (x, t))
-
-    return hessian(loss)(theta), torch.func.grad(loss)(theta)
+    """The dense Hessian (conftest's oracle) and the gradient, in the flat parameters."""
+    gradient = torch.func.grad(loss_of_flat_parameters(model, x, t))(flat_parameters(model))
+    return dense_hessian(model, x, t), gradient
 
 
 def gauge_basis(model):
@@ -153,10 +133,6 @@ def model_value(B, g, s):
     return (g @ s + 0.5 * s @ B @ s).item()
 
 
-def rel(x, ref):
-    return ((x - ref).norm() / ref.norm()).item()
-
-
 def solve_tolerance(M):
     ev = torch.linalg.eigvalsh(M).abs()
     return max(100 * (ev.max() / ev.min()).item() * EPS, 1e-13)
@@ -180,7 +156,7 @@ GGN_SPREAD = [
 def test_ggn_product_and_solve_match_dense(seed, hidden, width, batch, activation, damping,
                                            path):
     """Both solver paths: closed forms (section 6) and the generic autograd oracle."""
-    model, x, t, loss = make_model(seed, hidden, width, batch, activation)
+    model, x, t, loss = make_mlp(seed, hidden + 1, width, batch, activation)
     G = dense_ggn(model, x, cross_entropy_in_logits(batch, t))
     n = G.shape[0]
     V = torch.randn(n, 3, dtype=F64)
@@ -227,7 +203,7 @@ def test_ggn_of_a_generic_loss_layer_matches_dense():
 
 
 def test_ggn_is_symmetric_positive_semidefinite_and_blind_to_the_gauge():
-    model, x, t, loss = make_model(11, 2, 3, 4, "tanh")
+    model, x, t, loss = make_mlp(11, 3, 3, 4, "tanh")
     op = hi.hessian_operator(model, loss, curvature="ggn")
     n = op.num_params
     G = op @ torch.eye(n, dtype=F64)  # our products, column by column
@@ -242,14 +218,14 @@ def test_ggn_is_symmetric_positive_semidefinite_and_blind_to_the_gauge():
 
 
 def test_ggn_equals_hessian_when_the_logits_are_linear_in_the_parameters():
-    model, x, t, loss = make_model(2, 0, 1, 7)  # softmax regression: no hidden layer
+    model, x, t, loss = make_mlp(2, 1, 1, 7)  # softmax regression: no hidden layer
     H, _ = dense_hessian_and_gradient(model, x, t)
     V = torch.randn(H.shape[0], 4, dtype=F64)
     assert rel(hi.hessian_vector_product(model, loss, V, curvature="ggn"), H @ V) < 1e-12
 
 
 def test_ggn_damping_zero_is_the_pseudo_inverse_on_the_gauge():
-    model, x, t, loss = make_model(4, 1, 2, 40)
+    model, x, t, loss = make_mlp(4, 2, 2, 40)
     G = dense_ggn(model, x, cross_entropy_in_logits(40, t))
     ev = torch.linalg.eigvalsh(G)
     k = gauge_basis(model).shape[1]
@@ -261,7 +237,7 @@ def test_ggn_damping_zero_is_the_pseudo_inverse_on_the_gauge():
 
 
 def test_ggn_damping_zero_with_too_little_data_is_a_clear_singular_error():
-    model, x, t, loss = make_model(4, 2, 4, 2)  # rank <= batch * (classes - 1) = 4
+    model, x, t, loss = make_mlp(4, 3, 4, 2)  # rank <= batch * (classes - 1) = 4
     with pytest.raises(hi.SingularHessianError, match="damping > 0"):
         hi.factorize(model, loss, 0.0, curvature="ggn")
 
@@ -269,7 +245,7 @@ def test_ggn_damping_zero_with_too_little_data_is_a_clear_singular_error():
 @pytest.mark.parametrize("seed,damping", [(0, 1e-3), (1, 1e-2), (2, 1.0)])
 def test_ggn_newton_direction_is_a_descent_direction(seed, damping):
     """s = -(GGN + eps I)^{-1} g has g.s <= -||g||^2 / (lambda_max + eps) < 0."""
-    model, x, t, loss = make_model(seed, 3, 4, 5, "tanh")
+    model, x, t, loss = make_mlp(seed, 4, 4, 5, "tanh")
     _, g = dense_hessian_and_gradient(model, x, t)
     s = -hi.hessian_inverse_vector_product(model, loss, g, damping, curvature="ggn")
     G = dense_ggn(model, x, cross_entropy_in_logits(5, t))
@@ -278,7 +254,7 @@ def test_ggn_newton_direction_is_a_descent_direction(seed, damping):
 
 
 def test_curvature_argument_errors():
-    model, x, t, loss = make_model(0, 1, 2, 3)
+    model, x, t, loss = make_mlp(0, 2, 2, 3)
     v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=F64)
     with pytest.raises(hi.HessianInverseError, match="curvature must be one of"):
         hi.hessian_inverse_vector_product(model, loss, v, 0.1, curvature="fisher")
@@ -306,7 +282,7 @@ def test_curvature_argument_errors():
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_definiteness_matches_dense_eigenvalues(curvature):
-    model, x, t, loss = make_model(7, 2, 3, 5)
+    model, x, t, loss = make_mlp(7, 3, 3, 5)
     op = hi.hessian_operator(model, loss, curvature=curvature)
     B = op @ torch.eye(op.num_params, dtype=F64)
     B = 0.5 * (B + B.T)
@@ -322,12 +298,12 @@ def test_definiteness_matches_dense_eigenvalues(curvature):
         assert test.positive_definite == (mu[0].item() + lam > 0)
         if not test.positive_definite:
             v = test.direction
-            assert v @ (B @ v) + lam * (v @ v) == pytest.approx(test.curvature, rel=1e-10)
-            assert test.curvature < 0
+            assert v @ (B @ v) + lam * (v @ v) == pytest.approx(test.quadratic_form, rel=1e-10)
+            assert test.quadratic_form < 0
 
 
 def test_lowest_eigenpair_is_an_upper_bound_and_exact_when_lanczos_completes():
-    model, x, t, loss = make_model(7, 2, 3, 5)
+    model, x, t, loss = make_mlp(7, 3, 3, 5)
     H, _ = dense_hessian_and_gradient(model, x, t)
     Q = complement(gauge_basis(model))
     lowest = torch.linalg.eigvalsh(Q.T @ H @ Q)[0].item()
@@ -361,7 +337,7 @@ def check_against_dense(result, B, g, radius, N, on_boundary):
 
 @pytest.mark.parametrize("radius,on_boundary", [(100.0, False), (0.05, True)])
 def test_trust_region_positive_definite_interior_and_boundary(radius, on_boundary):
-    model, x, t, loss = make_model(2, 0, 3, 30)  # softmax regression, plenty of data
+    model, x, t, loss = make_mlp(2, 1, 3, 30)  # softmax regression, plenty of data
     H, g = dense_hessian_and_gradient(model, x, t)
     N = gauge_basis(model)
     assert torch.linalg.eigvalsh(complement(N).T @ H @ complement(N))[0] > 1e-3
@@ -378,7 +354,7 @@ def test_trust_region_positive_definite_interior_and_boundary(radius, on_boundar
     (1, 2, 3, 5, 10.0, 2),
 ])
 def test_trust_region_indefinite_hessian(seed, hidden, width, batch, radius, lanczos_steps):
-    model, x, t, loss = make_model(seed, hidden, width, batch)
+    model, x, t, loss = make_mlp(seed, hidden + 1, width, batch)
     H, g = dense_hessian_and_gradient(model, x, t)
     assert torch.linalg.eigvalsh(H)[0] < -0.1
     op = hi.hessian_operator(model, loss)
@@ -389,7 +365,7 @@ def test_trust_region_indefinite_hessian(seed, hidden, width, batch, radius, lan
 
 @pytest.mark.parametrize("radius,on_boundary", [(1e3, False), (0.1, True)])
 def test_trust_region_on_the_gauss_newton_matrix(radius, on_boundary):
-    model, x, t, loss = make_model(3, 1, 3, 30, "gelu")
+    model, x, t, loss = make_mlp(3, 2, 3, 30, "gelu")
     G = dense_ggn(model, x, cross_entropy_in_logits(30, t))
     _, g = dense_hessian_and_gradient(model, x, t)
     result = tr.trust_region_step(hi.hessian_operator(model, loss, curvature="ggn"), g, radius)
@@ -401,7 +377,7 @@ def test_trust_region_on_the_gauss_newton_matrix(radius, on_boundary):
 @pytest.mark.filterwarnings("ignore:.*Falling back to the generic path:RuntimeWarning")
 def test_trust_region_singular_ggn_gives_the_minimum_norm_step():
     """Little data: the GGN is singular beyond the gauge, g in its range: -GGN^+ g."""
-    model, x, t, loss = make_model(6, 2, 3, 3)
+    model, x, t, loss = make_mlp(6, 3, 3, 3)
     G = dense_ggn(model, x, cross_entropy_in_logits(3, t))
     _, g = dense_hessian_and_gradient(model, x, t)
     s_ref = -torch.linalg.pinv(G, hermitian=True, rtol=1e-10) @ g
@@ -424,7 +400,7 @@ def test_trust_region_singular_ggn_gives_the_minimum_norm_step():
     (0, 2, 3, 5, 20), (4, 3, 4, 6, 20), (1, 2, 3, 5, 3)])
 def test_trust_region_hard_case(seed, hidden, width, batch, lanczos_steps):
     """g orthogonal to the lowest eigenvector and a radius beyond ||s(-lambda_min)||."""
-    model, x, t, loss = make_model(seed, hidden, width, batch)
+    model, x, t, loss = make_mlp(seed, hidden + 1, width, batch)
     H, g = dense_hessian_and_gradient(model, x, t)
     Q = complement(gauge_basis(model))
     mu, V = torch.linalg.eigh(Q.T @ H @ Q)
@@ -446,7 +422,7 @@ def test_trust_region_hard_case(seed, hidden, width, batch, lanczos_steps):
 
 
 def test_trust_region_at_a_saddle_moves_along_negative_curvature():
-    model, x, t, loss = make_model(0, 2, 3, 5)
+    model, x, t, loss = make_mlp(0, 3, 3, 5)
     op = hi.hessian_operator(model, loss)
     H, g = dense_hessian_and_gradient(model, x, t)
     result = tr.trust_region_step(op, torch.zeros_like(g), 0.5, lanczos_steps=op.num_params)
@@ -457,7 +433,7 @@ def test_trust_region_at_a_saddle_moves_along_negative_curvature():
 
 
 def test_trust_region_argument_errors():
-    model, x, t, loss = make_model(0, 1, 2, 3)
+    model, x, t, loss = make_mlp(0, 2, 2, 3)
     op = hi.hessian_operator(model, loss)
     g = torch.zeros(op.num_params, dtype=F64)
     with pytest.raises(hi.HessianInverseError, match="radius"):

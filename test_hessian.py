@@ -24,26 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hessian_inverse as hi
-from hessian_oracles import (autograd_hvp, dense_hessian, flat_parameters,
-                             loss_of_flat_parameters, relative_error)
+from conftest import (SquaredErrorLoss, autograd_hvp, dense_hessian, flat_parameters,
+                      loss_of_flat_parameters, make_mlp, relative_error)
 
 F64 = torch.float64
 ACTIVATIONS = sorted(hi.ACTIVATIONS)
-
-
-def make_mlp(seed, num_layers, width, batch, activation="tanh", input_dim=4, classes=3,
-             dtype=F64, input_scale=1.0, weight_scale=None):
-    """A tracked MLP of ``num_layers`` chain layers, its data, and its tracked loss."""
-    torch.manual_seed(seed)
-    model = hi.DeepMLPWithTracking(input_dim, width, classes, num_layers - 1, activation).to(dtype)
-    if weight_scale is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(weight_scale)
-    x = input_scale * torch.randn(batch, input_dim, dtype=dtype)
-    t = torch.randint(0, classes, (batch,))
-    loss = model(x, t, track_activations=True)
-    return model, x, t, loss
 
 
 def dense_solve(H, v, damping):
@@ -166,7 +151,7 @@ def test_operators_interoperate_with_scipy():
 
 def _factor_elements(inverse):
     return sum(f.lower.numel() + f.upper.numel() + f.right1.numel() + f.right2.numel()
-               for f in inverse.lu.panels)
+               for f in inverse.solver.lu.panels)
 
 
 def test_factor_storage_grows_linearly_with_depth():
@@ -176,7 +161,7 @@ def test_factor_storage_grows_linearly_with_depth():
         model, x, t, loss = make_mlp(0, depth, 4, 3, "tanh")
         inverse = hi.factorize(model, loss, damping=1e-3)
         counts[depth] = _factor_elements(inverse)
-        largest[depth] = max(max(b.numel() for b in (f.lower, f.upper)) for f in inverse.lu.panels)
+        largest[depth] = max(max(b.numel() for b in (f.lower, f.upper)) for f in inverse.solver.lu.panels)
     # Interior layers are identical in size, so the increments are exactly equal.
     assert counts[32] - counts[16] == 2 * (counts[16] - counts[8])
     assert largest[8] == largest[16] == largest[32]
@@ -355,17 +340,6 @@ class ScaleShiftNorm(nn.Module):
 
     def forward(self, z):
         return self.norm(z)
-
-
-class SquaredErrorLoss(nn.Module):
-    """Affine read-out fused with a mean squared error against real targets."""
-
-    def __init__(self, width, out):
-        super().__init__()
-        self.linear = nn.Linear(width, out)
-
-    def forward(self, z, targets):
-        return 0.5 * ((self.linear(z) - targets) ** 2).sum(1).mean()
 
 
 def make_generic_chain(seed, loss="mse"):

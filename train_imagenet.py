@@ -34,7 +34,8 @@ from train_utils import (DTYPES, HelpFormatter, UsageError, build_model, curvatu
 
 FEASIBILITY = """\
 feasible sizes with --use-hessian:
-  A Newton step takes the structured solver (ALGORITHM.md section 6): each
+  A Newton step takes the structured solver (docs/ALGORITHM.md,
+  "Parameter elimination"): each
   layer's parameters are eliminated in closed form, so memory grows with
   sum_l (B_h * w_l)^2 and time with sum_l (B_h * w_l)^3, where B_h is
   --hessian-batch-size and w_l the width; the parameter count (image size

@@ -93,14 +93,14 @@ class Definiteness:
     - ``positive_definite``: the verdict.
     - ``layer``: 0-based layer whose Schur complement P_l failed, or None.
     - ``direction`` (n,): when not positive definite, a vector v with
-      ``v^T (B + damping I) v = curvature <= 0``; None otherwise.
-    - ``curvature``: that value (the lowest eigenvalue of the failing P_l).
+      ``v^T (B + damping I) v = quadratic_form <= 0``; None otherwise.
+    - ``quadratic_form``: that value (the lowest eigenvalue of the failing P_l).
     """
 
     positive_definite: bool
     layer: Optional[int] = None
     direction: Optional[torch.Tensor] = None
-    curvature: Optional[float] = None
+    quadratic_form: Optional[float] = None
 
 
 def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
@@ -109,7 +109,7 @@ def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
     B is the operator's curvature (with ``B + P_N`` at damping 0 when there
     is a gauge, as in :meth:`HessianOperator.factorize`).  The quadratic form
     is ``v^T B v = sum_l (v_l, t_{l-1})^T [[A_l, C_l], [C_l^T, G_l]] (v_l, t_{l-1})``
-    with the tangent ``t_l = J_l v_l + F_l t_{l-1}`` (section 3).  Eliminating
+    with the tangent ``t_l = J_l v_l + F_l t_{l-1}`` ("The Hessian-vector product").  Eliminating
     the layers from the last one (a backward Riccati recursion, ``Ghat_L = 0``):
 
         P_l        = A_l + damping I + J_l^T Ghat_l J_l          (p_l, p_l)
@@ -126,7 +126,7 @@ def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
     matrix.  When P_l fails, its lowest eigenvector w, continued through the
     later layers with ``w_k = 0`` (``v_k = -P_k^{-1} K_k t_{k-1}``), gives
     a direction v with ``v^T (B + damping I) v = lambda_min(P_l) <= 0``.
-    Closed-form layers (section 6) are written out densely for this test.
+    Closed-form layers are written out densely for this test.
     """
     derivs = operator.densified().derivs
     num_layers = len(derivs)
@@ -200,7 +200,7 @@ class _SecularPoint:
 
     ``step`` = s = -(B + lambda I)^{-1} g; ``inverse_quadratic`` =
     s^T (B + lambda I)^{-1} s, so that d||s||/dlambda = -inverse_quadratic/||s||;
-    ``curvature`` = s^T (B + lambda I) s = -g^T s; ``eigvec`` = the unit
+    ``quadratic`` = s^T (B + lambda I) s = -g^T s; ``eigvec`` = the unit
     inverse-iteration update (B + lambda I)^{-1} z of the lowest-eigenvector estimate.
     """
 
@@ -208,7 +208,7 @@ class _SecularPoint:
     step: torch.Tensor
     norm: float
     inverse_quadratic: float
-    curvature: float
+    quadratic: float
     eigvec: torch.Tensor
 
 
@@ -289,7 +289,7 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
     of lowest model value seen is returned with ``converged=False``.
 
     The softmax gauge.  The loss is exactly flat along the gauge directions N
-    (ALGORITHM.md section 9): g has no component there, B N = 0, and the model
+    (docs/ALGORITHM.md, "The softmax gauge"): g has no component there, B N = 0, and the model
     predicts no change along them, so any multiple could be added to a
     solution.  The subproblem is solved on the complement of N: the minimum-
     norm solution is returned, g's component along N (rounding) is dropped,
@@ -355,11 +355,11 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
             continue
         zBz, z = rayleigh(point.eigvec)
         rho = min(rho, zBz)
-        s, norm, curvature = point.step, point.norm, point.curvature
+        s, norm, quadratic = point.step, point.norm, point.quadratic
         # With (B + lambda I) s = -g: m(s) = -(s^T (B + lambda I) s + lambda ||s||^2) / 2.
-        model_s = -0.5 * (curvature + lam * norm * norm)
+        model_s = -0.5 * (quadratic + lam * norm * norm)
         scale = min(1.0, radius / norm)  # the feasible multiple of s, as a fallback
-        value = -scale * curvature + 0.5 * scale * scale * (curvature - lam * norm * norm)
+        value = -scale * quadratic + 0.5 * scale * scale * (quadratic - lam * norm * norm)
         best = min(best, (value, scale * s, lam, False), key=lambda c: c[0])
         on_boundary = abs(norm - radius) <= tol * radius
         if on_boundary or (lam == 0.0 and norm <= radius):
@@ -371,12 +371,12 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
             hi = hi if newton < hi else 2 * newton
         else:  # right of the root, or the hard case
             hi = min(hi, lam)
-            bound = curvature + lam * radius * radius  # -2 m* <= bound
+            bound = quadratic + lam * radius * radius  # -2 m* <= bound
             if lam * (radius * radius - norm * norm) <= tol * bound:
                 return result(s, lam, False, False, iteration, True)
             # the largest lambda at which that test would pass if s stayed put: going
             # lower only amplifies rounding in flat directions (~ eps / lambda)
-            fallback = 0.5 * tol * curvature / ((1 - tol) * radius * radius - norm * norm)
+            fallback = 0.5 * tol * quadratic / ((1 - tol) * radius * radius - norm * norm)
             sz = torch.dot(s, z).item()
             value_tau, tau = min((model_s - lam * tau * sz + 0.5 * tau * tau * zBz, tau)
                                  for tau in _boundary_roots(s, z, radius))

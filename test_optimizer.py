@@ -1,8 +1,9 @@
-"""Tests of DampedNewton's curvature choices: Gauss-Newton steps and trust-region
-mode (radius rules, state, robustness), and simple_example.py with every method.
-CPU only, tiny float64 models.
+"""Tests of the DampedNewton optimizer: damped Newton steps (descent, damping
+adaptation, failed proposals), Gauss-Newton steps, trust-region mode (radius
+rules, rejected and failed solves, tiny curvature batches), state_dict round
+trips and option errors.  CPU only, tiny models.
 
-    PYTHONPATH=. python -m pytest test_optimizer_curvature.py -q
+    python -m pytest test_optimizer.py -q
 """
 
 import copy
@@ -11,12 +12,16 @@ import math
 import pytest
 import torch
 
-import simple_example
+from conftest import (assert_continue_identically, closure_for, gradient_descent_losses,
+                      spoiled_closure, teacher_problem)
+from conftest import flat_parameters as flat
 from damped_newton import DampedNewton
-from hessian_inverse import DeepMLPWithTracking, HessianInverseError, SingularHessianError
-from test_training import image_folder  # noqa: F401 (a pytest fixture)
-from test_training import (assert_continue_identically, closure_for, flat,
-                           gradient_descent_losses, imagenet, spoiled_closure, teacher_problem)
+from hessian_inverse import DeepMLPWithTracking, HessianInverseError, NotTrackedError
+from hessian_inverse import SingularHessianError
+
+
+def loss_of(model, x, y):
+    return float(model(x, y).detach())
 
 
 class Recording(DampedNewton):
@@ -37,8 +42,115 @@ class Recording(DampedNewton):
         return step, h_step
 
 
-def loss_of(model, x, y):
-    return float(model(x, y).detach())
+# --------------------------------------------------------------------------
+# Damped Newton
+# --------------------------------------------------------------------------
+
+
+def test_newton_beats_gradient_descent_in_the_same_number_of_steps():
+    model0, x, y = teacher_problem()
+    steps = 8
+    losses = gradient_descent_losses(model0, x, y, steps)
+    model = copy.deepcopy(model0)
+    opt = DampedNewton(model, damping=1e-2)
+    for _ in range(steps):
+        opt.step(closure_for(model, opt, x, y))
+    newton = float(model(x, y).detach())
+    assert newton < 0.5 * min(losses.values()), (newton, losses)
+    assert opt.stats["accepted"] >= steps - 1
+
+
+def test_damping_rises_after_a_rejected_step_and_falls_after_accepted_ones():
+    model, x, y = teacher_problem()
+    opt = DampedNewton(model, damping=1.0, max_retries=0, gradient_lr=0.05)
+    start = flat(model)
+    opt.step(spoiled_closure(model, opt, x, y))
+    assert opt.stats["rejected"] == 1 and opt.stats["gradient_fallbacks"] == 1
+    assert opt.damping == pytest.approx(3.0)
+    # The fallback is exactly a gradient step from the start, not the rejected Newton step.
+    model_check, _, _ = teacher_problem()
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(model_check(x, y),
+                                                              list(model_check.parameters()))])
+    torch.testing.assert_close(flat(model), start - 0.05 * g)
+
+    dampings, ratios = [opt.damping], []
+    for _ in range(3):
+        opt.step(closure_for(model, opt, x, y))
+        dampings.append(opt.damping)
+        ratios.append(opt.stats["last_ratio"])
+    assert opt.stats["accepted"] == 3 and opt.stats["rejected"] == 1
+    for before, after, ratio in zip(dampings, dampings[1:], ratios):  # the LM rule
+        expected = before / 3 if ratio > 0.75 else before * 3 if ratio < 0.25 else before
+        assert after == pytest.approx(expected), (dampings, ratios)
+    assert dampings[-1] < dampings[0] / 3, (dampings, ratios)
+
+
+class FlakyNewton(DampedNewton):
+    """Fails its first proposal in a chosen way, then behaves."""
+
+    def __init__(self, *args, failure, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failure, self.proposals = failure, 0
+
+    def _propose(self, curvature, grad, damping):
+        self.proposals += 1
+        if self.proposals == 1:
+            if self.failure == "singular":
+                raise SingularHessianError("test")
+            return grad.clone(), curvature @ grad  # uphill
+        return super()._propose(curvature, grad, damping)
+
+
+@pytest.mark.parametrize("failure,counter", [("singular", "singular"), ("uphill", "non_descent")])
+def test_failed_proposals_are_redamped_not_taken(failure, counter):
+    model, x, y = teacher_problem()
+    opt = FlakyNewton(model, damping=0.1, failure=failure)
+    before = float(model(x, y).detach())
+    opt.step(closure_for(model, opt, x, y))
+    assert opt.stats[counter] >= 1 and opt.stats["accepted"] == 1
+    assert opt.stats["gradient_fallbacks"] == 0 and opt.proposals >= 2
+    assert float(model(x, y).detach()) < before
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    model, x, y = teacher_problem()
+    opt = DampedNewton(model, damping=0.5, max_step_norm=2.0, curvature_interval=2)
+    for _ in range(3):
+        opt.step(closure_for(model, opt, x, y))
+    twin = copy.deepcopy(model)
+    twin_opt = DampedNewton(twin)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert twin_opt.stats == opt.stats
+    assert twin_opt.param_groups[0]["max_step_norm"] == 2.0
+    assert_continue_identically(model, opt, twin, twin_opt, x, y)
+
+
+def test_curvature_interval_step_cap_and_curvature_batch():
+    model, x, y = teacher_problem(dtype=torch.float32)
+    opt = DampedNewton(model, damping=0.01, max_step_norm=0.05, curvature_interval=3,
+                       gradient_lr=0.5)
+    before = float(model(x, y).detach())
+    for _ in range(6):
+        start = flat(model)
+        opt.step(closure_for(model, opt, x, y, tracked=False),
+                 curvature_closure=lambda: model(x[:8], y[:8], track_activations=True))
+        assert (flat(model) - start).norm() <= 0.05 * (1 + 1e-5)
+    s = opt.stats
+    assert (s["newton_steps"], s["gradient_steps"]) == (2, 4)
+    assert s["clipped"] >= 1
+    assert float(model(x, y).detach()) < before
+
+
+def test_untracked_closure_and_nonfinite_loss():
+    model, x, y = teacher_problem()
+    opt = DampedNewton(model)
+    with pytest.raises(NotTrackedError):
+        opt.step(closure_for(model, opt, x, y, tracked=False))
+    start = flat(model)
+    opt.step(lambda: torch.tensor(math.nan))
+    assert torch.equal(flat(model), start) and opt.stats["nonfinite"] == 1
+    with pytest.raises(ValueError):
+        DampedNewton(model, damping=0.0)
 
 
 # --------------------------------------------------------------------------
@@ -235,37 +347,3 @@ def test_option_errors():
     for bad in (dict(radius=0.0), dict(radius=10.0, max_radius=1.0), dict(min_radius=-1.0)):
         with pytest.raises(ValueError, match="radius"):
             DampedNewton(model, mode="trust_region", **bad)
-
-
-# --------------------------------------------------------------------------
-# Scripts
-# --------------------------------------------------------------------------
-
-
-def test_simple_example_all_methods_report_and_plot(tmp_path, capsys):
-    out = tmp_path / "plot.png"
-    simple_example.main(["--quick", "--dataset", "digits", "--steps", "2", "--methods", "all",
-                         "--out", str(out)])
-    text = capsys.readouterr().out
-    summary = text[text.index("summary"):]
-    rows = [line.split("  ")[0] for line in summary.splitlines()[3:7]]
-    assert rows == ["gradient descent", "damped Newton", "Gauss-Newton", "trust region"]
-    assert "trust region: " in summary and "radius shrunk" in summary
-    assert out.read_bytes()[:4] == b"\x89PNG"
-    import matplotlib.image
-    assert matplotlib.image.imread(out).shape[1] > 1000  # both panels drawn
-
-    with pytest.raises(SystemExit):
-        simple_example.main(["--methods", "gd,bfgs"])
-    assert "unknown method(s) bfgs" in capsys.readouterr().err
-
-
-def test_train_imagenet_trust_region_on_the_gauss_newton_matrix(image_folder, tmp_path):
-    ckpt = imagenet(image_folder, tmp_path, "--use-hessian", "--epochs", "1", "--curvature",
-                    "ggn", "--trust-region", "--radius", "0.2", "--max-radius", "3")
-    group, state = ckpt["optimizer"]["param_groups"][0], ckpt["optimizer"]["state"][0]
-    assert (group["mode"], group["curvature"], group["max_radius"]) == ("trust_region", "ggn", 3.0)
-    assert state["newton_steps"] == 3 and state["radius"] != 0.2
-    with pytest.raises(SystemExit):
-        imagenet(image_folder, tmp_path, "--use-hessian", "--trust-region", "--radius", "5",
-                 "--max-radius", "3")
