@@ -58,7 +58,7 @@ __all__ = [
     "factorize", "hessian_inverse_vector_product", "hessian_vector_product",
     # errors
     "HessianInverseError", "NotTrackedError", "SingularHessianError", "EliminationError",
-    "InsufficientMemoryError",
+    "InaccurateSolveError", "InsufficientMemoryError",
 ]
 
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
@@ -86,6 +86,10 @@ class SingularHessianError(torch.linalg.LinAlgError):
 
 class EliminationError(SingularHessianError):
     """A layer's ``A_l + eps I`` is singular: its parameters cannot be eliminated."""
+
+
+class InaccurateSolveError(SingularHessianError):
+    """A solve missed its accuracy contract (relative residual above ``rtol``)."""
 
 
 class InsufficientMemoryError(MemoryError):
@@ -181,12 +185,54 @@ class AffineCrossEntropy(nn.Module):
 
 @dataclass
 class TrackedForward:
-    """What a tracked forward pass records: each layer's input and the targets."""
+    """What a tracked forward pass records, checked before every use.
 
-    inputs: list  # z_0 .. z_{L-1}, detached
+    - ``inputs``: each layer's input z_0 .. z_{L-1}, detached.  Any that shares
+      memory with the caller's ``x`` (z_0 always) is a copy, so changing ``x``
+      in place afterwards cannot change them.
+    - ``targets``: a copy.
+    - ``loss_ref``: a weak reference to the returned loss tensor.
+    - ``parameters``: copies of the parameter values the pass ran with.  Every
+      use compares them with the current values bit for bit, which catches
+      every way of changing a parameter (an optimizer step, fused or not,
+      ``p.data = ...``, ``vector_to_parameters``, ``model.double()``).
+    - ``stochastic``: modules that made the pass random or stateful
+      (Dropout or BatchNorm in training mode), by name.
+    """
+
+    inputs: list
     targets: torch.Tensor
-    loss_ref: Callable  # weak reference to the returned loss tensor
-    param_versions: tuple
+    loss_ref: Callable
+    parameters: tuple
+    stochastic: list
+
+
+def _record(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``z`` detached, copied if it shares memory with the caller's input ``x``."""
+    z = z.detach()
+    shares = (isinstance(x, torch.Tensor) and z.numel() and x.numel() and
+              z.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+    return z.clone() if shares else z
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and
+            torch.equal(a.detach().reshape(-1).view(torch.uint8),
+                        b.detach().reshape(-1).view(torch.uint8)))
+
+
+def _stochastic_modules(model: nn.Module) -> list:
+    """Names of modules whose training-mode forward is random or updates state."""
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        random_drop = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        running_stats = (isinstance(module, nn.modules.batchnorm._BatchNorm) and
+                         module.track_running_stats)
+        if random_drop or running_stats:
+            found.append(f"{name} ({type(module).__name__})")
+    return found
 
 
 class TrackedChain(nn.Module):
@@ -200,7 +246,8 @@ class TrackedChain(nn.Module):
 
     ``model(x, targets)`` is an ordinary differentiable function (usable with
     ``torch.func.functional_call``); ``track_activations=True`` additionally
-    records each layer's input for the Hessian routines.
+    records each layer's input (and a copy of the parameters, to check later
+    that they did not change) for the Hessian routines.
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_layer: nn.Module):
@@ -221,25 +268,25 @@ class TrackedChain(nn.Module):
         z = self.prepare_input(x)
         inputs = []
         for layer in self.layers[:-1]:
-            inputs.append(z.detach())
+            if track_activations:
+                inputs.append(_record(z, x))
             z = layer(z)
-        inputs.append(z.detach())
         loss = self.loss_layer(z, targets)
         if track_activations:
+            inputs.append(_record(z, x))
             self._tracked = TrackedForward(
                 inputs=inputs,
-                targets=targets.detach(),
+                targets=targets.detach().clone(),
                 loss_ref=weakref.ref(loss),
-                param_versions=self._param_versions(),
+                parameters=tuple(p.detach().clone() for p in self.parameters()),
+                stochastic=_stochastic_modules(self),
             )
         return loss
-
-    def _param_versions(self) -> tuple:
-        return tuple(p._version for p in self.parameters())
 
     def tracked_forward(self, loss: Optional[torch.Tensor] = None) -> TrackedForward:
         """The recorded forward pass, checked to be current and to match ``loss``."""
         tracked = self._tracked
+        rerun = "run loss = model(x, targets, track_activations=True) again"
         if tracked is None:
             raise NotTrackedError(
                 "the model has no tracked forward pass: call "
@@ -251,10 +298,21 @@ class TrackedChain(nn.Module):
                 "`loss` is not the output of the model's last tracked forward pass; "
                 "call loss = model(x, targets, track_activations=True) and pass that loss"
             )
-        if tracked.param_versions != self._param_versions():
+        current = list(self.parameters())
+        if len(current) != len(tracked.parameters) or not all(
+                _same_bits(p, q) for p, q in zip(current, tracked.parameters)):
             raise NotTrackedError(
-                "the parameters changed since the tracked forward pass (e.g. an "
-                "optimizer step); run model(x, targets, track_activations=True) again"
+                "the parameters changed since the tracked forward pass (their values, dtype "
+                "or device: an optimizer step, p.data = ..., vector_to_parameters, "
+                f"model.double(), ...); the recorded activations are stale: {rerun} at the "
+                "current parameters"
+            )
+        stochastic = tracked.stochastic or _stochastic_modules(self)
+        if stochastic:
+            raise NotTrackedError(
+                f"{', '.join(stochastic)} in training mode makes the forward pass random or "
+                "stateful, so its Hessian is not a well-defined function of the parameters: "
+                f"call model.eval() and {rerun}"
             )
         return tracked
 
@@ -527,18 +585,20 @@ class AffineLayerBlocks:
 
     - ``inputs`` Z (B, m): the layer's input z_{l-1}.
     - ``weight`` W (h, m); ``bias``: whether the layer has c.
-    - ``out_map`` S (a_out, B h): dz_l/du.  diag(sigma'(u)) for a hidden layer
-      (a_out = B h); the loss gradient in the logits as one row for the fused
-      loss layer (a_out = 1).
+    - ``out_map`` S: dz_l/du, (a_out, B h).  Stored as its diagonal sigma'(u)
+      (B h,) for a hidden layer (a_out = B h); the loss gradient in the logits
+      as one row (1, B h) for the fused loss layer (a_out = 1).
     - ``u_gradient`` r (B, h): b_l . dz_l/du.  Multiplies d2u/dW dz, giving
       the term E[(i, k), (n, k')] = r[n, i] delta_kk' of C.
-    - ``u_hessian`` D (B, h, h): d2(b_l . z_l)/du2, one block per example.
+    - ``u_hessian`` D: d2(b_l . z_l)/du2, one (h, h) block per example: (B, h, h),
+      or (B, h) holding the diagonals when they are diagonal (hidden layers).
     - ``input_derivatives``: False for the first layer (its input is data).
 
     r and D are the only second-order terms; Gauss-Newton
     ("Gauss-Newton") is this with r = 0 in every layer and D = 0 except in the loss
     layer.  The blocks of :class:`LayerDerivatives` are the properties ``J``,
     ``F``, ``A``, ``C``, ``G`` (as :class:`LinearMap`); ``densify`` writes them out.
+    Storage is O(B m + h m + B h^2) at most: linear in the parameter count.
     """
 
     inputs: torch.Tensor
@@ -560,7 +620,7 @@ class AffineLayerBlocks:
 
     @property
     def num_outputs(self) -> int:
-        return self.out_map.shape[0]
+        return self.out_map.shape[0] if self.out_map.dim() == 2 else self.out_map.numel()
 
     def augmented_inputs(self) -> torch.Tensor:
         """[Z, 1] (B, m + 1), or Z without a bias: K is ``augmented_inputs kron I_h``."""
@@ -609,9 +669,28 @@ class AffineLayerBlocks:
         """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
         return (self.weight.T @ self._examples(u)).reshape(-1, u.shape[1])
 
+    def S(self, u: torch.Tensor) -> torch.Tensor:
+        """dz_l/du u: (B h, k) -> (a_out, k)."""
+        return self.out_map @ u if self.out_map.dim() == 2 else self.out_map[:, None] * u
+
+    def S_t(self, w: torch.Tensor) -> torch.Tensor:
+        """S^T w: (a_out, k) -> (B h, k)."""
+        return self.out_map.T @ w if self.out_map.dim() == 2 else self.out_map[:, None] * w
+
+    def S_dense(self) -> torch.Tensor:
+        """S as an (a_out, B h) matrix."""
+        return self.out_map if self.out_map.dim() == 2 else torch.diag(self.out_map)
+
     def D(self, u: torch.Tensor) -> torch.Tensor:
         """The u-curvature, block diagonal over examples: (B h, k) -> (B h, k)."""
+        if self.u_hessian.dim() == 2:
+            return self.u_hessian.reshape(-1, 1) * u
         return (self.u_hessian @ self._examples(u)).reshape(-1, u.shape[1])
+
+    def D_blocks(self) -> torch.Tensor:
+        """D as (B, h, h) blocks."""
+        D = self.u_hessian
+        return torch.diag_embed(D) if D.dim() == 2 else D
 
     def E(self, t: torch.Tensor) -> torch.Tensor:
         """d2(r . u)/d(W, c) dz t: (B m, k) -> (p, k); zero in the c rows.
@@ -633,9 +712,8 @@ class AffineLayerBlocks:
 
     @property
     def J(self) -> LinearMap:
-        S = self.out_map
         return self._map(self.num_outputs, self.num_params,
-                         lambda x: S @ self.K(x), lambda w: self.K_t(S.T @ w))
+                         lambda x: self.S(self.K(x)), lambda w: self.K_t(self.S_t(w)))
 
     @property
     def A(self) -> LinearMap:
@@ -647,9 +725,8 @@ class AffineLayerBlocks:
     def F(self) -> Optional[LinearMap]:
         if not self.input_derivatives:
             return None
-        S = self.out_map
         return self._map(self.num_outputs, self.inputs.numel(),
-                         lambda t: S @ self.Wb(t), lambda w: self.Wb_t(S.T @ w))
+                         lambda t: self.S(self.Wb(t)), lambda w: self.Wb_t(self.S_t(w)))
 
     @property
     def C(self) -> Optional[LinearMap]:
@@ -719,8 +796,8 @@ def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
     first, second = _pointwise_derivatives(layer._sigma, u)
     b = adjoint.detach().reshape(u.shape)
     return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
-                             out_map=torch.diag(first.reshape(-1)), u_gradient=b * first,
-                             u_hessian=torch.diag_embed(b * second),
+                             out_map=first.reshape(-1), u_gradient=b * first,
+                             u_hessian=b * second,
                              input_derivatives=input_derivatives)
 
 
@@ -1132,10 +1209,10 @@ def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layer: int
     (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  Cost
     O((B h)^3 + (B h)^2 a_{l-1} + a_{l-1}^3); nothing of size p_l squared.
     """
-    eps, S, r = damping, blocks.out_map, blocks.u_gradient
+    eps, S, r = damping, blocks.S_dense(), blocks.u_gradient
     B, h = r.shape
     gram = blocks.gram()
-    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.u_hessian).reshape(B * h, B * h)
+    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.D_blocks()).reshape(B * h, B * h)
     lu = _nonsingular_lu(gamma_d, eps, layer, "eps I + K K^T D (that is, A_l + eps I)")
 
     def solve_p(X):
@@ -1311,13 +1388,15 @@ class LayerSizes:
 
     ``params`` p_l; ``inputs`` a_{l-1} (the first layer's input is data and is
     not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
-    of u = W z + c for a closed-form layer, None for any other.
+    of u = W z + c for a closed-form layer, None for any other; ``u_block`` the
+    width of D's per-example blocks there (1 when D is diagonal).
     """
 
     params: list
     inputs: list
     outputs: list
     u: list
+    u_block: list
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
@@ -1327,15 +1406,43 @@ class LayerSizes:
         inputs = [z.numel() for z in tracked.inputs]
         u = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
              for layer, a_in, c in zip(layers, inputs, closed)]
+        block = [None] * len(layers)
+        if closed[-1]:
+            block[-1] = layers[-1].linear.out_features
+        block[:-1] = [1 if c else None for c in closed[:-1]]
         return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                   inputs, inputs[1:] + [1], u)
+                   inputs, inputs[1:] + [1], u, block)
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
         """From derivative blocks already computed."""
         outputs = [d.num_outputs for d in derivs]
-        u = [d.u_gradient.numel() if isinstance(d, AffineLayerBlocks) else None for d in derivs]
-        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u)
+        closed = [isinstance(d, AffineLayerBlocks) for d in derivs]
+        u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
+        block = [(1 if d.u_hessian.dim() == 2 else d.u_hessian.shape[-1]) if c else None
+                 for d, c in zip(derivs, closed)]
+        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block)
+
+
+def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
+    """Peak bytes of the derivative blocks alone: what ``H @ v`` needs.
+
+    A closed-form layer keeps its input, S, r and D: O(a_u + a_in) numbers, and
+    a_u h for a loss layer's dense (h, h) blocks of D (``sizes.u_block``).  A
+    dense layer keeps J, F, A, C, G and the oracle's workspace, as in
+    :func:`estimate_factorization_bytes`.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    total, peak_workspace = 0, 0
+    for l, (p, a_in, a, a_u, h) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                  sizes.u, sizes.u_block)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            total += 3 * a_u + a_in + a + a_u * h
+        else:
+            total += a * p + p * p + p * a_in + a * a_in + a_in * a_in
+            peak_workspace = max(peak_workspace, 3 * (p + a_in) ** 2)
+    return (total + peak_workspace) * itemsize
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -1355,31 +1462,37 @@ def _available_bytes(device: torch.device) -> int:
         return 2 ** 62
 
 
-def check_memory(sizes: LayerSizes, route: str, dtype: torch.dtype, device: torch.device,
-                 memory_limit: Optional[int], advice: str = "") -> None:
-    """The memory guard: raise before allocating what ``route`` would need.
+def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
+                 device: torch.device, memory_limit: Optional[int], advice: str = "") -> None:
+    """The memory guard: raise before allocating what ``stage`` of ``route`` needs.
 
+    ``stage`` is ``'derivatives'`` (the blocks, enough for ``H @ v``) or
+    ``'factorization'`` (blocks, system and factors).
     :class:`InsufficientMemoryError` names the estimate, the free memory
     (``memory_limit`` bytes instead, if given), the largest layer and what to
-    shrink.  The structured estimate gets a quarter on top (measured; see
+    shrink.  The structured estimates get a quarter on top (measured; see
     :func:`estimate_structured_bytes`).
     """
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
     if route == "structured":
-        need = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4
         l = max(range(len(p)), key=lambda l: max(u[l] or p[l], a[l], a_in[l] if l else 0))
         largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
                    f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
                    "layer without closed forms)")
     else:
-        need = estimate_factorization_bytes(p, a, a_in[0], dtype)
         l = max(range(len(p)), key=lambda l: p[l] + 2 * a[l])
         largest = (f"layer {l + 1} (p={p[l]} parameters, a={a[l]} activations = batch x "
                    "width); cost grows with (p + 2a)^2 per layer")
+    if stage == "derivatives":
+        need, what = 5 * estimate_derivative_bytes(sizes, dtype) // 4, "derivative blocks need"
+    elif route == "structured":
+        need, what = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4, "factorisation needs"
+    else:
+        need, what = estimate_factorization_bytes(p, a, a_in[0], dtype), "factorisation needs"
     limit = _available_bytes(device) if memory_limit is None else memory_limit
     if need > limit:
         raise InsufficientMemoryError(
-            f"the {route} Hessian factorisation needs about {need / 2**30:.2f} GiB but only "
+            f"the {route} Hessian {what} about {need / 2**30:.2f} GiB but only "
             f"{limit / 2**30:.2f} GiB is available on {device}. The largest block is "
             f"{largest}. {advice}Shrink the curvature batch, narrow the widest layers, or use "
             "fewer layers."
@@ -1391,16 +1504,16 @@ def check_memory(sizes: LayerSizes, route: str, dtype: torch.dtype, device: torc
 # --------------------------------------------------------------------------
 
 
-def _split_vector(v: torch.Tensor, sizes: Sequence[int], like: torch.Tensor,
-                  what: str) -> tuple[list[torch.Tensor], bool]:
-    """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
+def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str) -> None:
+    """``v`` must be (n,) or (n, k >= 1), finite, with the model's dtype and device."""
     n = sum(sizes)
     if not isinstance(v, torch.Tensor):
         raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
-    if v.dim() not in (1, 2) or v.shape[0] != n:
+    if v.dim() not in (1, 2) or v.shape[0] != n or (v.dim() == 2 and v.shape[1] == 0):
         raise HessianInverseError(
-            f"{what} must have shape ({n},) or ({n}, k): one entry per model parameter "
-            f"(torch.cat([p.flatten() for p in model.parameters()])); got {tuple(v.shape)}"
+            f"{what} must have shape ({n},) or ({n}, k) with k >= 1: one entry per model "
+            "parameter (torch.cat([p.flatten() for p in model.parameters()])) and one column "
+            f"per right-hand side; got {tuple(v.shape)}"
         )
     if v.dtype != like.dtype:
         raise HessianInverseError(
@@ -1414,13 +1527,41 @@ def _split_vector(v: torch.Tensor, sizes: Sequence[int], like: torch.Tensor,
         )
     if not torch.isfinite(v).all():
         raise HessianInverseError(f"{what} contains NaN or Inf entries")
-    matrix = v.detach().reshape(n, -1)
-    return list(matrix.split(list(sizes))), v.dim() == 1
+
+
+def _split(v: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """A checked (n,) or (n, k) tensor as per-layer (p_l, k) blocks (detached)."""
+    return list(v.detach().reshape(sum(sizes), -1).split(list(sizes)))
 
 
 def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
     out = torch.cat(list(blocks))
     return out[:, 0] if vector else out
+
+
+class _SelfAdjoint(torch.autograd.Function):
+    """``v -> M v`` for a fixed symmetric M (H, or a solve with it) as an autograd node.
+
+    The backward of ``M v`` is ``M^T g = M g``: the same map.  Only ``v`` is
+    differentiated; M's dependence on the parameters is not (it is held fixed,
+    as computed at the tracked point).
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, apply: Callable) -> torch.Tensor:
+        ctx.apply = apply
+        return apply(v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        return ctx.apply(grad_output.contiguous()), None
+
+
+def _differentiable_in_v(v: torch.Tensor, apply: Callable) -> torch.Tensor:
+    if v.requires_grad and torch.is_grad_enabled():
+        return _SelfAdjoint.apply(v, apply)
+    return apply(v)
 
 
 def _check_damping(damping) -> float:
@@ -1438,6 +1579,18 @@ def _check_path(path: str) -> None:
         raise HessianInverseError(f"path must be one of {PATHS}, got {path!r}")
 
 
+def default_rtol(dtype: torch.dtype) -> float:
+    """The default accuracy contract: backward error at most eps^(2/3).
+
+    About 3.7e-11 in float64 and 2.4e-5 in float32: a few digits above
+    rounding.  A solve that meets it is the exact solution for a matrix and
+    right-hand side within that relative distance of the given ones, so its
+    error is at most about cond(B + eps I) times it; one that misses it is
+    refused.
+    """
+    return torch.finfo(dtype).eps ** (2 / 3)
+
+
 def choose_route(path: str, damping: Optional[float], closed_forms: bool) -> str:
     """The one place the route is decided: ``'structured'`` or ``'generic'``.
 
@@ -1452,7 +1605,7 @@ def choose_route(path: str, damping: Optional[float], closed_forms: bool) -> str
     return "structured" if closed_forms and (damping is None or damping > 0) else "generic"
 
 
-def _scipy_operator(op: HessianOperator, apply: Callable[[torch.Tensor], torch.Tensor]):
+def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
     from scipy.sparse.linalg import LinearOperator
     import numpy as np
 
@@ -1468,12 +1621,12 @@ class HessianOperator:
     """The Hessian ``H`` of a tracked chain's loss, held through its layer blocks.
 
     Build it with :func:`hessian_operator`.  ``H @ v`` costs two sweeps of
-    block products; :meth:`factorize` gives ``(H + damping I)^{-1}`` and
-    reuses these derivatives for any number of damping values.  With
-    ``curvature == 'ggn'`` the blocks are the Gauss-Newton matrix's and "H"
-    reads "GGN" throughout.  ``derivs`` holds one :class:`LayerDerivatives`
-    (dense) or :class:`AffineLayerBlocks` (closed form) per layer; ``gauge``
-    the loss layer's known null basis N, or None.
+    block products (and is differentiable in v); :meth:`factorize` gives
+    ``(H + damping I)^{-1}`` and reuses these derivatives for any number of
+    damping values.  With ``curvature == 'ggn'`` the blocks are the
+    Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``derivs`` holds one
+    :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks` (closed
+    form) per layer; ``gauge`` the loss layer's known null basis N, or None.
     """
 
     def __init__(self, derivs: list, gauge: Optional[torch.Tensor],
@@ -1509,7 +1662,8 @@ class HessianOperator:
 
     def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
         """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
-        return _split_vector(v, self.param_sizes, self._like, what)[0]
+        _check_vector(v, self.param_sizes, self._like, what)
+        return _split(v, self.param_sizes)
 
     def project_out_gauge(self, v: torch.Tensor) -> torch.Tensor:
         """``v - P_N v`` for v (n,) or (n, k); v itself when there is no known gauge."""
@@ -1526,27 +1680,36 @@ class HessianOperator:
         """
         if not self.has_closed_forms:
             return self
-        check_memory(LayerSizes.of_derivatives(self.derivs), "generic", self.dtype,
-                     self.device, self.memory_limit,
+        check_memory(LayerSizes.of_derivatives(self.derivs), "generic", "factorization",
+                     self.dtype, self.device, self.memory_limit,
                      "Use damping > 0, which allows the structured path, or: ")
         dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in self.derivs]
         return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit)
 
+    def apply_blocks(self, x: list, damping: float = 0.0) -> list:
+        """``(H + damping I) x`` on per-layer blocks (p_l, k): the exact product."""
+        out = structured_hessian_vector_product(self.derivs, x)
+        return [o + damping * xi for o, xi in zip(out, x)] if damping else out
+
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        blocks, vector = _split_vector(v, self.param_sizes, self._like, "v")
-        return _join(structured_hessian_vector_product(self.derivs, blocks), vector)
+        """``H v`` for v (n,) or (n, k); differentiable in v."""
+        _check_vector(v, self.param_sizes, self._like, "v")
+        return _differentiable_in_v(
+            v, lambda u: _join(self.apply_blocks(_split(u, self.param_sizes)), u.dim() == 1))
 
     __matmul__ = matmul
 
     def factorize(self, damping: float = 0.0, check_condition: bool = True,
-                  path: str = "auto") -> "HessianInverse":
+                  path: str = "auto", rtol: Optional[float] = None,
+                  on_inaccurate: str = "raise") -> "HessianInverse":
         """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
 
         ``path``: ``'structured'`` eliminates every layer's parameters (needs
         damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        decides by :func:`choose_route`.
+        decides by :func:`choose_route`.  ``rtol`` and ``on_inaccurate``: the
+        accuracy contract of every solve (see :class:`HessianInverse`).
         """
-        return HessianInverse(self, damping, check_condition, path)
+        return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -1569,31 +1732,31 @@ def _factor_or_explain(system: BlockTridiagonal, what: str, damping: float) -> B
         raise SingularHessianError(_singular_message(what, str(err), damping)) from None
 
 
+def _system_name(operator: HessianOperator, damping: float, gauge) -> str:
+    B = operator.symbol
+    if damping:
+        return f"{B} + {damping:g} I"
+    return f"{B} + P_N ({B} gauge-fixed on the softmax null space)" if gauge is not None else B
+
+
 class LiftedSolver:
     """The generic route: the lifted system, factored by pivoted banded LU.
 
     Works for any chain and any damping >= 0; with damping 0 and a known
-    gauge it solves ``(H + N N^T) x = v - N N^T v`` (Moore-Penrose;
-    docs/ALGORITHM.md, "The softmax gauge").  One step of iterative refinement
-    against the lifted system follows every solve.  With ``check_condition``
-    the factorisation is refused when the Hager-Higham estimate ``rcond`` of
-    the lifted system's reciprocal condition number is below the dtype's eps.
-    Needs dense blocks (a :class:`HessianOperator` after :meth:`densified`).
+    gauge N it factors ``H + N N^T`` (Moore-Penrose; docs/ALGORITHM.md, "The
+    softmax gauge").  With ``check_condition`` the factorisation is refused
+    when the Hager-Higham estimate ``rcond`` of the lifted system's reciprocal
+    condition number is below the dtype's eps.  Needs dense blocks (a
+    :class:`HessianOperator` after :meth:`~HessianOperator.densified`).
     """
 
     route = "generic"
-    probe_error = None
 
-    def __init__(self, operator: HessianOperator, damping: float, check_condition: bool,
-                 refine_steps: int = 1):
+    def __init__(self, operator: HessianOperator, damping: float,
+                 gauge: Optional[torch.Tensor], check_condition: bool):
         self.operator = operator
-        self.refine_steps = refine_steps
-        self.gauge = operator.gauge if damping == 0.0 else None
-        self.system = assemble_lifted_system(operator.derivs, damping, self.gauge)
-        B = operator.symbol
-        what = B + (f" + {damping:g} I" if damping else
-                    (f" + P_N ({B} gauge-fixed on the softmax null space)"
-                     if self.gauge is not None else ""))
+        self.system = assemble_lifted_system(operator.derivs, damping, gauge)
+        what = _system_name(operator, damping, gauge)
         self.lu = _factor_or_explain(self.system, what, damping)
         self.rcond = None
         if check_condition:
@@ -1603,17 +1766,10 @@ class LiftedSolver:
                     what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}",
                     damping))
 
-    def solve(self, blocks: list) -> list:
-        """Per-layer blocks (p_l, k) of the right-hand side -> those of the solution."""
+    def solve_once(self, blocks: list) -> list:
+        """One pass through the factors: per-layer right-hand sides -> parameter blocks."""
         derivs = self.operator.derivs
-        if self.gauge is not None:
-            blocks = blocks[:-1] + [blocks[-1] - self.gauge @ (self.gauge.T @ blocks[-1])]
-        rhs = _lift(derivs, blocks)
-        x = banded_lu_solve(self.lu, rhs)
-        for _ in range(self.refine_steps):
-            residual = [r - ax for r, ax in zip(rhs, self.system.matmul(x))]
-            x = [xi + di for xi, di in zip(x, banded_lu_solve(self.lu, residual))]
-        return _unlift(derivs, x)
+        return _unlift(derivs, banded_lu_solve(self.lu, _lift(derivs, blocks)))
 
     def reciprocal_condition(self, iterations: int = 5) -> float:
         """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
@@ -1640,11 +1796,6 @@ class LiftedSolver:
         return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
 
 
-def _column_ratio(dx: Sequence[torch.Tensor], x: Sequence[torch.Tensor]) -> float:
-    """max over columns of ||dx_j|| / ||x_j||, for blocks of (p_l, k) matrices."""
-    dx_norm = torch.stack([d.square().sum(0) for d in dx]).sum(0).sqrt()
-    x_norm = torch.stack([xi.square().sum(0) for xi in x]).sum(0).sqrt()
-    return float((dx_norm / x_norm).max())
 
 
 class EliminatedSolver:
@@ -1654,129 +1805,251 @@ class EliminatedSolver:
     the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
     equilibrated (``scales``, :func:`equilibrate`) and factored by the same
     pivoted :func:`banded_lu` as the generic route.  A solve costs
-    O(sum_l a_l^2 + sum_l a_l p_l) per vector.
-
-    Eliminating x_l divides by eps, so the reduced system can be worse
-    conditioned than ``H + eps I`` itself.  :meth:`solve` therefore refines
-    against the exact closed-form Hessian-vector product (not the reduced
-    system): up to ``refine_steps`` corrections, stopping after one below
-    sqrt(u) ||x|| or once they stop shrinking.  With ``check_condition`` the
-    factorisation is accepted only if that refinement converges on a fixed
-    random right-hand side, its last correction (``probe_error``, relative to
-    the solution) below u^(1/4) (1e-4 in float64, 2e-2 in float32); else
-    :class:`EliminationError` (docs/ALGORITHM.md, "Parameter elimination").
+    O(sum_l a_l^2 + sum_l a_l p_l) per vector.  Eliminating x_l divides by
+    eps, so the reduced system can be worse conditioned than ``H + eps I``
+    itself: :class:`HessianInverse` refines every solve against the exact
+    product (docs/ALGORITHM.md, "Parameter elimination").
     """
 
     route = "structured"
     rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float, check_condition: bool,
-                 refine_steps: int = 10):
+    def __init__(self, operator: HessianOperator, damping: float):
         if not damping > 0:
             raise HessianInverseError(
                 f"the structured path needs a finite damping > 0 (it inverts A_l + damping I "
                 f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
             )
         self.operator = operator
-        self.damping = damping
-        self.refine_steps = refine_steps
         self.eliminated = [eliminate_layer(d, damping, l + 1)
                            for l, d in enumerate(operator.derivs)]
         self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
         self.lu = _factor_or_explain(self.system, f"{operator.symbol} + {damping:g} I", damping)
-        self.probe_error = None
-        if check_condition and refine_steps > 0:
-            self.probe_error = self._probe()
-            if not self.probe_error <= torch.finfo(operator.dtype).eps ** 0.25:
-                raise EliminationError(
-                    f"{operator.symbol} + {damping:g} I: iterative refinement of the structured "
-                    f"solve did not converge (last correction {self.probe_error:.1e} of the "
-                    f"solution): either {operator.symbol} + damping I is singular to working "
-                    "precision, or eliminating the parameters made the reduced system too "
-                    "ill-conditioned. Use path='generic' (pivoted on the full lifted system; it "
-                    "tells the two apart) or increase the damping."
-                )
 
-    def _probe(self) -> float:
-        op = self.operator
-        generator = torch.Generator(device=op.device).manual_seed(0)
-        g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype, device=op.device)
-        return self._refined_solve(list(g.split(op.param_sizes)))[1]
-
-    def _solve_reduced(self, g_blocks: list) -> list:
+    def solve_once(self, g_blocks: list) -> list:
+        """Reduced right-hand side, one pass through the factors, parameters recovered."""
         derivs = self.operator.derivs
         rhs = _reduced_rhs(derivs, self.eliminated, g_blocks)
         scaled = banded_lu_solve(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
         reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
         return _recover_parameters(derivs, self.eliminated, g_blocks, reduced)
 
-    def _refined_solve(self, g_blocks: list) -> tuple[list, float]:
-        """Reduced solve plus refinement; x and its last correction's relative size."""
-        x = self._solve_reduced(g_blocks)
-        tolerance = math.sqrt(torch.finfo(self.operator.dtype).eps)
-        last = math.inf
-        for _ in range(self.refine_steps):
-            hx = structured_hessian_vector_product(self.operator.derivs, x)
-            residual = [g - h - self.damping * xi for g, h, xi in zip(g_blocks, hx, x)]
-            dx = self._solve_reduced(residual)
-            size = _column_ratio(dx, x)
-            if not size < last:  # not contracting: keep x
-                break
-            x = [xi + di for xi, di in zip(x, dx)]
-            last = size
-            if size <= tolerance:
-                break
-        return x, last
 
-    def solve(self, blocks: list) -> list:
-        """Per-layer blocks (p_l, k) of the right-hand side -> those of the solution."""
-        return self._refined_solve(blocks)[0]
+def _column_norms(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each column of a block vector of (p_l, k) matrices: (k,)."""
+    return torch.stack([d.square().sum(0) for d in blocks]).sum(0).sqrt()
+
+
+def _relative_norm(num: Sequence[torch.Tensor], den: Sequence[torch.Tensor]) -> float:
+    """max over columns j of ||num_j|| / ||den_j|| for blocks of (p_l, k) matrices (0/0 = 0)."""
+    num_norm, den_norm = _column_norms(num), _column_norms(den)
+    ratio = torch.where(den_norm > 0, num_norm / den_norm,
+                        torch.where(num_norm > 0, math.inf, 0.0))
+    return float(ratio.max())
 
 
 class HessianInverse:
     """``(H + damping I)^{-1}`` as a factorised operator; ``inv @ v`` solves.
 
     Build it with :func:`factorize` or :meth:`HessianOperator.factorize`.  The
-    work is done by ``solver``, chosen by :func:`choose_route`: a
-    :class:`LiftedSolver` (``route == 'generic'``, accuracy checked by the
-    condition estimate ``rcond``) or an :class:`EliminatedSolver`
-    (``route == 'structured'``, checked by its refinement probe
-    ``probe_error``).  With ``path='auto'``, a structured factorisation that
-    fails (:class:`EliminationError`, or a reduced system singular to working
-    precision) warns and falls back to the generic route if that fits in
-    memory.
+    factors belong to ``solver``, chosen by :func:`choose_route`: a
+    :class:`LiftedSolver` (``route == 'generic'``; with ``check_condition``
+    its condition estimate ``rcond`` must exceed eps) or an
+    :class:`EliminatedSolver` (``route == 'structured'``; with
+    ``check_condition`` and ``probe``, a refined solve of a fixed random
+    right-hand side must meet the contract below: its residual is
+    ``probe_error``).  With ``path='auto'`` a structured factorisation or
+    solve that fails warns and falls back to the generic route, if that fits
+    in memory.
+
+    The accuracy contract, the same on both routes: every solve is refined
+    against the exact product ``A x = (H + damping I) x`` (block sweeps, not
+    the factored system) while that lowers its residual r = v - A x, and its
+    measured normwise backward error ``max_j ||r_j|| / (||A|| ||x_j|| +
+    ||v_j||)`` (``backward_error``; ||A|| by power iteration, a lower bound, so
+    the figure errs high) must be at most ``rtol`` (default
+    :func:`default_rtol`), or :class:`InaccurateSolveError` is raised with the
+    figure and the advice (``on_inaccurate='warn'`` warns and returns the
+    result instead).  ``residual`` keeps ``max_j ||r_j|| / ||v_j||``; the
+    error of x is at most about cond(A) times the backward error.
 
     With ``damping == 0`` and a loss layer with known null directions N (the
     softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
     ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
-    Vectors, or (n, k) matrices of them, are solved with the stored factors.
-    Raises :class:`SingularHessianError` when the system is singular beyond the gauge.
+    Vectors, or (n, k) matrices of them, are solved with the stored factors;
+    the solve is differentiable in v (its backward is the same solve; H's own
+    dependence on the parameters is not differentiated).
     """
 
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
-                 check_condition: bool = True, path: str = "auto"):
+                 check_condition: bool = True, path: str = "auto",
+                 rtol: Optional[float] = None, on_inaccurate: str = "raise",
+                 max_refinement: int = 10, probe: bool = True):
         _check_path(path)
+        if on_inaccurate not in ("raise", "warn"):
+            raise HessianInverseError(
+                f"on_inaccurate must be 'raise' or 'warn', got {on_inaccurate!r}")
+        rtol = default_rtol(operator.dtype) if rtol is None else rtol
+        if not (isinstance(rtol, (int, float)) and 0 < rtol < math.inf):
+            raise HessianInverseError(f"rtol must be a number > 0, got {rtol!r}")
         self.operator = operator
         self.damping = _check_damping(damping)
         self.check_condition = check_condition
         self.path = path
-        self.solver = self._make_solver(choose_route(path, self.damping,
-                                                     operator.has_closed_forms))
+        self.rtol = float(rtol)
+        self.on_inaccurate = on_inaccurate
+        self.max_refinement = max_refinement
+        self.gauge = operator.gauge if self.damping == 0.0 else None
+        self.residual: Optional[float] = None
+        self.correction: Optional[float] = None
+        self.backward_error: Optional[float] = None
+        self.probe_error: Optional[float] = None
+        self._norm: Optional[float] = None
+        route = choose_route(path, self.damping, operator.has_closed_forms)
+        self.solver = self._structured_solver(probe) if route == "structured" else \
+            LiftedSolver(operator.densified(), self.damping, self.gauge, check_condition)
 
-    def _make_solver(self, route: str):
-        if route == "generic":
-            return LiftedSolver(self.operator.densified(), self.damping, self.check_condition)
+    def _structured_solver(self, probe: bool):
+        op = self.operator
+        check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
+                     op.dtype, op.device, op.memory_limit)
         try:
-            return EliminatedSolver(self.operator, self.damping, self.check_condition)
+            solver = EliminatedSolver(op, self.damping)
+            if self.check_condition and probe:
+                generator = torch.Generator(device=op.device).manual_seed(0)
+                g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+                                device=op.device)
+                b = _split(g, op.param_sizes)
+                self.probe_error = self._check(b, *self._refine(solver, b))
+                if not self.probe_error <= self.rtol:
+                    raise EliminationError(
+                        "acceptance probe (a random right-hand side): "
+                        + self._inaccurate_message(self.probe_error, "structured")
+                        + " Eliminating the parameters can also make the reduced system too "
+                        "ill-conditioned: path='generic' (pivoted on the full lifted system) "
+                        "tells the two apart.")
+            return solver
         except SingularHessianError as err:
-            if self.path != "auto":
-                raise
+            return self._fall_back(err)
+
+    def _fall_back(self, err: SingularHessianError) -> LiftedSolver:
+        """``path='auto'`` after a structured failure: warn, then the generic route."""
+        if self.path != "auto":
+            raise err
+        try:
+            dense = self.operator.densified()
+        except InsufficientMemoryError:
+            raise err from None
+        warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
+        self.probe_error = None
+        return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
+
+    def _name(self) -> str:
+        return _system_name(self.operator, self.damping, self.gauge)
+
+    def _apply(self, x: list) -> list:
+        """The exact product with what the factors invert: ``H + damping I`` [+ N N^T]."""
+        out = self.operator.apply_blocks(x, self.damping)
+        if self.gauge is not None:
+            out[-1] = out[-1] + self.gauge @ (self.gauge.T @ x[-1])
+        return out
+
+    def _refine(self, solver, b: list) -> tuple[list, list, float]:
+        """A solve refined against the exact product.
+
+        Corrections continue while they lower the relative residual, up to
+        ``max_refinement``, and stop once it is at rounding level (eps).
+        Returns x, its residual b - A x, and the size of the last correction
+        computed relative to x (0 if none was needed): an estimate of x's
+        relative error, which stays O(1) when A is singular to working precision.
+        """
+        eps = torch.finfo(self.operator.dtype).eps
+        x = solver.solve_once(b)
+        r = [bi - ai for bi, ai in zip(b, self._apply(x))]
+        res, correction = _relative_norm(r, b), 0.0
+        for _ in range(self.max_refinement):
+            if not res > eps:
+                break
+            dx = solver.solve_once(r)
+            x_new = [xi + di for xi, di in zip(x, dx)]
+            correction = _relative_norm(dx, x_new)
+            r_new = [bi - ai for bi, ai in zip(b, self._apply(x_new))]
+            res_new = _relative_norm(r_new, b)
+            if not res_new < res:
+                break
+            x, r, res = x_new, r_new, res_new
+        return x, r, correction
+
+    def _norm_estimate(self, steps: int = 8) -> float:
+        """A lower bound on ||A||_2 by power iteration (``steps`` exact products, cached)."""
+        if self._norm is None:
+            op = self.operator
+            generator = torch.Generator(device=op.device).manual_seed(1)
+            q = _split(torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+                                   device=op.device), op.param_sizes)
+            norm = 0.0
+            for _ in range(steps):
+                size = torch.stack([qi.square().sum() for qi in q]).sum().sqrt()
+                q = self._apply([qi / size for qi in q])
+                norm = float(torch.stack([qi.square().sum() for qi in q]).sum().sqrt())
+            self._norm = norm
+        return self._norm
+
+    def _check(self, b: list, x: list, r: list, correction: float) -> float:
+        """The contract's figure for a refined solve: its backward error, or inf if undetermined.
+
+        The backward error is ``max_j ||r_j|| / (||A|| ||x_j|| + ||b_j||)``
+        (the cheap bound ||r_j|| / ||b_j|| when that already meets ``rtol``).
+        A singular A can still give a small backward error, so a solve whose
+        last refinement correction exceeds eps^(1/4) of x (refinement that
+        does not converge: A singular to working precision) counts as inf.
+        """
+        self.residual = _relative_norm(r, b)
+        self.correction = correction
+        if not correction <= torch.finfo(self.operator.dtype).eps ** 0.25:
+            return math.inf
+        if self.residual <= self.rtol:
+            return self.residual
+        eta = _column_norms(r) / (self._norm_estimate() * _column_norms(x) + _column_norms(b))
+        return float(torch.nan_to_num(eta, nan=math.inf).max())
+
+    def _inaccurate_message(self, eta: float, route: str) -> str:
+        dtype = str(self.operator.dtype).replace("torch.", "")
+        if math.isinf(eta):
+            found = (f"iterative refinement did not converge (last correction {self.correction:.1e}"
+                     f" of the solution): {self._name()} is singular to working precision")
+        else:
+            found = (f"the solve's backward error ||v - A x|| / (||A|| ||x|| + ||v||) is "
+                     f"{eta:.1e} (relative residual {self.residual:.1e}), above rtol = "
+                     f"{self.rtol:.1e}")
+        return (f"{self._name()}: {found} ({route} route, {dtype}). Too ill-conditioned "
+                f"for {dtype} at this damping: use float64 (model.double()) or increase the "
+                "damping, or pass a looser rtol= (or on_inaccurate='warn' to take the result "
+                "anyway).")
+
+    def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
+        b = _split(v, self.operator.param_sizes)
+        if self.gauge is not None:
+            b[-1] = b[-1] - self.gauge @ (self.gauge.T @ b[-1])
+        x, r, correction = self._refine(self.solver, b)
+        eta = self._check(b, x, r, correction)
+        if not eta <= self.rtol and self.route == "structured" and self.path == "auto":
             try:
-                dense = self.operator.densified()
-            except InsufficientMemoryError:
-                raise err from None
-            warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
-            return LiftedSolver(dense, self.damping, self.check_condition)
+                message = self._inaccurate_message(eta, self.route)
+                solver = self._fall_back(InaccurateSolveError(message))
+            except SingularHessianError:
+                if self.on_inaccurate == "raise":
+                    raise
+            else:
+                self.solver = solver
+                x, r, correction = self._refine(solver, b)
+                eta = self._check(b, x, r, correction)
+        self.backward_error = eta
+        if not eta <= self.rtol:
+            if self.on_inaccurate == "raise":
+                raise InaccurateSolveError(self._inaccurate_message(eta, self.route))
+            warnings.warn(self._inaccurate_message(eta, self.route), RuntimeWarning)
+        return _join(x, v.dim() == 1)
 
     @property
     def route(self) -> str:
@@ -1789,24 +2062,20 @@ class HessianInverse:
         return self.solver.rcond
 
     @property
-    def probe_error(self) -> Optional[float]:
-        """Structured route: the acceptance probe's last refinement correction."""
-        return self.solver.probe_error
-
-    @property
     def shape(self) -> tuple[int, int]:
         return self.operator.shape
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k)."""
-        blocks, vector = _split_vector(v, self.operator.param_sizes, self.operator._like, "v")
-        return _join(self.solver.solve(blocks), vector)
+        """``(H + damping I)^{-1} v`` for v of shape (n,) or (n, k); differentiable in v."""
+        _check_vector(v, self.operator.param_sizes, self.operator._like, "v")
+        return _differentiable_in_v(v, self._solve_detached)
 
     __matmul__ = solve
 
     def with_damping(self, damping: float) -> "HessianInverse":
         """Another damping from the same derivatives (the route chosen anew, same ``path``)."""
-        return HessianInverse(self.operator, damping, self.check_condition, self.path)
+        return HessianInverse(self.operator, damping, self.check_condition, self.path,
+                              self.rtol, self.on_inaccurate, self.max_refinement)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -1819,32 +2088,61 @@ class HessianInverse:
 
 
 def validate_model(model, curvature: str = "hessian") -> None:
-    """Refuse a model that is not a :class:`TrackedChain` or cannot give ``curvature``."""
+    """Refuse, with the fix, a model the Hessian routines cannot serve exactly.
+
+    It must be a :class:`TrackedChain` whose parameters are float32 or float64
+    (one dtype, one device), each owned by exactly one layer (no tied
+    weights), and able to give ``curvature``.
+    """
     if not isinstance(model, TrackedChain):
         raise HessianInverseError(
             f"model must be a TrackedChain (e.g. DeepMLPWithTracking), got "
             f"{type(model).__name__}"
         )
+    owner: dict = {}
+    for l, layer in enumerate(model.layers):
+        for name, p in layer.named_parameters():
+            if id(p) in owner:
+                raise HessianInverseError(
+                    f"parameter {name!r} of layer {l + 1} is also a parameter of layer "
+                    f"{owner[id(p)] + 1} (tied weights). The Hessian here is over each layer's "
+                    "own parameters (the lifted system has one block per layer); a tied model's "
+                    "Hessian sums those blocks and is not supported. Give each layer its own "
+                    "copy of the weights.")
+            owner[id(p)] = l
+    params = list(model.parameters())
+    if not params or {id(p) for p in params} != set(owner):
+        raise HessianInverseError(
+            "every parameter of the model must belong to one of model.layers (the Hessian is "
+            "over model.parameters() in layer order); found "
+            + ("no parameters" if not params else "parameters outside the layers"))
+    kinds = {(p.dtype, p.device) for p in params}
+    dtype, device = next(iter(kinds))
+    if len(kinds) > 1 or dtype not in (torch.float32, torch.float64):
+        found = ", ".join(sorted(f"{d} on {dev}" for d, dev in kinds))
+        raise HessianInverseError(
+            f"the Hessian routines need all parameters in float32 or float64 on one device; "
+            f"found {found}. Convert the model with model.float() or model.double() (and "
+            ".to(device)), then run the tracked forward pass again.")
     _check_curvature(curvature, model.loss_layer)
 
 
 def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor],
                                curvature: str, path: str, damping: Optional[float],
-                               memory_limit: Optional[int]) -> HessianOperator:
-    """Check the tracked pass, decide the route, guard memory, then one derivative sweep.
+                               memory_limit: Optional[int], stage: str) -> HessianOperator:
+    """Check the tracked pass, decide the route, guard ``stage``'s memory, one sweep.
 
     Arguments are already validated.  Layers get closed forms exactly when the
     route is structured.
     """
     tracked = model.tracked_forward(loss)
     closed = closed_form_flags(model, tracked)
-    if choose_route(path, damping, any(closed)) == "structured":
-        route = "structured"
-    else:
-        route, closed = "generic", [False] * len(closed)
+    route = choose_route(path, damping, any(closed))
+    if route == "generic":
+        closed = [False] * len(closed)
     first = tracked.inputs[-1]
-    check_memory(LayerSizes.of_model(model, tracked, closed), route, first.dtype, first.device,
-                 memory_limit)
+    check_memory(LayerSizes.of_model(model, tracked, closed), route, stage, first.dtype,
+                 first.device, memory_limit)
     derivs = chain_derivatives(model, tracked, curvature, closed)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
@@ -1859,8 +2157,9 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     ``loss`` (optional) must be the tensor that tracked forward returned; it is
     only checked, never differentiated, so ``loss.backward(create_graph=True)``
     beforehand is allowed but not needed.  ``memory_limit`` (bytes) overrides
-    the free memory of the device used by the pre-allocation estimate.
-    ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
+    the free memory of the device used by the pre-allocation estimate, which
+    charges the derivative blocks only (a factorisation is guarded when asked
+    for).  ``curvature='ggn'`` gives the generalized Gauss-Newton matrix
     ``J^T H_loss J`` instead (J: Jacobian of the loss layer's logits in all
     parameters); the loss layer must expose ``logits`` and ``loss``.  The
     softmax gauge is a null space of both.
@@ -1870,60 +2169,77 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     """
     validate_model(model, curvature)
     _check_path(path)
-    return _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit)
+    return _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit,
+                                      "derivatives")
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
               memory_limit: Optional[int] = None, curvature: str = "hessian",
-              path: str = "auto") -> HessianInverse:
+              path: str = "auto", rtol: Optional[float] = None,
+              on_inaccurate: str = "raise") -> HessianInverse:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
     with ``curvature='ggn'``), ready for many solves.
 
     ``path``: ``'auto'`` (default) takes the structured route when damping > 0
     and the model has affine layers with closed forms, else the generic one
     (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
+    ``rtol``, ``on_inaccurate``: the accuracy contract (:class:`HessianInverse`).
     """
     validate_model(model, curvature)
     _check_path(path)
     damping = _check_damping(damping)
-    operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit)
-    return HessianInverse(operator, damping, path=path)
+    operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
+                                          "factorization")
+    return HessianInverse(operator, damping, path=path, rtol=rtol, on_inaccurate=on_inaccurate)
 
 
 def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
                                    v: torch.Tensor, damping: float = 0.0,
                                    memory_limit: Optional[int] = None,
-                                   curvature: str = "hessian",
-                                   path: str = "auto") -> torch.Tensor:
+                                   curvature: str = "hessian", path: str = "auto",
+                                   rtol: Optional[float] = None,
+                                   on_inaccurate: str = "raise") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
         model: a :class:`TrackedChain` run with ``track_activations=True``.
         loss: the scalar loss that forward pass returned (or None).
         v: (n,) or (n, k), n = total parameters, ordered as ``model.parameters()``.
+            Checked before any derivative is computed; the result is
+            differentiable in v (not in the parameters through H).
         damping: eps >= 0.  With 0, a softmax classifier's always-singular H is
             gauge-fixed and ``H^+ v`` (Moore-Penrose on the logit-shift null
             space) is returned.
-        memory_limit: bytes available to the factorisation (default: the
-            device's free memory).
+        memory_limit: bytes available (default: the device's free memory).
         curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
             ``J^T H_loss J``, positive semi-definite for cross-entropy).
         path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
+        rtol, on_inaccurate: the accuracy contract: the result's relative
+            residual is at most ``rtol`` (default :func:`default_rtol`) or
+            :class:`InaccurateSolveError` is raised (``'warn'``: warned).
 
-    ``v`` is checked before any derivative is computed.  Raises
-    :class:`SingularHessianError` if the system is singular beyond the gauge.
+    The structured route pays no separate acceptance probe here: the refined
+    solve of ``v`` is its own test, and ``path='auto'`` falls back to the
+    generic route only if it fails.  Raises :class:`SingularHessianError` if
+    the system is singular beyond the gauge.
     """
     validate_model(model, curvature)
-    sizes = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
-    blocks, vector = _split_vector(v, sizes, next(model.parameters()), "v")
-    inverse = factorize(model, loss, damping, memory_limit, curvature, path)
-    return _join(inverse.solver.solve(blocks), vector)
+    _check_path(path)
+    damping = _check_damping(damping)
+    like = next(model.parameters())
+    _check_vector(v, [sum(p.numel() for p in layer.parameters()) for layer in model.layers],
+                  like, "v")
+    operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
+                                          "factorization")
+    inverse = HessianInverse(operator, damping, path=path, rtol=rtol,
+                             on_inaccurate=on_inaccurate, probe=False)
+    return _differentiable_in_v(v, inverse._solve_detached)
 
 
 def hessian_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
                            v: torch.Tensor, curvature: str = "hessian") -> torch.Tensor:
     """``H v`` through the layer structure (equal to Pearlmutter's product), or
-    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``."""
+    ``GGN v = J^T H_loss J v`` with ``curvature='ggn'``; differentiable in v."""
     return hessian_operator(model, loss, curvature=curvature).matmul(v)
 
 
