@@ -1549,13 +1549,13 @@ class _SelfAdjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: torch.Tensor, apply: Callable) -> torch.Tensor:
-        ctx.apply = apply
+        ctx.linear_map = apply
         return apply(v)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        return ctx.apply(grad_output.contiguous()), None
+        # The same map again, itself differentiable (create_graph=True works).
+        return _SelfAdjoint.apply(grad_output.contiguous(), ctx.linear_map), None
 
 
 def _differentiable_in_v(v: torch.Tensor, apply: Callable) -> torch.Tensor:

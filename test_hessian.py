@@ -478,5 +478,181 @@ def test_loss_argument_is_optional(tracked):
                        hi.hessian_vector_product(model, loss, v))
 
 
+# ----------------------------------------------------------------------------
+# No silent wrong answer: stale state, the accuracy contract, what H v needs
+# ----------------------------------------------------------------------------
+
+
+def _change_parameters(model, loss, how):
+    """Every way users change parameters, most of them invisible to autograd."""
+    params = list(model.parameters())
+    if how == "vector_to_parameters":
+        nn.utils.vector_to_parameters(flat_parameters(model) + 0.1, params)
+    elif how == "assign_data":
+        params[0].data = params[0].data + 0.1
+    elif how == "data_add_":
+        params[0].data.add_(0.1)
+    elif how == "fused_adam":
+        optimizer = torch.optim.Adam(params, lr=0.1, fused=True)
+        loss.backward()
+        optimizer.step()
+    elif how == "double":
+        model.float()
+
+
+@pytest.mark.parametrize("how", ["vector_to_parameters", "assign_data", "data_add_",
+                                 "fused_adam", "double"])
+@pytest.mark.parametrize("route", ["product", "solve"])
+def test_parameters_changed_behind_autograds_back_are_refused(how, route):
+    """Issue 10.1: the tracked pass keeps the parameter values and compares them bit for bit."""
+    model, x, t, loss = make_mlp(63, 3, 4, 6, "tanh")
+    v = torch.randn(_n(model), dtype=F64)
+    _change_parameters(model, loss, how)
+    v = v.to(next(model.parameters()).dtype)
+    with pytest.raises(hi.NotTrackedError, match="parameters changed"):
+        if route == "product":
+            hi.hessian_vector_product(model, loss, v)
+        else:
+            hi.hessian_inverse_vector_product(model, loss, v, damping=1e-2)
+
+
+def test_input_changed_in_place_after_tracking_does_not_change_the_answer():
+    """Issue 10.2: the recorded input is a copy, so the answer is the tracked point's."""
+    model, x, t, loss = make_mlp(64, 3, 4, 6, "tanh")
+    x_at_tracking = x.clone()
+    v = torch.randn(_n(model), dtype=F64)
+    x.mul_(3)
+    y = hi.hessian_inverse_vector_product(model, loss, v, damping=1e-2)
+    H = dense_hessian(model, x_at_tracking, t)
+    assert relative_error(y, dense_solve(H, v, 1e-2)) <= 1e-12
+    assert relative_error(hi.hessian_vector_product(model, loss, v), H @ v) <= 1e-13
+
+
+@pytest.mark.parametrize("seed,layers,damping", [(65, 6, 1e-4), (66, 12, 1e-3), (67, 24, 1e-2)])
+@pytest.mark.parametrize("path", ["structured", "generic"])
+def test_float32_meets_the_accuracy_contract_or_raises(seed, layers, damping, path):
+    """Issue 10.3: a float32 result's backward error, measured independently in
+    float64 against the dense Hessian of the same float32 values, is within the
+    stated rtol (plus the rounding of the float32 product that checked it), or
+    the call raised InaccurateSolveError (or SingularHessianError) with the figure."""
+    model, x, t, loss = make_mlp(seed, layers, 6, 8, "tanh", dtype=torch.float32)
+    v = torch.randn(_n(model))
+    try:
+        inverse = hi.factorize(model, loss, damping, path=path)
+        y = inverse @ v
+    except hi.SingularHessianError as err:
+        assert "float64" in str(err) or "singular" in str(err)
+        return
+    twin = copy.deepcopy(model).double()
+    A = dense_hessian(twin, x.double(), t) + damping * torch.eye(_n(model), dtype=F64)
+    y64, v64 = y.double(), v.double()
+    eta = (v64 - A @ y64).norm() / (torch.linalg.matrix_norm(A, 2) * y64.norm() + v64.norm())
+    assert eta <= inverse.rtol + 10 * torch.finfo(torch.float32).eps
+    assert inverse.backward_error <= inverse.rtol
+
+
+def test_an_unattainable_tolerance_raises_with_the_figure_or_warns():
+    model, x, t, loss = make_mlp(68, 8, 6, 8, "tanh", dtype=torch.float32)
+    v = torch.randn(_n(model))
+    with pytest.raises(hi.InaccurateSolveError, match=r"backward error .* above rtol.*float64"):
+        hi.hessian_inverse_vector_product(model, loss, v, damping=1e-3, rtol=1e-12,
+                                          path="structured")
+    with pytest.warns(RuntimeWarning, match="backward error"):
+        y = hi.hessian_inverse_vector_product(model, loss, v, damping=1e-3, rtol=1e-12,
+                                              path="generic", on_inaccurate="warn")
+    assert torch.isfinite(y).all()
+    with pytest.raises(hi.HessianInverseError, match="rtol"):
+        hi.factorize(model, loss, 1e-3, rtol=-1.0)
+    with pytest.raises(hi.HessianInverseError, match="on_inaccurate"):
+        hi.factorize(model, loss, 1e-3, on_inaccurate="ignore")
+
+
+def test_a_product_is_guarded_by_what_it_needs_not_by_a_factorisation():
+    """Issue 10.4: a wide model's H v runs in little memory; its factorisation is refused."""
+    torch.manual_seed(69)
+    model = hi.DeepMLPWithTracking(256, 512, 10, 3)
+    x, t = torch.randn(32, 256), torch.randint(0, 10, (32,))
+    loss = model(x, t, track_activations=True)
+    v = torch.randn(_n(model))
+    operator = hi.hessian_operator(model, loss, memory_limit=2 ** 30)
+    assert relative_error(operator @ v, autograd_hvp(model, (x, t), v)) <= 1e-5
+    with pytest.raises(hi.InsufficientMemoryError, match="factorisation needs about"):
+        operator.factorize(1e-2)
+    with pytest.raises(hi.InsufficientMemoryError, match="Shrink the curvature batch"):
+        hi.factorize(model, loss, 1e-2, memory_limit=2 ** 30)
+
+
+@pytest.mark.parametrize("damping,path", [(1e-2, "structured"), (1e-2, "generic"),
+                                          (0.0, "auto")])
+def test_solve_and_product_are_differentiable_in_v(damping, path):
+    """Issue 10.5: d/dv of w . (A^{-1} v) is A^{-1} w (A symmetric), to any order."""
+    model, x, t, loss = make_mlp(70, 3, 3, 64, "tanh")
+    H = dense_hessian(model, x, t)
+    A = H + damping * torch.eye(_n(model), dtype=F64)
+    solve = torch.linalg.pinv if damping == 0 else torch.linalg.inv
+    v = torch.randn(_n(model), dtype=F64, requires_grad=True)
+    w = torch.randn(_n(model), dtype=F64)
+    y = hi.hessian_inverse_vector_product(model, loss, v, damping=damping, path=path)
+    (grad,) = torch.autograd.grad(w @ y, v)
+    assert relative_error(grad, solve(A) @ w) <= 1e-9
+    # Second order: f = |A^{-1} v|^2 / 2 has gradient A^{-2} v and Hessian A^{-2}.
+    y = hi.hessian_inverse_vector_product(model, loss, v, damping=damping, path=path)
+    (grad,) = torch.autograd.grad(0.5 * y.square().sum(), v, create_graph=True)
+    (second,) = torch.autograd.grad(grad @ w, v)
+    assert relative_error(second, solve(A) @ solve(A) @ w) <= 1e-8
+    inverse = hi.factorize(model, loss, damping, path=path)
+    V = torch.randn(_n(model), 2, dtype=F64, requires_grad=True)
+    (grad_matrix,) = torch.autograd.grad((inverse @ V).square().sum(), V)
+    assert relative_error(grad_matrix, 2 * solve(A) @ solve(A) @ V.detach()) <= 1e-8
+    hv = hi.hessian_vector_product(model, loss, v)
+    (grad_hv,) = torch.autograd.grad(w @ hv, v)
+    assert relative_error(grad_hv, H @ w) <= 1e-13
+
+
+def test_tied_weights_are_refused_with_a_correct_message():
+    """Issue 10.6: one module used twice."""
+    shared = hi.AffineActivation(4, 4)
+    chain = hi.TrackedChain([shared, shared], hi.AffineCrossEntropy(4, 3)).double()
+    loss = chain(torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,)), track_activations=True)
+    with pytest.raises(hi.HessianInverseError, match="tied weights.*own copy"):
+        hi.hessian_vector_product(chain, loss, torch.zeros(_n(chain), dtype=F64))
+
+
+def test_half_precision_models_are_refused_with_the_fix():
+    """Issue 10.7: float16 / bfloat16."""
+    for dtype in (torch.float16, torch.bfloat16):
+        model = hi.DeepMLPWithTracking(4, 3, 3, 2).to(dtype)
+        loss = model(torch.randn(5, 4, dtype=dtype), torch.randint(0, 3, (5,)),
+                     track_activations=True)
+        with pytest.raises(hi.HessianInverseError, match=r"float32 or float64.*model.float\(\)"):
+            hi.hessian_vector_product(model, loss, torch.zeros(_n(model), dtype=dtype))
+
+
+@pytest.mark.parametrize("module", [nn.Dropout(0.5), nn.BatchNorm1d(4)])
+def test_random_or_stateful_training_mode_layers_are_refused(module):
+    """Issue 10.7: Dropout / BatchNorm in train mode; eval() makes them fine."""
+    torch.manual_seed(71)
+    chain = hi.TrackedChain([hi.AffineActivation(4, 4), module],
+                            hi.AffineCrossEntropy(4, 3)).double()
+    x, t = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    loss = chain(x, t, track_activations=True)
+    with pytest.raises(hi.NotTrackedError, match=r"training mode.*model.eval\(\)"):
+        hi.hessian_vector_product(chain, loss, torch.zeros(_n(chain), dtype=F64))
+    chain.eval()
+    loss = chain(x, t, track_activations=True)
+    v = torch.randn(_n(chain), dtype=F64)
+    H = dense_hessian(chain, x, t, vectorize=False)
+    assert relative_error(hi.hessian_vector_product(chain, loss, v), H @ v) <= 1e-12
+
+
+def test_no_columns_and_infinite_damping_are_clear_errors(tracked):
+    """Issue 10.7: v of shape (n, 0), damping=inf."""
+    model, x, t, loss = tracked
+    with pytest.raises(hi.HessianInverseError, match="k >= 1"):
+        hi.hessian_inverse_vector_product(model, loss, torch.zeros(_n(model), 0, dtype=F64), 1.0)
+    with pytest.raises(hi.HessianInverseError, match="finite number"):
+        hi.factorize(model, loss, damping=math.inf)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
