@@ -608,104 +608,115 @@ class AffineLayerBlocks:
     u_gradient: torch.Tensor
     u_hessian: torch.Tensor
     input_derivatives: bool = True
+    diagonal: bool = False
+
+    # Every tensor may carry leading dimensions (a stack of layers of the same
+    # shape, eliminated together); the methods act on each layer of the stack.
 
     @property
     def num_examples(self) -> int:
-        return self.inputs.shape[0]
+        return self.inputs.shape[-2]
 
     @property
     def num_params(self) -> int:
-        h, m = self.weight.shape
+        h, m = self.weight.shape[-2:]
         return h * (m + int(self.bias))
 
     @property
     def num_outputs(self) -> int:
-        return self.out_map.shape[0] if self.out_map.dim() == 2 else self.out_map.numel()
+        return self.out_map.shape[-1] if self.diagonal else self.out_map.shape[-2]
+
+    @property
+    def num_inputs(self) -> int:
+        return self.inputs.shape[-2] * self.inputs.shape[-1]
 
     def augmented_inputs(self) -> torch.Tensor:
         """[Z, 1] (B, m + 1), or Z without a bias: K is ``augmented_inputs kron I_h``."""
         if not self.bias:
             return self.inputs
-        return torch.cat([self.inputs, self.inputs.new_ones(self.num_examples, 1)], dim=1)
+        return torch.cat([self.inputs, torch.ones_like(self.inputs[..., :1])], dim=-1)
 
     def gram(self) -> torch.Tensor:
         """(B, B) Gram matrix of the augmented inputs: K K^T = gram kron I_h."""
         zt = self.augmented_inputs()
-        return zt @ zt.T
+        return zt @ zt.mT
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Parameter directions (p, k) as their W part (h, m, k) and c part (h, 1, k)."""
-        h, m = self.weight.shape
-        k = x.shape[1]
-        return x[:h * m].reshape(h, m, k), x[h * m:].reshape(h, 1, k) if self.bias else None
+        h, m = self.weight.shape[-2:]
+        lead, k = x.shape[:-2], x.shape[-1]
+        x_w = x[..., :h * m, :].reshape(*lead, h, m, k)
+        return x_w, x[..., h * m:, :].reshape(*lead, h, 1, k) if self.bias else None
 
     def _join(self, w_part: torch.Tensor, c_part: Optional[torch.Tensor]) -> torch.Tensor:
         """Inverse of ``_split``: (h, m, k) and (h, k) -> (p, k)."""
-        flat = w_part.reshape(-1, w_part.shape[-1])
-        return torch.cat([flat, c_part]) if self.bias else flat
+        flat = w_part.flatten(-3, -2)
+        return torch.cat([flat, c_part], dim=-2) if self.bias else flat
 
     def _examples(self, u: torch.Tensor) -> torch.Tensor:
         """(B h, k) -> (B, h, k)."""
-        return u.reshape(self.num_examples, -1, u.shape[1])
+        return u.unflatten(-2, (self.num_examples, -1))
 
     def K(self, x: torch.Tensor) -> torch.Tensor:
         """du/d(W, c) x: (p, k) -> (B h, k)."""
         x_w, x_c = self._split(x)
-        u = self.inputs @ x_w  # (h, B, k)
+        u = self.inputs.unsqueeze(-3) @ x_w  # (h, B, k)
         if x_c is not None:
             u = u + x_c
-        return u.transpose(0, 1).reshape(-1, x.shape[1])
+        return u.transpose(-3, -2).flatten(-3, -2)
 
     def K_t(self, u: torch.Tensor) -> torch.Tensor:
         """K^T u: (B h, k) -> (p, k)."""
-        per_unit = self._examples(u).transpose(0, 1)  # (h, B, k)
-        return self._join(self.inputs.T @ per_unit, per_unit.sum(1) if self.bias else None)
+        per_unit = self._examples(u).transpose(-3, -2)  # (h, B, k)
+        return self._join(self.inputs.mT.unsqueeze(-3) @ per_unit,
+                          per_unit.sum(-2) if self.bias else None)
 
     def Wb(self, t: torch.Tensor) -> torch.Tensor:
         """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
-        return (self.weight @ self._examples(t)).reshape(-1, t.shape[1])
+        return (self.weight.unsqueeze(-3) @ self._examples(t)).flatten(-3, -2)
 
     def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
         """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
-        return (self.weight.T @ self._examples(u)).reshape(-1, u.shape[1])
+        return (self.weight.mT.unsqueeze(-3) @ self._examples(u)).flatten(-3, -2)
 
     def S(self, u: torch.Tensor) -> torch.Tensor:
         """dz_l/du u: (B h, k) -> (a_out, k)."""
-        return self.out_map @ u if self.out_map.dim() == 2 else self.out_map[:, None] * u
+        return self.out_map.unsqueeze(-1) * u if self.diagonal else self.out_map @ u
 
     def S_t(self, w: torch.Tensor) -> torch.Tensor:
         """S^T w: (a_out, k) -> (B h, k)."""
-        return self.out_map.T @ w if self.out_map.dim() == 2 else self.out_map[:, None] * w
+        return self.out_map.unsqueeze(-1) * w if self.diagonal else self.out_map.mT @ w
 
     def S_dense(self) -> torch.Tensor:
         """S as an (a_out, B h) matrix."""
-        return self.out_map if self.out_map.dim() == 2 else torch.diag(self.out_map)
+        return torch.diag_embed(self.out_map) if self.diagonal else self.out_map
 
     def D(self, u: torch.Tensor) -> torch.Tensor:
         """The u-curvature, block diagonal over examples: (B h, k) -> (B h, k)."""
-        if self.u_hessian.dim() == 2:
-            return self.u_hessian.reshape(-1, 1) * u
-        return (self.u_hessian @ self._examples(u)).reshape(-1, u.shape[1])
+        if self.diagonal:
+            return self.u_hessian.flatten(-2, -1).unsqueeze(-1) * u
+        return (self.u_hessian @ self._examples(u)).flatten(-3, -2)
 
     def D_blocks(self) -> torch.Tensor:
         """D as (B, h, h) blocks."""
-        D = self.u_hessian
-        return torch.diag_embed(D) if D.dim() == 2 else D
+        return torch.diag_embed(self.u_hessian) if self.diagonal else self.u_hessian
 
     def E(self, t: torch.Tensor) -> torch.Tensor:
         """d2(r . u)/d(W, c) dz t: (B m, k) -> (p, k); zero in the c rows.
 
         (E t)[i, k] = sum_n r[n, i] t[n, k].
         """
-        h, m = self.weight.shape
-        k = t.shape[1]
-        e_w = (self.u_gradient.T @ t.reshape(self.num_examples, -1)).reshape(h, m, k)
-        return self._join(e_w, e_w.new_zeros(h, k) if self.bias else None)
+        h, m = self.weight.shape[-2:]
+        k = t.shape[-1]
+        e_w = (self.u_gradient.mT @ t.unflatten(-2, (self.num_examples, -1)).flatten(-2, -1))
+        e_w = e_w.unflatten(-1, (m, k))
+        return self._join(e_w, e_w.new_zeros(*e_w.shape[:-3], h, k) if self.bias else None)
 
     def E_t(self, x: torch.Tensor) -> torch.Tensor:
         """E^T x: (p, k) -> (B m, k)."""
         x_w, _ = self._split(x)
-        return (self.u_gradient @ x_w.reshape(x_w.shape[0], -1)).reshape(-1, x.shape[1])
+        k = x.shape[-1]
+        return (self.u_gradient @ x_w.flatten(-2, -1)).unflatten(-1, (-1, k)).flatten(-3, -2)
 
     def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
         return LinearMap((rows, cols), apply, apply_t, self.weight)
@@ -725,14 +736,14 @@ class AffineLayerBlocks:
     def F(self) -> Optional[LinearMap]:
         if not self.input_derivatives:
             return None
-        return self._map(self.num_outputs, self.inputs.numel(),
+        return self._map(self.num_outputs, self.num_inputs,
                          lambda t: self.S(self.Wb(t)), lambda w: self.Wb_t(self.S_t(w)))
 
     @property
     def C(self) -> Optional[LinearMap]:
         if not self.input_derivatives:
             return None
-        return self._map(self.num_params, self.inputs.numel(),
+        return self._map(self.num_params, self.num_inputs,
                          lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
                          lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
 
@@ -743,7 +754,7 @@ class AffineLayerBlocks:
 
         def apply(t):
             return self.Wb_t(self.D(self.Wb(t)))
-        return self._map(self.inputs.numel(), self.inputs.numel(), apply, apply)
+        return self._map(self.num_inputs, self.num_inputs, apply, apply)
 
     def densify(self) -> LayerDerivatives:
         """The same blocks as dense tensors (what the generic oracle computes)."""
@@ -765,9 +776,29 @@ def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> Affin
     return replace(blocks, u_gradient=torch.zeros_like(blocks.u_gradient), u_hessian=kept)
 
 
-def _pointwise_derivatives(sigma: Callable, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma'(u) and sigma''(u) of an elementwise sigma, by forward mode (exact)."""
-    ones = torch.ones_like(u)
+def _tanh_derivatives(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tanh(u)
+    first = 1 - t * t
+    return first, -2 * t * first
+
+
+def _sigmoid_derivatives(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.sigmoid(u)
+    first = s * (1 - s)
+    return first, first * (1 - 2 * s)
+
+
+#: sigma' and sigma'' in closed form where they are exactly what autograd gives.
+_CLOSED_FORM_DERIVATIVES = {"tanh": _tanh_derivatives, "sigmoid": _sigmoid_derivatives,
+                            "identity": lambda u: (torch.ones_like(u), torch.zeros_like(u))}
+
+
+def _pointwise_derivatives(activation: str, u: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma'(u) and sigma''(u) of an elementwise activation: closed form, else forward mode."""
+    if activation in _CLOSED_FORM_DERIVATIVES:
+        return _CLOSED_FORM_DERIVATIVES[activation](u)
+    sigma, ones = ACTIVATIONS[activation], torch.ones_like(u)
 
     def first(x):
         return jvp(sigma, (x,), (ones,))[1]
@@ -793,12 +824,12 @@ def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
     ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
     """
     Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
-    first, second = _pointwise_derivatives(layer._sigma, u)
+    first, second = _pointwise_derivatives(layer.activation, u)
     b = adjoint.detach().reshape(u.shape)
     return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
                              out_map=first.reshape(-1), u_gradient=b * first,
-                             u_hessian=b * second,
-                             input_derivatives=input_derivatives)
+                             u_hessian=b * second, input_derivatives=input_derivatives,
+                             diagonal=True)
 
 
 def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
@@ -1177,19 +1208,23 @@ class EliminatedLayer:
     inverse: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _nonsingular_lu(matrix: torch.Tensor, damping: float, layer: int, what: str):
-    """LU factors of ``matrix + damping I``; :class:`EliminationError` if singular.
+def _nonsingular_lu(matrix: torch.Tensor, damping: float, layers: Sequence[int], what: str):
+    """LU factors of ``matrix + damping I`` (one or a stack); :class:`EliminationError` if singular.
 
     Singular to working precision means a pivot below rounding of the terms
-    that were summed, ``finfo.eps * (max |matrix| + damping)``.
+    that were summed, ``finfo.eps * (max |matrix| + damping)``.  ``layers``
+    (1-based) name the stacked matrices in the message.  One check for the
+    whole stack: no host synchronisation per layer.
     """
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     LU, pivots, info = torch.linalg.lu_factor_ex(matrix + damping * eye)
     if not LU.numel():
         return LU, pivots
-    scale = matrix.abs().max() + damping
-    if (int(info) != 0 or not torch.isfinite(LU).all() or
-            not LU.diagonal().abs().min() > torch.finfo(LU.dtype).eps * scale):
+    scale = matrix.abs().amax(dim=(-2, -1)) + damping
+    ok = ((info == 0) & torch.isfinite(LU).all(dim=-1).all(dim=-1) &
+          (LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1) > torch.finfo(LU.dtype).eps * scale))
+    if not bool(ok.all()):
+        layer = layers[int((~ok.reshape(-1)).nonzero()[0])]
         raise EliminationError(
             f"layer {layer}: {what} is singular to working precision, so the structured "
             "path cannot eliminate this layer's parameters (A_l + damping I must be "
@@ -1199,21 +1234,26 @@ def _nonsingular_lu(matrix: torch.Tensor, damping: float, layer: int, what: str)
     return LU, pivots
 
 
-def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layer: int
+def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Sequence[int]
                            ) -> EliminatedLayer:
-    """:class:`EliminatedLayer` of a closed-form layer by the push-through identity.
+    """:class:`EliminatedLayer` of closed-form layers by the push-through identity.
 
     With Gamma = K K^T = gram kron I_h and P = eps I + Gamma D (B h square):
     K M^{-1} = P^{-1} K, so Q = S P^{-1} Gamma S^T and, with
     V = eps Wb - K E, T = S P^{-1} V and R = (V^T D P^{-1} V - E^T E) / eps
     (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  Cost
     O((B h)^3 + (B h)^2 a_{l-1} + a_{l-1}^3); nothing of size p_l squared.
+    ``blocks`` may be a stack of layers of one shape (``layers``, 1-based, one
+    per entry): every step is then one batched call for the whole stack.
     """
-    eps, S, r = damping, blocks.S_dense(), blocks.u_gradient
-    B, h = r.shape
+    eps, S, r, Z, W = damping, blocks.S_dense(), blocks.u_gradient, blocks.inputs, blocks.weight
+    B, h = r.shape[-2:]
+    m, lead = Z.shape[-1], r.shape[:-2]
+    kw = dict(dtype=r.dtype, device=r.device)
     gram = blocks.gram()
-    gamma_d = torch.einsum("nm,mij->nimj", gram, blocks.D_blocks()).reshape(B * h, B * h)
-    lu = _nonsingular_lu(gamma_d, eps, layer, "eps I + K K^T D (that is, A_l + eps I)")
+    gamma_d = torch.einsum("...nm,...mij->...nimj", gram, blocks.D_blocks())
+    lu = _nonsingular_lu(gamma_d.reshape(*lead, B * h, B * h), eps, layers,
+                         "eps I + K K^T D (that is, A_l + eps I)")
 
     def solve_p(X):
         return torch.linalg.lu_solve(*lu, X)
@@ -1221,23 +1261,23 @@ def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layer: int
     def inverse(X):
         return (X - blocks.K_t(blocks.D(solve_p(blocks.K(X))))) / eps
 
-    gamma_st = torch.einsum("nm,mio->nio", gram, S.T.reshape(B, h, -1)).flatten(0, 1)
-    Q = S @ solve_p(gamma_st)
+    gamma_st = torch.einsum("...nm,...mio->...nio", gram, S.mT.unflatten(-2, (B, h)))
+    Q = S @ solve_p(gamma_st.flatten(-3, -2))
     if not blocks.input_derivatives:
         return EliminatedLayer(Q, None, None, inverse)
-    Z, m = blocks.inputs, blocks.inputs.shape[1]
-    KE = torch.einsum("nk,mi->nimk", Z, r).reshape(B * h, B * m)
-    V = eps * torch.kron(torch.eye(B, dtype=S.dtype, device=S.device), blocks.weight) - KE
+    KE = torch.einsum("...nk,...mi->...nimk", Z, r).reshape(*lead, B * h, B * m)
+    Wb = torch.einsum("nm,...ij->...nimj", torch.eye(B, **kw), W).reshape(*lead, B * h, B * m)
+    V = eps * Wb - KE
     Y = solve_p(V)
-    EtE = torch.kron(r @ r.T, torch.eye(m, dtype=S.dtype, device=S.device))
-    R = (V.T @ blocks.D(Y) - EtE) / eps
-    return EliminatedLayer(Q, S @ Y, (R + R.T) / 2, inverse)
+    EtE = torch.einsum("...nN,kj->...nkNj", r @ r.mT, torch.eye(m, **kw))
+    R = (V.mT @ blocks.D(Y) - EtE.reshape(*lead, B * m, B * m)) / eps
+    return EliminatedLayer(Q, S @ Y, (R + R.mT) / 2, inverse)
 
 
-def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layer: int
+def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layers: Sequence[int]
                           ) -> EliminatedLayer:
     """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l square)."""
-    lu = _nonsingular_lu(derivs.A, damping, layer, "A_l + eps I")
+    lu = _nonsingular_lu(derivs.A, damping, layers, "A_l + eps I")
 
     def inverse(X):
         return torch.linalg.lu_solve(*lu, X) if X.shape[0] else X
@@ -1249,10 +1289,83 @@ def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layer: int
     return EliminatedLayer(Q, derivs.F - derivs.J @ MC, derivs.G - derivs.C.T @ MC, inverse)
 
 
-def eliminate_layer(d, damping: float, layer: int) -> EliminatedLayer:
-    if isinstance(d, AffineLayerBlocks):
-        return eliminate_affine_layer(d, damping, layer)
-    return eliminate_dense_layer(d, damping, layer)
+@dataclass
+class EliminatedGroup:
+    """Consecutive layers eliminated together.
+
+    ``layers``: their chain indices (0-based); ``blocks``: either one layer's
+    dense :class:`LayerDerivatives`, or the closed-form
+    :class:`AffineLayerBlocks` of layers of one shape stacked along a leading
+    dimension (the interior layers of an MLP: one group, whatever the depth);
+    ``eliminated``: their :class:`EliminatedLayer`, stacked the same way.
+    """
+
+    layers: list
+    blocks: object
+    eliminated: EliminatedLayer
+
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.blocks, AffineLayerBlocks)
+
+    def gather(self, per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The group's entries of a per-layer list, stacked if the group is."""
+        if self.stacked:
+            return torch.stack([per_layer[l] for l in self.layers])
+        return per_layer[self.layers[0]]
+
+    def scatter(self, stacked: torch.Tensor, per_layer: list) -> None:
+        """Write the group's results back into a per-layer list."""
+        parts = stacked.unbind(0) if self.stacked else [stacked]
+        for l, part in zip(self.layers, parts):
+            per_layer[l] = part
+
+
+def _shape_signature(d) -> Optional[tuple]:
+    if not isinstance(d, AffineLayerBlocks):
+        return None
+    return (d.inputs.shape, d.weight.shape, d.out_map.shape, d.u_hessian.shape, d.bias,
+            d.diagonal, d.input_derivatives)
+
+
+def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
+    """Every layer's parameters eliminated, runs of same-shape closed-form layers at once."""
+    runs: list[list[int]] = []
+    for l, d in enumerate(derivs):
+        signature = _shape_signature(d)
+        if runs and signature is not None and signature == _shape_signature(derivs[runs[-1][0]]):
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    groups = []
+    for run in runs:
+        numbers = [l + 1 for l in run]
+        if isinstance(derivs[run[0]], AffineLayerBlocks):
+            first = derivs[run[0]]
+            stacked = replace(first, **{name: torch.stack([getattr(derivs[l], name) for l in run])
+                                        for name in ("inputs", "weight", "out_map", "u_gradient",
+                                                     "u_hessian")})
+            groups.append(EliminatedGroup(run, stacked,
+                                          eliminate_affine_layer(stacked, damping, numbers)))
+        else:
+            groups.append(EliminatedGroup(run, derivs[run[0]],
+                                          eliminate_dense_layer(derivs[run[0]], damping, numbers)))
+    return groups
+
+
+def _per_layer(groups: Sequence[EliminatedGroup]) -> list[EliminatedLayer]:
+    """The groups' eliminated blocks as one :class:`EliminatedLayer` per layer (views)."""
+    out = []
+    for group in groups:
+        e = group.eliminated
+        if not group.stacked:
+            out.append(e)
+            continue
+        for i in range(len(group.layers)):
+            out.append(EliminatedLayer(e.w_block[i],
+                                       None if e.coupling is None else e.coupling[i],
+                                       None if e.y_block is None else e.y_block[i], None))
+    return out
 
 
 def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridiagonal:
@@ -1295,31 +1408,41 @@ def equilibrate(system: BlockTridiagonal) -> tuple[BlockTridiagonal, list[torch.
     return BlockTridiagonal(diag, sub), scales
 
 
-def _reduced_rhs(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
-                 g_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Reduced right-hand side.
+def _reduced_rhs(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor]
+                 ) -> list[torch.Tensor]:
+    """Reduced right-hand side, ordered (w_1, y_1, w_2, ...).
 
-    w_l gets -J_l M_l^{-1} g_l and y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}.
+    w_l gets -J_l M_l^{-1} g_l and y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}
+    (0 for the last layer): one batched call per group.
     """
-    mg = [e.inverse(g) for e, g in zip(eliminated, g_blocks)]
-    rhs = []
-    for l, d in enumerate(derivs):
-        rhs.append(-(d.J @ mg[l]))
-        rhs.append(-(derivs[l + 1].C.T @ mg[l + 1]) if l + 1 < len(derivs)
-                   else mg[l].new_zeros(d.num_outputs, mg[l].shape[1]))
-    return rhs
+    num_layers = len(g_blocks)
+    rhs_w: list = [None] * num_layers
+    rhs_y: list = [None] * num_layers
+    for group in groups:
+        d = group.blocks
+        mg = group.eliminated.inverse(group.gather(g_blocks))
+        group.scatter(-(d.J @ mg), rhs_w)
+        if d.C is not None:
+            shifted: list = [None] * num_layers
+            group.scatter(-(d.C.T @ mg), shifted)
+            for l in group.layers:
+                rhs_y[l - 1] = shifted[l]
+    rhs_y[-1] = rhs_w[-1].new_zeros(rhs_w[-1].shape)
+    return [block for pair in zip(rhs_w, rhs_y) for block in pair]
 
 
-def _recover_parameters(derivs: Sequence, eliminated: Sequence[EliminatedLayer],
-                        g_blocks: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor]
-                        ) -> list[torch.Tensor]:
+def _recover_parameters(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor],
+                        reduced: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), reduced = (w_1, y_1, w_2, ...)."""
-    x = []
-    for l, (d, e, g) in enumerate(zip(derivs, eliminated, g_blocks)):
-        rest = g - d.J.T @ reduced[2 * l]
-        if l > 0:
-            rest = rest - d.C @ reduced[2 * l - 1]
-        x.append(e.inverse(rest))
+    w, y = reduced[0::2], reduced[1::2]
+    x: list = [None] * len(g_blocks)
+    for group in groups:
+        d = group.blocks
+        rest = group.gather(g_blocks) - d.J.T @ group.gather(w)
+        if d.C is not None:
+            y_prev = [None] + list(y[:-1])
+            rest = rest - d.C @ group.gather(y_prev)
+        group.scatter(group.eliminated.inverse(rest), x)
     return x
 
 
@@ -1419,7 +1542,7 @@ class LayerSizes:
         outputs = [d.num_outputs for d in derivs]
         closed = [isinstance(d, AffineLayerBlocks) for d in derivs]
         u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
-        block = [(1 if d.u_hessian.dim() == 2 else d.u_hessian.shape[-1]) if c else None
+        block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
                  for d, c in zip(derivs, closed)]
         return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block)
 
@@ -1821,18 +1944,17 @@ class EliminatedSolver:
                 f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
             )
         self.operator = operator
-        self.eliminated = [eliminate_layer(d, damping, l + 1)
-                           for l, d in enumerate(operator.derivs)]
+        self.groups = eliminate_layers(operator.derivs, damping)
+        self.eliminated = _per_layer(self.groups)
         self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
         self.lu = _factor_or_explain(self.system, f"{operator.symbol} + {damping:g} I", damping)
 
     def solve_once(self, g_blocks: list) -> list:
         """Reduced right-hand side, one pass through the factors, parameters recovered."""
-        derivs = self.operator.derivs
-        rhs = _reduced_rhs(derivs, self.eliminated, g_blocks)
+        rhs = _reduced_rhs(self.groups, g_blocks)
         scaled = banded_lu_solve(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
         reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
-        return _recover_parameters(derivs, self.eliminated, g_blocks, reduced)
+        return _recover_parameters(self.groups, g_blocks, reduced)
 
 
 def _column_norms(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -1957,8 +2079,8 @@ class HessianInverse:
     def _refine(self, solver, b: list) -> tuple[list, list, float]:
         """A solve refined against the exact product.
 
-        Corrections continue while they lower the relative residual, up to
-        ``max_refinement``, and stop once it is at rounding level (eps).
+        Corrections continue while each at least halves the relative residual,
+        up to ``max_refinement``, and stop once it is at rounding level (4 eps).
         Returns x, its residual b - A x, and the size of the last correction
         computed relative to x (0 if none was needed): an estimate of x's
         relative error, which stays O(1) when A is singular to working precision.
@@ -1968,7 +2090,7 @@ class HessianInverse:
         r = [bi - ai for bi, ai in zip(b, self._apply(x))]
         res, correction = _relative_norm(r, b), 0.0
         for _ in range(self.max_refinement):
-            if not res > eps:
+            if not res > 4 * eps:
                 break
             dx = solver.solve_once(r)
             x_new = [xi + di for xi, di in zip(x, dx)]
@@ -1977,7 +2099,9 @@ class HessianInverse:
             res_new = _relative_norm(r_new, b)
             if not res_new < res:
                 break
-            x, r, res = x_new, r_new, res_new
+            x, r, res, stalled = x_new, r_new, res_new, not res_new < res / 2
+            if stalled:
+                break
         return x, r, correction
 
     def _norm_estimate(self, steps: int = 8) -> float:
