@@ -1809,6 +1809,18 @@ class HessianOperator:
         dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in self.derivs]
         return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit)
 
+    def to(self, dtype: torch.dtype) -> "HessianOperator":
+        """The same blocks in another floating dtype (for a lower-precision factorisation)."""
+        if dtype == self.dtype:
+            return self
+
+        def cast(d):
+            return replace(d, **{f.name: getattr(d, f.name).to(dtype) for f in fields(d)
+                                 if isinstance(getattr(d, f.name), torch.Tensor)})
+        gauge = None if self.gauge is None else self.gauge.to(dtype)
+        return HessianOperator([cast(d) for d in self.derivs], gauge, self.curvature,
+                               self.memory_limit)
+
     def apply_blocks(self, x: list, damping: float = 0.0) -> list:
         """``(H + damping I) x`` on per-layer blocks (p_l, k): the exact product."""
         out = structured_hessian_vector_product(self.derivs, x)
@@ -1824,15 +1836,16 @@ class HessianOperator:
 
     def factorize(self, damping: float = 0.0, check_condition: bool = True,
                   path: str = "auto", rtol: Optional[float] = None,
-                  on_inaccurate: str = "raise") -> "HessianInverse":
+                  on_inaccurate: str = "raise", factor_dtype="auto") -> "HessianInverse":
         """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
 
         ``path``: ``'structured'`` eliminates every layer's parameters (needs
         damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        decides by :func:`choose_route`.  ``rtol`` and ``on_inaccurate``: the
-        accuracy contract of every solve (see :class:`HessianInverse`).
+        decides by :func:`choose_route`.  ``rtol``, ``on_inaccurate`` and
+        ``factor_dtype``: see :class:`HessianInverse`.
         """
-        return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate)
+        return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate,
+                              factor_dtype=factor_dtype)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -1970,6 +1983,25 @@ def _relative_norm(num: Sequence[torch.Tensor], den: Sequence[torch.Tensor]) -> 
     return float(ratio.max())
 
 
+class _CastSolver:
+    """A solver factored in a lower precision, solving in the caller's (mixed precision)."""
+
+    def __init__(self, solver, dtype: torch.dtype):
+        self.solver, self.dtype = solver, dtype
+        self.route, self.rcond = solver.route, solver.rcond
+
+    def solve_once(self, blocks: list) -> list:
+        low = self.solver.operator.dtype
+        return [x.to(self.dtype) for x in self.solver.solve_once([b.to(low) for b in blocks])]
+
+
+def _largest_block(operator: HessianOperator, route: str) -> int:
+    """The block size of the system ``route`` factors (a_l, or p_l + 2 a_l)."""
+    if route == "structured":
+        return max(d.num_outputs for d in operator.derivs)
+    return max(d.num_params + 2 * d.num_outputs for d in operator.derivs)
+
+
 class HessianInverse:
     """``(H + damping I)^{-1}`` as a factorised operator; ``inv @ v`` solves.
 
@@ -1995,6 +2027,15 @@ class HessianInverse:
     result instead).  ``residual`` keeps ``max_j ||r_j|| / ||v_j||``; the
     error of x is at most about cond(A) times the backward error.
 
+    Mixed precision (``factor_dtype``): a float64 problem may be factored in
+    float32 (about twice the speed of the factorisation) and refined in
+    float64 against the exact product, which restores float64 accuracy
+    whenever float32's factors contract at all; if the contract is missed the
+    factorisation is redone in float64, silently.  ``'auto'`` (default) does
+    this for float64 problems whose factored blocks are 512 or wider, where
+    it pays; ``None`` never; ``torch.float32`` always.  ``factor_dtype`` says
+    which ran.
+
     With ``damping == 0`` and a loss layer with known null directions N (the
     softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
     ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
@@ -2006,7 +2047,7 @@ class HessianInverse:
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
                  check_condition: bool = True, path: str = "auto",
                  rtol: Optional[float] = None, on_inaccurate: str = "raise",
-                 max_refinement: int = 10, probe: bool = True):
+                 max_refinement: int = 10, probe: bool = True, factor_dtype="auto"):
         _check_path(path)
         if on_inaccurate not in ("raise", "warn"):
             raise HessianInverseError(
@@ -2028,31 +2069,62 @@ class HessianInverse:
         self.probe_error: Optional[float] = None
         self._norm: Optional[float] = None
         route = choose_route(path, self.damping, operator.has_closed_forms)
-        self.solver = self._structured_solver(probe) if route == "structured" else \
-            LiftedSolver(operator.densified(), self.damping, self.gauge, check_condition)
+        self._factor_dtype_asked = factor_dtype
+        self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
+        self.solver = self._first_solver(route, probe)
 
-    def _structured_solver(self, probe: bool):
-        op = self.operator
-        check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
-                     op.dtype, op.device, op.memory_limit)
+    def _resolve_factor_dtype(self, asked, route: str) -> torch.dtype:
+        dtype = self.operator.dtype
+        if asked == "auto":
+            wide = _largest_block(self.operator, route) >= 512
+            return torch.float32 if dtype == torch.float64 and wide else dtype
+        if asked is None:
+            return dtype
+        if asked not in (torch.float32, torch.float64) or asked.itemsize > dtype.itemsize:
+            raise HessianInverseError(
+                f"factor_dtype must be 'auto', None, torch.float32 or torch.float64, and not "
+                f"wider than the model's {dtype}; got {asked!r}")
+        return asked
+
+    def _first_solver(self, route: str, probe: bool):
+        """The solver for ``route`` in ``factor_dtype``; full precision, then (``'auto'``)
+        the generic route, when that fails."""
         try:
-            solver = EliminatedSolver(op, self.damping)
-            if self.check_condition and probe:
-                generator = torch.Generator(device=op.device).manual_seed(0)
-                g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
-                                device=op.device)
-                b = _split(g, op.param_sizes)
-                self.probe_error = self._check(b, *self._refine(solver, b))
-                if not self.probe_error <= self.rtol:
-                    raise EliminationError(
-                        "acceptance probe (a random right-hand side): "
-                        + self._inaccurate_message(self.probe_error, "structured")
-                        + " Eliminating the parameters can also make the reduced system too "
-                        "ill-conditioned: path='generic' (pivoted on the full lifted system) "
-                        "tells the two apart.")
-            return solver
+            return self._build(route, probe)
         except SingularHessianError as err:
-            return self._fall_back(err)
+            if self.factor_dtype != self.operator.dtype:
+                self.factor_dtype = self.operator.dtype
+                return self._first_solver(route, probe)
+            if route == "structured":
+                return self._fall_back(err)
+            raise
+
+    def _build(self, route: str, probe: bool):
+        """Factor ``route`` in ``factor_dtype``; the structured route is probed if asked."""
+        op, low = self.operator, self.factor_dtype
+        gauge = None if self.gauge is None else self.gauge.to(low)
+        if route == "generic":
+            solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition)
+        else:
+            check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
+                         low, op.device, op.memory_limit)
+            solver = EliminatedSolver(op.to(low), self.damping)
+        if low != op.dtype:
+            solver = _CastSolver(solver, op.dtype)
+        if route == "structured" and self.check_condition and probe:
+            generator = torch.Generator(device=op.device).manual_seed(0)
+            g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+                            device=op.device)
+            b = _split(g, op.param_sizes)
+            self.probe_error = self._check(b, *self._refine(solver, b))
+            if not self.probe_error <= self.rtol:
+                raise EliminationError(
+                    "acceptance probe (a random right-hand side): "
+                    + self._inaccurate_message(self.probe_error, "structured")
+                    + " Eliminating the parameters can also make the reduced system too "
+                    "ill-conditioned: path='generic' (pivoted on the full lifted system) "
+                    "tells the two apart.")
+        return solver
 
     def _fall_back(self, err: SingularHessianError) -> LiftedSolver:
         """``path='auto'`` after a structured failure: warn, then the generic route."""
@@ -2063,7 +2135,7 @@ class HessianInverse:
         except InsufficientMemoryError:
             raise err from None
         warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
-        self.probe_error = None
+        self.probe_error, self.factor_dtype = None, self.operator.dtype
         return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
 
     def _name(self) -> str:
@@ -2151,23 +2223,34 @@ class HessianInverse:
                 "damping, or pass a looser rtol= (or on_inaccurate='warn' to take the result "
                 "anyway).")
 
+    def _escalate(self, eta: float):
+        """After a solve that missed the contract: float64 factors if they were lower,
+        else ``'auto'``'s generic route; None when nothing is left to try."""
+        try:
+            if self.factor_dtype != self.operator.dtype:
+                self.factor_dtype = self.operator.dtype
+                return self._first_solver(self.route, probe=False)
+            if self.route == "structured" and self.path == "auto":
+                message = self._inaccurate_message(eta, self.route)
+                return self._fall_back(InaccurateSolveError(message))
+        except SingularHessianError:
+            if self.on_inaccurate == "raise":
+                raise
+        return None
+
     def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
         b = _split(v, self.operator.param_sizes)
         if self.gauge is not None:
             b[-1] = b[-1] - self.gauge @ (self.gauge.T @ b[-1])
         x, r, correction = self._refine(self.solver, b)
         eta = self._check(b, x, r, correction)
-        if not eta <= self.rtol and self.route == "structured" and self.path == "auto":
-            try:
-                message = self._inaccurate_message(eta, self.route)
-                solver = self._fall_back(InaccurateSolveError(message))
-            except SingularHessianError:
-                if self.on_inaccurate == "raise":
-                    raise
-            else:
-                self.solver = solver
-                x, r, correction = self._refine(solver, b)
-                eta = self._check(b, x, r, correction)
+        while not eta <= self.rtol:
+            solver = self._escalate(eta)
+            if solver is None:
+                break
+            self.solver = solver
+            x, r, correction = self._refine(solver, b)
+            eta = self._check(b, x, r, correction)
         self.backward_error = eta
         if not eta <= self.rtol:
             if self.on_inaccurate == "raise":
@@ -2199,7 +2282,8 @@ class HessianInverse:
     def with_damping(self, damping: float) -> "HessianInverse":
         """Another damping from the same derivatives (the route chosen anew, same ``path``)."""
         return HessianInverse(self.operator, damping, self.check_condition, self.path,
-                              self.rtol, self.on_inaccurate, self.max_refinement)
+                              self.rtol, self.on_inaccurate, self.max_refinement,
+                              factor_dtype=self._factor_dtype_asked)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -2300,21 +2384,23 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
               memory_limit: Optional[int] = None, curvature: str = "hessian",
               path: str = "auto", rtol: Optional[float] = None,
-              on_inaccurate: str = "raise") -> HessianInverse:
+              on_inaccurate: str = "raise", factor_dtype="auto") -> HessianInverse:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
     with ``curvature='ggn'``), ready for many solves.
 
     ``path``: ``'auto'`` (default) takes the structured route when damping > 0
     and the model has affine layers with closed forms, else the generic one
     (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
-    ``rtol``, ``on_inaccurate``: the accuracy contract (:class:`HessianInverse`).
+    ``rtol``, ``on_inaccurate``: the accuracy contract; ``factor_dtype``: mixed
+    precision (both in :class:`HessianInverse`).
     """
     validate_model(model, curvature)
     _check_path(path)
     damping = _check_damping(damping)
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
                                           "factorization")
-    return HessianInverse(operator, damping, path=path, rtol=rtol, on_inaccurate=on_inaccurate)
+    return HessianInverse(operator, damping, path=path, rtol=rtol, on_inaccurate=on_inaccurate,
+                          factor_dtype=factor_dtype)
 
 
 def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Tensor],
@@ -2322,7 +2408,8 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
                                    memory_limit: Optional[int] = None,
                                    curvature: str = "hessian", path: str = "auto",
                                    rtol: Optional[float] = None,
-                                   on_inaccurate: str = "raise") -> torch.Tensor:
+                                   on_inaccurate: str = "raise",
+                                   factor_dtype="auto") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -2341,6 +2428,8 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         rtol, on_inaccurate: the accuracy contract: the result's relative
             residual is at most ``rtol`` (default :func:`default_rtol`) or
             :class:`InaccurateSolveError` is raised (``'warn'``: warned).
+        factor_dtype: ``'auto'``, None or a dtype: mixed precision, as in
+            :class:`HessianInverse`.
 
     The structured route pays no separate acceptance probe here: the refined
     solve of ``v`` is its own test, and ``path='auto'`` falls back to the
@@ -2356,7 +2445,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
                                           "factorization")
     inverse = HessianInverse(operator, damping, path=path, rtol=rtol,
-                             on_inaccurate=on_inaccurate, probe=False)
+                             on_inaccurate=on_inaccurate, probe=False, factor_dtype=factor_dtype)
     return _differentiable_in_v(v, inverse._solve_detached)
 
 

@@ -17,6 +17,7 @@ import itertools
 import math
 import random
 import sys
+import warnings
 
 import pytest
 import torch
@@ -652,6 +653,30 @@ def test_no_columns_and_infinite_damping_are_clear_errors(tracked):
         hi.hessian_inverse_vector_product(model, loss, torch.zeros(_n(model), 0, dtype=F64), 1.0)
     with pytest.raises(hi.HessianInverseError, match="finite number"):
         hi.factorize(model, loss, damping=math.inf)
+
+
+@pytest.mark.parametrize("path", ["structured", "generic"])
+@pytest.mark.parametrize("seed,damping", [(80, 1e-2), (81, 1e-4), (82, 1e-7)])
+def test_mixed_precision_factors_reach_float64_accuracy_or_refactor(seed, damping, path):
+    """Issue 9.2: float32 factors refined in float64 against the exact product are as
+    accurate as float64 factors (error <= max(1e-12, 1e-15 cond)); where float32
+    cannot contract (cond ~ 1e7 here) the factorisation is redone in float64."""
+    model, x, t, loss = make_mlp(seed, 4, 4, 8, "tanh")
+    H = dense_hessian(model, x, t)
+    A = H + damping * torch.eye(H.shape[0], dtype=F64)
+    cond = torch.linalg.cond(A).item()
+    v = torch.randn(H.shape[0], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        inverse = hi.factorize(model, loss, damping, path=path, factor_dtype=torch.float32)
+        y = inverse @ v
+    assert relative_error(y, torch.linalg.solve(A, v)) <= max(1e-12, 1e-15 * cond)
+    assert inverse.backward_error <= inverse.rtol
+    expected = torch.float32 if cond * torch.finfo(torch.float32).eps < 0.1 else torch.float64
+    assert inverse.factor_dtype == expected
+    assert hi.factorize(model, loss, damping, path=path, factor_dtype=None).factor_dtype == F64
+    with pytest.raises(hi.HessianInverseError, match="factor_dtype"):
+        hi.factorize(model, loss, damping, path=path, factor_dtype=torch.float16)
 
 
 if __name__ == "__main__":
