@@ -10,6 +10,13 @@ CPU only, no network; tiny models and a generated ImageFolder (the
 import hashlib
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +39,8 @@ def test_imagenet_sgd_epoch(image_folder, tmp_path, capsys):
     ckpt = imagenet(image_folder, tmp_path, "--epochs", "1")
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 3
     epoch = [m for m in metrics(tmp_path) if m["event"] == "epoch"]
-    assert len(epoch) == 1 and {"val_top1", "val_top3", "train_loss"} <= set(epoch[0])
+    assert len(epoch) == 1 and {"val_top1", "train_loss"} <= set(epoch[0])
+    assert "val_top3" not in epoch[0]  # 3 classes: top-3 is always 1, not reported
     assert "top-1" in capsys.readouterr().out
 
 
@@ -47,8 +55,14 @@ def test_imagenet_hessian_resume_continues_exactly(image_folder, tmp_path, capsy
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
         assert not torch.equal(first["model"][key], value), key
-    assert resumed["optimizer"]["state"][0] == straight["optimizer"]["state"][0]
+    assert same_state(resumed["optimizer"]["state"][0], straight["optimizer"]["state"][0])
     assert [m["epoch"] for m in metrics(a) if m["event"] == "epoch"] == [1, 2]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Optimizer state dicts equal, tensors (e.g. a kept previous step) bit for bit."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
 def exit_message(excinfo):
@@ -102,6 +116,210 @@ def test_train_imagenet_trust_region_on_the_gauss_newton_matrix(image_folder, tm
     with pytest.raises(SystemExit):
         imagenet(image_folder, tmp_path, "--use-hessian", "--trust-region", "--radius", "5",
                  "--max-radius", "3")
+
+
+# train_imagenet.py: failing cleanly and resuming truthfully (issue 10, items 9-11)
+
+
+def one_line(excinfo) -> str:
+    """The exit message of a SystemExit: a single line, no traceback."""
+    message = exit_message(excinfo)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_imagenet_resume_from_unreadable_checkpoints_says_one_line(image_folder, tmp_path):
+    good = imagenet(image_folder, tmp_path / "good", "--epochs", "1")
+    blob = (tmp_path / "good" / "last.pt").read_bytes()
+    cases = {"truncated": blob[:len(blob) // 2], "random": os.urandom(4096), "empty": b"",
+             "weights": None}
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.pt"
+        if content is None:
+            torch.save(good["model"], path)  # a model state_dict alone
+        else:
+            path.write_bytes(content)
+        with pytest.raises(SystemExit) as e:
+            imagenet(image_folder, tmp_path / "c", "--epochs", "2", "--resume", path)
+        message = one_line(e)
+        assert f"--resume: {path}" in message and "without --resume" in message, message
+        assert not (tmp_path / "c").exists()  # refused before any work
+    assert "model state_dict only" in message
+
+
+@pytest.mark.parametrize("workers, content", [(0, b""), (1, b"\x89PNG\r\n\x1a\n broken")])
+def test_imagenet_unreadable_image_mid_epoch_names_the_file(image_folder, tmp_path, workers, content):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "train" / "n00001" / "img3.png"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        imagenet(data, tmp_path / "c", "--epochs", "1", "--workers", workers)
+    message = one_line(e)
+    assert message.startswith(f"error: cannot read image {bad} (") and "remove or replace" in message
+    assert ("the file is empty" in message) == (content == b"")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--use-hessian", "--newton-lr", "-1"], "--newton-lr"),
+    (["--use-hessian", "--newton-lr", "2.5"], "--newton-lr"),
+    (["--use-hessian", "--damping", "0"], "--damping"),
+    (["--use-hessian", "--min-damping", "2"], "--min-damping"),
+    (["--use-hessian", "--max-step-norm", "0"], "--max-step-norm"),
+    (["--use-hessian", "--hessian-batch-size", "9"], "--hessian-batch-size"),
+    (["--use-hessian", "--trust-region", "--radius", "-1"], "--radius"),
+    (["--momentum", "1"], "--momentum"), (["--trust-region"], "--trust-region"),
+    (["--curvature", "ggn"], "--curvature"), (["--amp"], "--amp"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--hidden-dim", "0"], "--hidden-dim"),
+])
+def test_imagenet_bad_flags_refused_before_any_work(image_folder, tmp_path, monkeypatch, flags,
+                                                     named):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data were opened before the flags were checked")
+
+    monkeypatch.setattr(train_imagenet, "image_folders", no_work)
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path / "c", *flags)
+    message = one_line(e)
+    assert message.startswith("error: ") and named in message, message
+    assert not (tmp_path / "c").exists()
+
+
+def test_imagenet_ctrl_c_says_one_line_and_keeps_the_checkpoint(image_folder, tmp_path,
+                                                               monkeypatch, capsys):
+    imagenet(image_folder, tmp_path, "--epochs", "1")
+    good, real_step, calls = sha256(tmp_path / "last.pt"), train_imagenet.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_imagenet, "train_step", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path, "--epochs", "3", "--resume")
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "in epoch 2" in lines[0] and "(after epoch 1) is intact" in lines[0]
+    assert "--resume" in lines[0] and sha256(tmp_path / "last.pt") == good
+
+
+def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path):
+    """Ctrl-C as a terminal sends it: to the process group, data workers included."""
+    cmd = [sys.executable, "train_imagenet.py", "--data-dir", str(image_folder),
+           "--checkpoint-dir", str(tmp_path), "--image-size", "4", "--hidden-dim", "4",
+           "--num-layers", "3", "--batch-size", "8", "--device", "cpu", "--workers", "1",
+           "--epochs", "100000"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.2)  # into the next epoch
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "is intact" in lines[0] and "--resume" in lines[0], err
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] >= 1
+
+
+def test_imagenet_resume_flags_override_record_and_model_flags_must_match(image_folder, tmp_path,
+                                                                         capsys):
+    imagenet(image_folder, tmp_path, "--epochs", "1", "--lr", "0.2", "--momentum", "0.5")
+    capsys.readouterr()
+    ckpt = imagenet(image_folder, tmp_path, "--epochs", "2", "--resume", "--lr", "0.05")
+    out = capsys.readouterr().out
+    assert "from the command line: --lr 0.05 (checkpoint: 0.2)" in out
+    assert "SGD lr 0.05, momentum 0.5" in out  # what runs: the override, the checkpoint's momentum
+    assert (ckpt["args"]["lr"], ckpt["args"]["momentum"]) == (0.05, 0.5)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"]) == (0.05, 0.5)
+    resumes = [m for m in metrics(tmp_path) if m["event"] == "resume"]
+    assert resumes[-1]["overrides"] == {"lr": 0.05}
+    ckpt = imagenet(image_folder, tmp_path, "--epochs", "3", "--resume")  # not given: kept
+    assert ckpt["args"]["lr"] == 0.05 and "SGD lr 0.05" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path, "--epochs", "4", "--resume", "--hidden-dim", "5")
+    assert "--hidden-dim 4" in one_line(e) and "drop --hidden-dim" in one_line(e)
+
+
+def test_imagenet_resume_newton_settings_override(image_folder, tmp_path, capsys):
+    imagenet(image_folder, tmp_path, "--use-hessian", "--epochs", "1")
+    capsys.readouterr()
+    # no --use-hessian: the checkpoint's; --trust-region and --max-radius override
+    ckpt = imagenet(image_folder, tmp_path, "--epochs", "2", "--resume", "--trust-region",
+                    "--max-radius", "3")
+    out = capsys.readouterr().out
+    assert "--trust-region (checkpoint: --no-trust-region)" in out and "trust-region steps" in out
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["mode"], group["max_radius"]) == ("trust_region", 3.0)
+    assert ckpt["args"]["use_hessian"] and ckpt["args"]["trust_region"]
+    assert ckpt["optimizer"]["state"][0]["newton_steps"] == 6
+
+
+def test_imagenet_metrics_consistent_after_an_interrupted_epoch(image_folder, tmp_path,
+                                                                monkeypatch):
+    imagenet(image_folder, tmp_path, "--epochs", "1", "--log-interval", "1")  # steps 1-3
+    real_step, calls = train_imagenet.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_imagenet, "train_step", interrupted)
+        with pytest.raises(SystemExit):  # steps 4 and 5 logged, then Ctrl-C
+            imagenet(image_folder, tmp_path, "--epochs", "2", "--resume", "--log-interval", "1")
+    imagenet(image_folder, tmp_path, "--epochs", "2", "--resume", "--log-interval", "1")
+    log = metrics(tmp_path)
+    last = [m for m in log if m["event"] == "resume"][-1]
+    assert (last["step"], last["superseded"]) == (3, 2)
+    kept = []  # the reading rule: a resume record supersedes the records after its step
+    for record in log:
+        if record["event"] == "resume":
+            kept = [k for k in kept if k.get("step", 0) <= record["step"]]
+        kept.append(record)
+    assert [m["step"] for m in kept if m["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in kept if m["event"] == "epoch"] == [1, 2]
+
+
+def test_imagenet_one_class_reports_top1_once(image_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(image_folder / split / "n00000", data / split / "n00000")
+    imagenet(data, tmp_path / "c", "--epochs", "1")
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("epoch 1:")]
+    assert line.count("top-") == 1 and "one class" in out
+
+
+def test_imagenet_startup_line_and_epoch_counts_tell_the_truth(image_folder, tmp_path, capsys):
+    imagenet(image_folder, tmp_path, "--use-hessian", "--epochs", "1", "--batch-size", "16",
+             "--hessian-batch-size", "12")
+    out = capsys.readouterr().out
+    assert "curvature on the first 12 images of each batch (all 8 of the last, shorter one)" in out
+    imagenet(image_folder, tmp_path, "--epochs", "1", "--resume")
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "1 epoch(s) done" in out and "done:" not in out
+    imagenet(image_folder, tmp_path, "--epochs", "2", "--resume")
+    assert "done: 1 epoch(s) in this run, 2 in all" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Hessian of ``hessian_inverse.py``.
 
     python train_imagenet.py --data-dir /path/to/imagenet --batch-size 256 --epochs 90 \\
         --lr 0.1 --hidden-dim 512 --num-layers 20 --use-hessian --device cuda
+    torchrun --standalone --nproc_per_node 8 train_imagenet.py --data-dir ... --batch-size 32
 
 Images are preprocessed as for ImageNet, resized to --image-size and flattened.
 With --use-hessian every --hessian-freq-th batch takes a damped Newton step
@@ -15,22 +16,27 @@ Each epoch ends with validation (top-1, top-5), one line of metrics in
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from damped_newton import DampedNewton
-from hessian_inverse import InsufficientMemoryError
-from train_utils import (DTYPES, HelpFormatter, UsageError, build_model, curvature_too_large, evaluate,
-                         resolve_device, seed_everything, train_step)
+from hessian_inverse import DeepMLPWithTracking, InsufficientMemoryError
+from train_utils import (DTYPES, HelpFormatter, Logits, Processes, UsageError, build_model,
+                         curvature_too_large, evaluate, fingerprint, seed_everything, train_step)
 
 FEASIBILITY = """\
 feasible sizes with --use-hessian:
@@ -45,10 +51,36 @@ feasible sizes with --use-hessian:
     --hidden-dim 512:  9.6 GiB, 54 s (the seed's command: fits one GPU)
   Doubling B_h or the width multiplies memory by 4 and time by 8
   (B_h 8 at width 512: about 34 GiB). Whatever does not fit stops at the
-  first Newton step with the estimate and the option to lower."""
+  first Newton step with the estimate and the option to lower.
+
+several processes (torchrun; one per GPU, NCCL, or several on a CPU, gloo):
+  torchrun --standalone --nproc_per_node N train_imagenet.py ... --batch-size B
+  Each process takes B images per step (N * B in all; the gradient is their
+  mean, as DistributedDataParallel gives); the curvature batch is the first
+  B_h images of those N * B, the same on every process, so every process
+  solves the same Newton system and takes the same step. Only rank 0 prints,
+  logs and writes checkpoints; a checkpoint resumes with any number of
+  processes. N processes x --batch-size B take the steps of one process with
+  --batch-size N*B (to rounding), when N divides the number of images."""
+
+
+# What a resumed run takes from its checkpoint (docs/training.md, "Resuming"):
+# the model's shape must match (given on the command line or not: the checkpoint's);
+ARCHITECTURE = ("image_size", "hidden_dim", "num_layers", "activation", "dtype", "use_hessian")
+# the optimisation settings are the checkpoint's unless given on the command line;
+OPTIMISATION = ("batch_size", "lr", "momentum", "seed", "hessian_freq", "hessian_batch_size",
+                "newton_lr", "damping", "min_damping", "max_damping", "max_step_norm",
+                "curvature", "trust_region", "radius", "max_radius")
+# everything else (data location, device, --amp, workers, epochs, logging) is this run's.
+HESSIAN_ONLY = ("hessian_freq", "hessian_batch_size", "newton_lr", "damping", "min_damping",
+                "max_damping", "max_step_norm", "curvature", "trust_region", "radius",
+                "max_radius", "hessian_memory_gb")
+DAMPED_ONLY = ("newton_lr", "damping", "min_damping", "max_damping")
+_UNSET = object()
 
 
 def get_args(argv=None):
+    """The parsed command line, and the set of options given on it explicitly."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=FEASIBILITY,
         formatter_class=HelpFormatter)
@@ -58,7 +90,7 @@ def get_args(argv=None):
     g.add_argument("--image-size", type=int, default=32,
                    help="images are resized to S x S and flattened to 3*S*S inputs")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data loading processes")
+                   help="data loading processes (per training process)")
     g.add_argument("--max-batches", type=int, default=0,
                    help="stop each epoch after this many training batches (0: all)")
     g = p.add_argument_group("model")
@@ -69,11 +101,16 @@ def get_args(argv=None):
                    help="hidden activation (smooth ones have a full Hessian)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=256, help="images per step")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="images per step and per process (under torchrun the step's batch is "
+                        "this times the number of processes)")
     g.add_argument("--epochs", type=int, default=90, help="epochs in total (a resumed run counts the done ones)")
     g.add_argument("--lr", type=float, default=0.1,
-                   help="SGD learning rate (with --use-hessian: of the gradient steps)")
+                   help="SGD learning rate (with --use-hessian: of the gradient steps; 0: none)")
     g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (without --use-hessian)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (CUDA only) for the forward and backward of the SGD "
+                        "steps; Newton steps and validation stay in --dtype")
     g = p.add_argument_group("Hessian preconditioning")
     g.add_argument("--use-hessian", action="store_true",
                    help="damped Newton steps with the exact inverse Hessian instead of SGD")
@@ -89,7 +126,7 @@ def get_args(argv=None):
     g.add_argument("--max-step-norm", type=float, default=None, help="cap on the step's 2-norm")
     g.add_argument("--curvature", default="hessian", choices=["hessian", "ggn"],
                    help="the Hessian, or the generalized Gauss-Newton matrix (positive semi-definite)")
-    g.add_argument("--trust-region", action="store_true",
+    g.add_argument("--trust-region", action=argparse.BooleanOptionalAction, default=False,
                    help="trust-region steps (radius adapted) instead of damped Newton steps "
                         "(damping adapted); --newton-lr and the damping options then do not apply")
     g.add_argument("--radius", type=float, default=1.0, help="initial trust-region radius")
@@ -97,28 +134,104 @@ def get_args(argv=None):
     g.add_argument("--hessian-memory-gb", type=float, default=None,
                    help="memory the curvature may use (None: the device's free memory)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun: auto, cpu or cuda, one GPU "
+                        "per process)")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling and augmentation")
     g.add_argument("--checkpoint-dir", default="checkpoints",
                    help="where last.pt and metrics.jsonl go")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from PATH (no PATH: <checkpoint-dir>/last.pt) at the start of "
-                        "the next epoch, with the checkpoint's optimizer settings and state")
+                        "the next epoch; the model options are the checkpoint's, and so are the "
+                        "optimisation options not given on this command line")
     g.add_argument("--log-interval", type=int, default=50,
                    help="batches between training lines in metrics.jsonl")
+    g.add_argument("--check-sync", type=int, default=0, metavar="N",
+                   help="every N steps, check that all processes hold bit-identical parameters "
+                        "and optimizer state, and log their fingerprints (0: at epoch ends only)")
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "hessian_batch_size", "hessian_freq", "log_interval"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.epochs < 0 or args.workers < 0 or args.max_batches < 0:
-        p.error("--epochs, --workers and --max-batches must be >= 0")
-    if not 0 < args.radius <= args.max_radius:
-        p.error("need 0 < --radius <= --max-radius")
-    return args
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in p._actions if a.dest != "help"})
+    given = {key for key, value in vars(p.parse_args(argv, probe)).items() if value is not _UNSET}
+    return args, given
 
 
-# Settings that must match between a checkpoint and the run resuming it.
-ARCHITECTURE = ("image_size", "hidden_dim", "num_layers", "activation", "dtype", "use_hessian")
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def setting(key: str, value) -> str:
+    """How an option with this value is written on the command line."""
+    if isinstance(value, bool):
+        return flag(key) if value else flag(key).replace("--", "--no-", 1)
+    return f"{flag(key)} {value}"
+
+
+def check_flags(args, given: set, processes: Processes) -> list:
+    """Refuse nonsensical settings, naming the flag, before any work starts; returns notes."""
+    for key in ("image_size", "batch_size", "hessian_batch_size", "hessian_freq", "log_interval",
+                "epochs", "hidden_dim", "num_layers"):
+        if getattr(args, key) < 1:
+            raise UsageError(f"{flag(key)} must be >= 1, got {getattr(args, key)}")
+    for key in ("workers", "max_batches", "check_sync"):
+        if getattr(args, key) < 0:
+            raise UsageError(f"{flag(key)} must be >= 0, got {getattr(args, key)}")
+
+    def positive(key, value=None):
+        value = getattr(args, key) if value is None else value
+        if not 0 < value < math.inf:
+            raise UsageError(f"{flag(key)} must be a positive number, got {value}")
+
+    if args.use_hessian:  # 0: no gradient steps between Newton steps, none as the fallback
+        if not 0 <= args.lr < math.inf:
+            raise UsageError(f"--lr must be a finite number >= 0 with --use-hessian, got {args.lr}")
+    else:
+        positive("lr")
+    if not 0 <= args.momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    for key in ("newton_lr", "damping", "min_damping", "max_damping", "radius", "max_radius"):
+        positive(key)
+    for key in ("max_step_norm", "hessian_memory_gb"):
+        if getattr(args, key) is not None:
+            positive(key)
+    if not args.min_damping <= args.damping <= args.max_damping:
+        raise UsageError(f"need --min-damping <= --damping <= --max-damping, got "
+                         f"{args.min_damping}, {args.damping}, {args.max_damping}")
+    if not args.radius <= args.max_radius:
+        raise UsageError(f"need --radius <= --max-radius, got {args.radius} > {args.max_radius}")
+    notes = []  # tuning options of a method that does not run: said, not silently ignored
+    if not args.use_hessian:
+        if args.trust_region or args.curvature != "hessian":
+            raise UsageError(f"{'--trust-region' if args.trust_region else '--curvature'} selects "
+                             "the kind of Newton step: add --use-hessian, or drop it")
+        extra = [flag(k) for k in HESSIAN_ONLY if k in given and k != "trust_region"]
+        if extra:
+            notes.append(f"{', '.join(extra)} ignored: Newton-step options, and this run has "
+                         "no --use-hessian")
+    elif "momentum" in given and args.momentum:
+        notes.append("--momentum ignored: it applies to SGD, not to --use-hessian's gradient steps")
+    if args.use_hessian and args.trust_region:
+        extra = [flag(k) for k in DAMPED_ONLY if k in given]
+        if extra:
+            notes.append(f"{', '.join(extra)} ignored: trust-region steps adapt the radius "
+                         "(--radius, --max-radius), not a damping")
+    global_batch = args.batch_size * processes.world
+    if args.use_hessian and args.hessian_batch_size > global_batch:
+        raise UsageError(f"--hessian-batch-size {args.hessian_batch_size} is larger than a batch "
+                         f"(--batch-size {args.batch_size} x {processes.world} process(es) = "
+                         f"{global_batch} images): lower it to at most {global_batch}")
+    if args.use_hessian:
+        check_newton_settings(args)
+    return notes
+
+
+def check_device(args, device: torch.device) -> None:
+    if args.amp and device.type != "cuda":
+        raise UsageError(f"--amp needs CUDA (bf16 autocast on the GPU); on {device.type} drop "
+                         "--amp: the run is then in --dtype (float32 by default)")
+    if args.amp and args.dtype != "float32":
+        raise UsageError(f"--amp autocasts float32 work to bf16; with --dtype {args.dtype} it would "
+                         "do nothing: drop --amp or use --dtype float32")
+
 
 LAYOUT = """expected layout:
   DATA_DIR/train/<class name>/<image files>   e.g. train/n01440764/n01440764_10026.JPEG
@@ -126,7 +239,51 @@ LAYOUT = """expected layout:
 (ImageNet's validation images must be sorted into class folders first.)"""
 
 
-def image_folders(root: Path, image_size: int):
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded; the message names it."""
+
+
+def load_image(path: str):
+    """ImageFolder's loader, with one clear error naming the file instead of PIL's traceback."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except Exception as err:  # empty, truncated, not an image, unreadable
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        why = ("the file is empty" if size == 0 else
+               "not an image format PIL knows, or a damaged header"
+               if isinstance(err, UnidentifiedImageError) else f"{type(err).__name__}: {err}")
+        raise UnreadableImage(f"cannot read image {path} ({why})") from None
+
+
+class SeededPerExample(torch.utils.data.Dataset):
+    """A data set whose augmentation is a function of (seed, epoch, index) alone.
+
+    Each example is transformed with torch's CPU generator seeded from those
+    three numbers (and restored after), so an example gets the same random
+    crop whatever the number of processes, data workers or the batch size.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.classes, self.samples = dataset.classes, dataset.samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(
+                ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            return self.dataset[index]
+
+
+def image_folders(root: Path, image_size: int, seed: int):
     """train/ and val/ as torchvision ImageFolders, with ImageNet preprocessing at image_size."""
     from torchvision import datasets, transforms
 
@@ -149,14 +306,15 @@ def image_folders(root: Path, image_size: int):
     folders = {}
     for split, transform in splits.items():
         try:
-            folders[split] = datasets.ImageFolder(str(root / split), transform=transform)
+            folders[split] = datasets.ImageFolder(str(root / split), transform=transform,
+                                                  loader=load_image)
         except (FileNotFoundError, RuntimeError) as err:
             raise UsageError(f"{root / split} is not a usable image folder ({err}); {LAYOUT}") from None
     if folders["train"].classes != folders["val"].classes:
         extra = sorted(set(folders["val"].classes) ^ set(folders["train"].classes))[:5]
         raise UsageError(f"train/ has {len(folders['train'].classes)} classes and val/ has "
                          f"{len(folders['val'].classes)}; they must match (differing: {extra}); {LAYOUT}")
-    return folders["train"], folders["val"]
+    return SeededPerExample(folders["train"], seed), folders["val"]
 
 
 def rng_state() -> dict:
@@ -170,7 +328,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -183,150 +341,359 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "global_step", "best_top1", "args", "classes", "rng")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by this script, or one clear UsageError naming the file."""
+    fresh = "or start afresh without --resume"
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}; give the path of a last.pt, {fresh}")
+    if path.stat().st_size == 0:
+        raise UsageError(f"--resume: {path} is empty (0 bytes), probably from an interrupted copy; "
+                         f"use an intact last.pt, {fresh}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states
+    except Exception as err:
+        why = str(err).strip().split(". ")[0].splitlines()[0][:160] if str(err).strip() \
+            else type(err).__name__
+        raise UsageError(f"--resume: {path} cannot be read as a checkpoint ({why}); it is truncated "
+                         f"or not a checkpoint: use an intact last.pt, {fresh}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not (isinstance(ckpt, dict) and k in ckpt)]
+    if missing:
+        what = ("a model state_dict only" if isinstance(ckpt, dict) and ckpt and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}")
+        raise UsageError(f"--resume: {path} is not a train_imagenet.py checkpoint (it holds {what}, "
+                         f"without {', '.join(missing)}); --resume needs the last.pt this script "
+                         f"writes (model, optimizer, epoch, RNG states and settings), {fresh}")
+    return ckpt
+
+
+def merge_resumed_args(args, given: set, saved: dict, path: Path) -> dict:
+    """Apply the resume rule to ``args`` in place; returns {option: (checkpoint's, now)} changed."""
+    for key in ARCHITECTURE:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            was = (f"{'with' if saved[key] else 'without'} {flag(key)}, this command "
+                   f"{'has' if getattr(args, key) else 'has not'} it" if isinstance(saved[key], bool)
+                   else f"with {flag(key)} {saved[key]}, this command has {getattr(args, key)}")
+            raise UsageError(f"--resume: {path} was trained {was}; drop {flag(key)} (the "
+                             "checkpoint's is used) or start afresh without --resume")
+        setattr(args, key, saved.get(key, getattr(args, key)))
+    overrides = {}
+    for key in OPTIMISATION:
+        if key not in given:
+            setattr(args, key, saved.get(key, getattr(args, key)))
+        elif saved.get(key, _UNSET) != getattr(args, key):
+            overrides[key] = (saved.get(key), getattr(args, key))
+    return overrides
+
+
+def newton_settings(args) -> dict:
+    """DampedNewton's settings (its parameter group) from the command line."""
+    return dict(lr=args.newton_lr, damping=args.damping, min_damping=args.min_damping,
+                max_damping=args.max_damping, max_step_norm=args.max_step_norm,
+                curvature_interval=args.hessian_freq, gradient_lr=args.lr,
+                curvature=args.curvature, mode="trust_region" if args.trust_region else "damped",
+                radius=args.radius, max_radius=args.max_radius)
+
+
+def build_optimizer(model, args):
+    if not args.use_hessian:
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    memory = None if args.hessian_memory_gb is None else int(args.hessian_memory_gb * 2**30)
+    return DampedNewton(model, memory_limit=memory, **newton_settings(args))
+
+
+def apply_settings(optimizer, args) -> None:
+    """After loading a checkpoint's optimizer state: the settings that run are ``args``'s.
+
+    Settings (the parameter group) follow the command line; the adapted state
+    (damping, radius, counters) continues from the checkpoint.
+    """
+    group = optimizer.param_groups[0]
+    if args.use_hessian:
+        group.update(newton_settings(args))
+    else:
+        group.update(lr=args.lr, momentum=args.momentum)
+
+
+# DampedNewton's names for the settings of newton_settings(), as command-line flags.
+SETTING_FLAGS = {"gradient_lr": "--lr", "lr": "--newton-lr", "curvature_interval": "--hessian-freq",
+                 "mode": "--trust-region", **{k: flag(k) for k in (
+                     "damping", "min_damping", "max_damping", "max_step_norm", "curvature",
+                     "radius", "max_radius")}}
+
+
+def check_newton_settings(args) -> None:
+    """DampedNewton's own checks of the settings, on a one-layer stand-in, worded as flags."""
+    try:
+        DampedNewton(DeepMLPWithTracking(1, 1, 2, 0), **newton_settings(args))
+    except ValueError as err:
+        names = "|".join(sorted(SETTING_FLAGS, key=len, reverse=True))
+        message = re.sub(rf"(?<![\w-])({names})(?!\w)", lambda m: SETTING_FLAGS[m.group(1)],
+                         str(err).removeprefix("DampedNewton: "))
+        raise UsageError(message) from None
+
+
 def log_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
+def superseded_records(path: Path, step: int) -> int:
+    """Training and epoch records after ``step``: an interrupted run's, redone after a resume."""
+    if not path.exists():
+        return 0
+    count = 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        count += record.get("event") in ("train", "epoch") and record.get("step", 0) > step
+    return count
+
+
+def describe_steps(args, per_process: int, world: int) -> str:
+    """What the run's steps are, as the start-up line says it (``per_process``: images per epoch)."""
+    batch = min(args.batch_size, per_process) * world
+    last = (per_process % args.batch_size or args.batch_size) * world
+    text = (f"{world} processes x batch {args.batch_size} = {batch} images per step" if world > 1
+            else f"batch {batch}")
+    if not args.use_hessian:
+        return f"{text}; SGD lr {args.lr}, momentum {args.momentum}"
+    curvature = min(args.hessian_batch_size, batch)
+    every = "batch" if args.hessian_freq == 1 else f"{args.hessian_freq} batches"
+    return (f"{text}; {'trust-region' if args.trust_region else 'damped Newton'} steps on the "
+            f"{args.curvature} every {every}, curvature on the first {curvature} images of each "
+            f"batch" + (f" (all {last} of the last, shorter one)" if last < curvature else "")
+            + (f", SGD lr {args.lr} between" if args.hessian_freq > 1 else ""))
+
+
+class Interrupted(UsageError):
+    """Ctrl-C (SIGINT) or SIGTERM during training, with what is kept and how to go on."""
+
+
 def main(argv=None):
-    args = get_args(argv)
+    args, given = get_args(argv)
+    processes = Processes()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
     try:
-        train(args)
-    except UsageError as err:
-        sys.exit(f"error: {err}")
+        train(args, given, processes)
+    except Interrupted as err:
+        if processes.main:
+            print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if processes.main:
+            print("interrupted before training started; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except (UsageError, UnreadableImage) as err:
+        where = "" if processes.world == 1 else f" (rank {processes.rank} of {processes.world})"
+        message = str(err)
+        if isinstance(err, UnreadableImage):  # from a data worker: the message is its traceback's end
+            message = message[message.rfind("cannot read image"):].strip()
+            message += "; remove or replace the file, then run again (with --resume to continue " \
+                       "from the last checkpoint)"
+        sys.exit(f"error{where}: {message}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        processes.stop()
 
 
-def train(args):
-    device = resolve_device(args.device)
+def train(args, given: set, processes: Processes):
+    say = print if processes.main else (lambda *a, **k: None)
+    device = processes.resolve_device(args.device)
+    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_path, metrics_path = ckpt_dir / "last.pt", ckpt_dir / "metrics.jsonl"
+    ckpt, overrides, saved_epoch = None, {}, None  # saved_epoch: of the last.pt this run stands on
+    if args.resume:  # the settings that run: the checkpoint's, overridden by the command line
+        path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        path = path / "last.pt" if path.is_dir() else path
+        ckpt = load_checkpoint(path)
+        overrides = merge_resumed_args(args, given, ckpt["args"], path)
+        saved_epoch = ckpt["epoch"] if path.resolve() == ckpt_path.resolve() else None
+    for note in check_flags(args, given, processes):
+        say(f"note: {note}")
+    check_device(args, device)
+    if ckpt is not None and ckpt["epoch"] >= args.epochs:
+        say(f"nothing to do: {path} has {ckpt['epoch']} epoch(s) done and --epochs is "
+            f"{args.epochs}; give --epochs {ckpt['epoch'] + 1} or more to train further")
+        return
+
+    processes.start(device)
     dtype = DTYPES[args.dtype]
     seed_everything(args.seed)
-    train_set, val_set = image_folders(Path(args.data_dir), args.image_size)
+    train_set, val_set = image_folders(Path(args.data_dir), args.image_size, args.seed)
     num_classes = len(train_set.classes)
-    ckpt_dir = Path(args.checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = ckpt_dir / "last.pt", ckpt_dir / "metrics.jsonl"
+    if processes.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_model(3 * args.image_size ** 2, num_classes, args.hidden_dim, args.num_layers,
                         args.activation, device, dtype)
-    if args.use_hessian:
-        optimizer = DampedNewton(
-            model, lr=args.newton_lr, damping=args.damping, min_damping=args.min_damping,
-            max_damping=args.max_damping, max_step_norm=args.max_step_norm,
-            curvature_interval=args.hessian_freq, gradient_lr=args.lr,
-            memory_limit=None if args.hessian_memory_gb is None else int(args.hessian_memory_gb * 2**30),
-            curvature=args.curvature, mode="trust_region" if args.trust_region else "damped",
-            radius=args.radius, max_radius=args.max_radius)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-
+    optimizer = build_optimizer(model, args)
     start_epoch, global_step, best_top1 = 0, 0, 0.0
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        path = path / "last.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states, args
-        for key in ARCHITECTURE:
-            if ckpt["args"][key] != getattr(args, key):
-                raise UsageError(f"--resume: {path} was trained with --{key.replace('_', '-')} "
-                                 f"{ckpt['args'][key]}, this run has {getattr(args, key)}")
+    if ckpt is not None:
         if ckpt["classes"] != train_set.classes:
             raise UsageError(f"--resume: {path} was trained on other classes than {args.data_dir}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UsageError(f"--resume: {path} does not fit this model and optimizer "
+                             f"({str(err).splitlines()[0][:160]}); start afresh without --resume") from None
+        apply_settings(optimizer, args)
         set_rng_state(ckpt["rng"])
         start_epoch, global_step, best_top1 = ckpt["epoch"], ckpt["global_step"], ckpt["best_top1"]
-        print(f"resumed from {path}: {start_epoch} epoch(s) done, step {global_step}")
+        changed = ", ".join(f"{setting(k, now)} (checkpoint: "
+                            f"{setting(k, was) if isinstance(was, bool) else was})"
+                            for k, (was, now) in overrides.items())
+        say(f"resumed from {path}: {start_epoch} epoch(s) done, step {global_step}"
+            + (f"; from the command line: {changed}" if changed else ""))
+        for key in ("damping", "radius"):
+            if args.use_hessian and key in overrides:
+                say(f"note: {flag(key)} is an initial value; the {key} adapted so far continues "
+                    f"from the checkpoint (now {optimizer.stats[key]})")
+
+    # Several processes: DDP all-reduces the closure's gradients; each process sees its shard.
+    net = (DistributedDataParallel(Logits(model), device_ids=[device.index] if device.type == "cuda"
+                                   else None) if processes.launched else None)
+    sampler = DistributedSampler(train_set, num_replicas=processes.world, rank=processes.rank,
+                                 shuffle=True, seed=args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                              num_workers=args.workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(Subset(val_set, range(processes.rank, len(val_set), processes.world)),
+                            batch_size=args.batch_size, num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
+    topk = (1, 5) if num_classes > 5 else (1,)  # top-k with k >= classes is always 1
+    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp
+           else contextlib.nullcontext)
 
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes; "
-          f"MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x {args.num_layers - 1} -> "
-          f"{num_classes}, {num_params:,} parameters, {args.dtype} on {device}; "
-          + (f"{'trust-region' if args.trust_region else 'damped Newton'} steps on the "
-             f"{args.curvature} every {args.hessian_freq} batch(es), curvature on "
-             f"{args.hessian_batch_size} images" if args.use_hessian else f"SGD lr {args.lr}"))
-    log_metrics(metrics_path, {"event": "start", "epoch": start_epoch, "step": global_step,
-                               "args": vars(args), "num_params": num_params})
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        pin_memory=device.type == "cuda")
-    topk = (1, min(5, num_classes))
+    say(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes; "
+        f"MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x {args.num_layers - 1} -> "
+        f"{num_classes}, {num_params:,} parameters, {args.dtype}"
+        f"{' (bf16 autocast)' if args.amp else ''} on {device}; "
+        + describe_steps(args, len(sampler), processes.world))
+    if num_classes == 1:
+        say("note: one class: the loss is 0 and the accuracy 1 by construction; nothing to learn")
+    if processes.main:
+        if ckpt is not None:
+            log_metrics(metrics_path, {
+                "event": "resume", "epoch": start_epoch, "step": global_step, "from": str(path),
+                "superseded": superseded_records(metrics_path, global_step),
+                "overrides": {k: now for k, (was, now) in overrides.items()}})
+        log_metrics(metrics_path, {"event": "start", "epoch": start_epoch, "step": global_step,
+                                   "args": vars(args), "num_params": num_params,
+                                   "processes": processes.world})
 
     def diverged(what, epoch, batch):
         """Stop without saving: the last good checkpoint stays as it is."""
-        log_metrics(metrics_path, {"event": "diverged", "epoch": epoch, "step": global_step,
-                                   "what": what})
+        if processes.main:
+            log_metrics(metrics_path, {"event": "diverged", "epoch": epoch, "step": global_step,
+                                       "what": what})
         kept = (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists()
                 else "no checkpoint had been written yet")
         hint = " or --newton-lr, or raise --damping" if args.use_hessian else ""
         return UsageError(f"{what} at epoch {epoch + 1}, batch {batch + 1}; stopped without "
                           f"saving ({kept}). Lower --lr{hint}.")
 
-    for epoch in range(start_epoch, args.epochs):
-        # The shuffle order and the workers' augmentation seeds depend only on (seed, epoch).
-        order = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, shuffle=True, generator=order,
-            num_workers=args.workers, pin_memory=device.type == "cuda",
-            persistent_workers=False)
-        model.train()
-        seen, correct, loss_sum, t0, batch = 0, 0, 0.0, time.time(), 0
-        total = len(train_loader) if not args.max_batches else min(args.max_batches, len(train_loader))
-        bar = tqdm(train_loader, total=total, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="batch", dynamic_ncols=True)
-        for batch, (x, y) in enumerate(bar):
-            if batch >= total:
-                break
-            x = x.to(device=device, dtype=dtype, non_blocking=True)
-            y = y.to(device=device, non_blocking=True)
-            curvature_batch = (x[:args.hessian_batch_size], y[:args.hessian_batch_size])
-            try:
-                loss, hits = train_step(model, optimizer, x, y, curvature_batch)
-            except (InsufficientMemoryError, torch.cuda.OutOfMemoryError) as err:
-                raise curvature_too_large(err, model, "--hessian-batch-size",
-                                          args.hessian_batch_size) from None
-            if not math.isfinite(loss):
-                bar.close()
-                raise diverged(f"the training loss is {loss}", epoch, batch)
-            global_step += 1
-            seen += len(y)
-            correct += hits
-            loss_sum += loss * len(y)
-            stats = {"loss": loss_sum / seen, "acc": correct / seen,
-                     "img_per_s": seen / (time.time() - t0)}
-            if args.use_hessian:
-                s = optimizer.stats
-                stats.update(damping=s["damping"], rejected=s["rejected"],
-                             fallbacks=s["gradient_fallbacks"])
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}",
-                            **{"img/s": f"{stats['img_per_s']:.0f}"},
-                            **({"damp": f"{stats['damping']:.2g}", "rej": stats["rejected"]}
-                               if args.use_hessian else {}))
-            if global_step % args.log_interval == 0:
-                log_metrics(metrics_path, {"event": "train", "epoch": epoch, "step": global_step,
-                                           "batch_loss": loss, **stats})
-        bar.close()
+    def check_sync(log: bool):
+        """All processes must hold the same parameters and optimizer state, bit for bit."""
+        prints = processes.gather(fingerprint(model, optimizer))
+        if log and processes.main:
+            log_metrics(metrics_path, {"event": "sync", "step": global_step, "fingerprints": prints})
+        if len(set(prints)) > 1:
+            raise UsageError(f"the processes' parameters or optimizer state differ at step "
+                             f"{global_step} (fingerprints {prints}); please report this")
 
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise diverged("the weights are not finite", epoch, batch)
-        val = evaluate(model, val_loader, topk)
-        best_top1 = max(best_top1, val["top1"])
-        record = {"event": "epoch", "epoch": epoch + 1, "step": global_step,
-                  "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                  "val_loss": val["loss"], "val_top1": val["top1"], f"val_top{topk[1]}": val[f"top{topk[1]}"],
-                  "epoch_seconds": time.time() - t0}
-        if args.use_hessian:
-            record["optimizer"] = optimizer.stats
-        log_metrics(metrics_path, record)
-        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
-              f"val loss {val['loss']:.4f} top-1 {val['top1']:.3f} top-{topk[1]} {val[f'top{topk[1]}']:.3f} "
-              f"| {record['epoch_seconds']:.1f}s")
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1, "global_step": global_step, "best_top1": best_top1,
-            "args": vars(args), "classes": train_set.classes, "rng": rng_state()})
-    print(f"done: {args.epochs} epoch(s), best val top-1 {best_top1:.3f}; checkpoint {ckpt_path}, "
-          f"metrics {metrics_path}")
+    epoch, bar = start_epoch, None
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)  # the order depends only on (seed, epoch)
+            train_set.set_epoch(epoch)  # so does every example's augmentation
+            model.train()
+            seen, correct, loss_sum, t0, batch = 0, 0, 0.0, time.time(), 0
+            total = len(train_loader) if not args.max_batches else min(args.max_batches, len(train_loader))
+            bar = tqdm(train_loader, total=total, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       unit="batch", dynamic_ncols=True, disable=not processes.main)
+            for batch, (x, y) in enumerate(bar):
+                if batch >= total:
+                    break
+                x = x.to(device=device, dtype=dtype, non_blocking=True)
+                y = y.to(device=device, non_blocking=True)
+                # A Newton step: curvature on the global batch's first images, no autocast.
+                newton = args.use_hessian and optimizer.stats["n_iter"] % args.hessian_freq == 0
+                curvature_batch = processes.first_of_global_batch(x, y, args.hessian_batch_size) \
+                    if newton else None
+                try:
+                    loss, hits = train_step(model, optimizer, x, y, curvature_batch, net=net,
+                                            processes=processes,
+                                            precision=contextlib.nullcontext if newton else amp)
+                except (InsufficientMemoryError, torch.cuda.OutOfMemoryError) as err:
+                    raise curvature_too_large(err, model, "--hessian-batch-size",
+                                              args.hessian_batch_size) from None
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise diverged(f"the training loss is {loss}", epoch, batch)
+                global_step += 1
+                seen += len(y) * processes.world  # every process's batch has the same length
+                correct += hits
+                loss_sum += loss * len(y) * processes.world
+                stats = {"loss": loss_sum / seen, "acc": correct / seen,
+                         "img_per_s": seen / (time.time() - t0)}
+                if args.use_hessian:
+                    s = optimizer.stats
+                    stats.update(damping=s["damping"], rejected=s["rejected"],
+                                 fallbacks=s["gradient_fallbacks"])
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}",
+                                **{"img/s": f"{stats['img_per_s']:.0f}"},
+                                **({"damp": f"{stats['damping']:.2g}", "rej": stats["rejected"]}
+                                   if args.use_hessian else {}))
+                if global_step % args.log_interval == 0 and processes.main:
+                    log_metrics(metrics_path, {"event": "train", "epoch": epoch, "step": global_step,
+                                               "batch_loss": loss, **stats})
+                if args.check_sync and global_step % args.check_sync == 0:
+                    check_sync(log=True)
+            bar.close()
+
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise diverged("the weights are not finite", epoch, batch)
+            if processes.world > 1 and not (args.check_sync and global_step % args.check_sync == 0):
+                check_sync(log=bool(args.check_sync))  # not checked at this step yet
+            val = evaluate(model, val_loader, topk, processes)
+            best_top1 = max(best_top1, val["top1"])
+            record = {"event": "epoch", "epoch": epoch + 1, "step": global_step,
+                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                      "val_loss": val["loss"], **{f"val_top{k}": val[f"top{k}"] for k in topk},
+                      "epoch_seconds": time.time() - t0}
+            if args.use_hessian:
+                record["optimizer"] = optimizer.stats
+            say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
+                f"val loss {val['loss']:.4f} "
+                + " ".join(f"top-{k} {val[f'top{k}']:.3f}" for k in topk)
+                + f" | {record['epoch_seconds']:.1f}s")
+            if processes.main:
+                log_metrics(metrics_path, record)
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "global_step": global_step, "best_top1": best_top1,
+                    "args": vars(args), "classes": train_set.classes, "rng": rng_state()})
+                log_metrics(metrics_path, {"event": "checkpoint", "epoch": epoch + 1,
+                                           "step": global_step, "rank": processes.rank})
+            saved_epoch = epoch + 1
+    except KeyboardInterrupt:
+        kept = (f"{ckpt_path} (after epoch {saved_epoch}) is intact; continue with the same "
+                "command and --resume" if saved_epoch is not None else
+                "no checkpoint of this run had been written yet; run the command again to start over")
+        raise Interrupted(f"in epoch {epoch + 1}; {kept}") from None
+    finally:
+        if bar is not None:
+            bar.close()  # so that any message after it starts on a line of its own
+
+    ran = args.epochs - start_epoch
+    say(f"done: {ran} epoch(s) in this run, {args.epochs} in all; best val top-1 {best_top1:.3f}; "
+        f"checkpoint {ckpt_path}, metrics {metrics_path}")
 
 
 if __name__ == "__main__":

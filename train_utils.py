@@ -1,6 +1,8 @@
 """What ``simple_example.py`` and ``train_imagenet.py`` share: device and model
 set-up, one training step for either optimizer, evaluation, and the advice
-printed when a Hessian configuration does not fit in memory.
+printed when a Hessian configuration does not fit in memory; and what
+``train_imagenet.py`` needs to run as several processes under ``torchrun``
+(:class:`Processes`, :class:`Logits`, :func:`fingerprint`).
 
 Kept out of ``hessian_inverse.py`` because it is script plumbing, not part of
 the solver's API.
@@ -9,12 +11,18 @@ the solver's API.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import math
+import os
 import random
 import warnings
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from damped_newton import DampedNewton
@@ -84,22 +92,61 @@ def logits(model: TrackedChain, x: torch.Tensor) -> torch.Tensor:
     return model.loss_layer.logits(z)
 
 
+class Logits(nn.Module):
+    """A chain's logits as a module's forward: what ``DistributedDataParallel`` wraps.
+
+    The chain's own forward ends in the fused loss; DDP all-reduces the
+    gradients of whatever its wrapped module's forward computed, so the
+    training closure runs through this view (the parameters are the chain's).
+    """
+
+    def __init__(self, chain: TrackedChain):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits(self.chain, x)
+
+
 def train_step(model: TrackedChain, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, curvature_batch: Optional[tuple] = None) -> tuple[float, int]:
+               y: torch.Tensor, curvature_batch: Optional[tuple] = None, *,
+               net: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+               processes: Optional["Processes"] = None,
+               precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[float, int]:
     """One optimizer step on the batch ``(x, y)``: returns (loss before the step, # correct).
 
     Works for any ``torch.optim`` optimizer.  For :class:`DampedNewton` the
     curvature is taken on ``curvature_batch`` (default: the whole batch) by a
     tracked forward pass; the closure may be evaluated again to test the step.
+
+    Several processes (``torchrun``): ``net`` is the ``DistributedDataParallel``
+    wrapper of ``Logits(model)``, so ``backward()`` leaves the all-reduced mean
+    gradient in ``p.grad``; with ``processes`` the loss the closure returns is
+    the mean over processes (so ``DampedNewton``'s reduction-ratio test sees the
+    same number on every process) and the count of correct answers their sum.
+    ``precision`` wraps the closure's forward (``torch.autocast`` for mixed
+    precision); the curvature's tracked forward never runs under it.
     """
-    first = {}
+    first, calls = {}, []
+    net = net if net is not None else (lambda inputs: logits(model, inputs))
+    if processes is not None:
+        processes.steps += 1
 
     def closure():
         optimizer.zero_grad()
-        out = logits(model, x)
-        loss = model.loss_layer.loss(out, y)
+        with precision():
+            out = net(x)
+            loss = model.loss_layer.loss(out, y)  # cross-entropy: float32 under autocast
         loss.backward()
-        first.setdefault("correct", int((out.argmax(1) == y).sum()))
+        calls.append(1)
+        if "correct" not in first:
+            first["correct"] = int((out.argmax(1) == y).sum())
+        if processes is not None and processes.world > 1:
+            mean_loss, first["global_correct"] = processes.sum(
+                [float(loss.detach()) / processes.world, first["correct"]],
+                at=(processes.steps, len(calls)))
+            return torch.tensor(mean_loss, dtype=loss.dtype, device=loss.device)
         return loss
 
     if isinstance(optimizer, DampedNewton):
@@ -107,12 +154,12 @@ def train_step(model: TrackedChain, optimizer: torch.optim.Optimizer, x: torch.T
         loss = optimizer.step(closure, lambda: model(xc, yc, track_activations=True))
     else:
         loss = optimizer.step(closure)
-    return float(loss.detach()), first["correct"]
+    return float(loss.detach()), int(first.get("global_correct", first["correct"]))
 
 
 @torch.no_grad()
-def evaluate(model: TrackedChain, batches: Iterable, topk: tuple = (1,)) -> dict:
-    """Mean loss and top-k accuracies (fractions) over ``(x, y)`` batches."""
+def evaluation_sums(model: TrackedChain, batches: Iterable, topk: tuple = (1,)) -> dict:
+    """Summed loss, top-k hits and the example count over ``(x, y)`` batches (float values)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     total, loss_sum = 0, 0.0
     hits = {k: 0 for k in topk}
@@ -125,7 +172,21 @@ def evaluate(model: TrackedChain, batches: Iterable, topk: tuple = (1,)) -> dict
         for k in topk:
             hits[k] += int((ranked[:, :k] == y[:, None]).any(1).sum())
         total += len(y)
-    return {"loss": loss_sum / max(total, 1), **{f"top{k}": hits[k] / max(total, 1) for k in topk}}
+    return {"loss": loss_sum, **{f"top{k}": float(hits[k]) for k in topk}, "count": float(total)}
+
+
+def evaluate(model: TrackedChain, batches: Iterable, topk: tuple = (1,),
+             processes: Optional["Processes"] = None) -> dict:
+    """Mean loss and top-k accuracies (fractions) over ``(x, y)`` batches.
+
+    With ``processes``, each process passes its own shard of the data and every
+    process gets the means over all of them.
+    """
+    sums = evaluation_sums(model, batches, topk)
+    if processes is not None:
+        sums = dict(zip(sums, processes.sum(list(sums.values()))))
+    total = max(sums.pop("count"), 1.0)
+    return {key: value / total for key, value in sums.items()}
 
 
 def curvature_too_large(err: BaseException, model: TrackedChain, batch_option: str,
@@ -142,3 +203,146 @@ def curvature_too_large(err: BaseException, model: TrackedChain, batch_option: s
                       f"To fix it, lower {batch_option} (now {batch_size}) or --hidden-dim: "
                       f"memory grows with (batch x width)^2 per layer, and the widest "
                       f"layer here (classes included) has {width} units.")
+
+
+# ----------------------------------------------------------------------------
+# Several processes (torchrun): one per GPU, or several on a CPU
+# ----------------------------------------------------------------------------
+
+
+class ProcessesDisagree(UsageError):
+    """The processes are no longer taking the same steps."""
+
+
+class Processes:
+    """This process's place among the ``torchrun`` processes (rank 0 of 1 without torchrun).
+
+    ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; then
+    :meth:`start` joins the process group (NCCL on CUDA, gloo on the CPU) and
+    the collectives below act on all processes.  Without it they return their
+    input, so single-process code needs no branches.
+    """
+
+    def __init__(self, environ=os.environ):
+        self.launched = "WORLD_SIZE" in environ and "RANK" in environ
+        self.world = int(environ.get("WORLD_SIZE", 1)) if self.launched else 1
+        self.rank = int(environ.get("RANK", 0)) if self.launched else 0
+        self.local_rank = int(environ.get("LOCAL_RANK", 0)) if self.launched else 0
+        self.device = torch.device("cpu")  # where collectives' tensors live
+        self.steps = 0  # train_step calls: the same on every process
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+    def resolve_device(self, name: str) -> torch.device:
+        """:func:`resolve_device`, with ``cuda`` meaning this process's GPU under torchrun."""
+        if not self.launched:
+            return resolve_device(name)
+        if name in ("auto", "cuda") and (name == "cuda" or torch.cuda.is_available()):
+            resolve_device("cuda")  # the clear error if there is none
+            if self.local_rank >= torch.cuda.device_count():
+                raise UsageError(f"process {self.local_rank} on this node has no GPU: "
+                                 f"{torch.cuda.device_count()} visible; start at most that many "
+                                 "processes per node (torchrun --nproc_per_node)")
+            return torch.device("cuda", self.local_rank)
+        device = resolve_device(name)
+        if device.type == "cuda" and self.world > 1:
+            raise UsageError(f"--device {name}: under torchrun every process takes its own GPU "
+                             "(cuda:LOCAL_RANK); use --device cuda")
+        return device
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group of all processes (no-op without torchrun)."""
+        if not self.launched:
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device if device.type == "cuda" else torch.device("cpu")
+
+    def stop(self) -> None:
+        if self.launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, values: Sequence[float], at: Optional[tuple[int, int]] = None) -> list[float]:
+        """Element-wise sum of ``values`` over all processes (float64).
+
+        ``at=(step, evaluation)`` also checks, in the same all-reduce, that every
+        process is at the same evaluation of the same step (raises
+        :class:`ProcessesDisagree` on every process otherwise).
+        """
+        if self.world == 1:
+            return [float(v) for v in values]
+        tag = [] if at is None else [float((at[0] % 1000) * 16 + min(at[1], 15))]
+        t = torch.tensor([float(v) for v in values] + tag + [x * x for x in tag],
+                         dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        out = t.tolist()
+        if at is not None:
+            total, squares = out[-2], out[-1]  # all equal iff sum^2 == world * sum of squares
+            if total * total != self.world * squares:
+                raise ProcessesDisagree(
+                    f"at step {at[0]} the processes are at different loss evaluations: their "
+                    "Newton solves gave different results (a non-deterministic kernel?), so they "
+                    "decided differently on a step; continue from the last checkpoint with "
+                    "--resume, and please report this")
+            out = out[:-2]
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``tensor`` with rank 0's, in place; returns it."""
+        if self.world > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def first_of_global_batch(self, x: torch.Tensor, y: torch.Tensor, count: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` examples of the global batch, identical on every process.
+
+        The global batch is the processes' batches interleaved, in the order
+        one process with a ``DistributedSampler`` of one replica would see them:
+        position ``j`` is example ``j // world`` of rank ``j % world``'s batch.
+        Every process's batch has the same length (the sampler pads).
+        """
+        if self.world == 1:
+            return x[:count], y[:count]
+        k = min(math.ceil(count / self.world), len(y))
+        parts = []
+        for local in (x[:k].contiguous(), y[:k].contiguous()):
+            gathered = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(gathered, local)
+            # (world, k, ...) -> (k, world, ...) -> global order
+            parts.append(torch.stack(gathered, 1).flatten(0, 1)[:count])
+        return parts[0], parts[1]
+
+
+def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """A SHA-256 of the parameters' bytes and the optimizer's state: equal iff bit-identical."""
+    h = hashlib.sha256()
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        else:
+            h.update(repr(value).encode())
+
+    feed(list(model.state_dict().values()))
+    feed(optimizer.state_dict())
+    return h.hexdigest()[:16]

@@ -1,0 +1,138 @@
+"""train_imagenet.py under torchrun: two CPU processes (gloo) on a generated ImageFolder.
+
+Three ``torchrun --standalone --nproc_per_node 2`` launches (an SGD epoch,
+a Newton epoch, a resumed Newton epoch) and single-process runs of the same
+settings to compare with; tiny images and a tiny float64 model, so the time is
+mostly the processes' start-up.
+
+    python -m pytest test_distributed.py -q
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed
+
+import train_imagenet
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available()
+                                     and torch.distributed.is_gloo_available()),
+                                reason="this torch build has no gloo process groups")
+
+ROOT = Path(__file__).resolve().parent
+# float64: the runs compared below differ only in the order of floating-point sums
+# (the mean of two 8-image means against one 16-image mean), about 1e-16 per step.
+TINY = ["--image-size", "4", "--hidden-dim", "4", "--num-layers", "3", "--workers", "0",
+        "--device", "cpu", "--dtype", "float64"]
+# SGD: a few steps from the same start cannot amplify 1e-16 differences beyond this.
+ATOL = 1e-12
+# Newton steps: the damping adapts to (f0 - f1) / predicted, a difference of nearly equal
+# losses, which turns 1e-16 rounding differences into about 1e-10 in the weights here.
+NEWTON_ATOL = 1e-8
+
+
+def torchrun(data, ckpt, *extra, processes=2):
+    """train_imagenet.py under torchrun; returns (checkpoint, the output's lines)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(processes), str(ROOT / "train_imagenet.py"),
+           "--data-dir", str(data), "--checkpoint-dir", str(ckpt), *TINY, *map(str, extra)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return torch.load(ckpt / "last.pt", weights_only=False), run.stdout.splitlines()
+
+
+def single(data, ckpt, *extra):
+    """The same script in this process, without torchrun."""
+    train_imagenet.main(["--data-dir", str(data), "--checkpoint-dir", str(ckpt), *TINY,
+                         *map(str, extra)])
+    return torch.load(ckpt / "last.pt", weights_only=False)
+
+
+def records(ckpt, event):
+    lines = (ckpt / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def assert_same_weights(a, b, atol=ATOL):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert not key.startswith("module."), key
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_sgd_two_processes_of_8_match_one_process_of_16(image_folder, tmp_path):
+    two, lines = torchrun(image_folder, tmp_path / "two", "--batch-size", 8, "--epochs", 1)
+    one = single(image_folder, tmp_path / "one", "--batch-size", 16, "--epochs", 1)
+    assert two["global_step"] == one["global_step"] == 2  # 24 images: 16 + 8
+    assert_same_weights(two["model"], one["model"])
+    assert any("2 processes x batch 8 = 16 images per step" in line for line in lines)
+    assert sum(line.startswith("epoch 1:") for line in lines) == 1  # rank 0 prints, alone
+    assert len(records(tmp_path / "two", "epoch")) == 1
+    (v2,), (v1,) = records(tmp_path / "two", "epoch"), records(tmp_path / "one", "epoch")
+    assert v2["val_loss"] == pytest.approx(v1["val_loss"], abs=1e-12)  # validation all-reduced
+
+
+def test_newton_two_processes_stay_identical_checkpoint_once_and_resume(image_folder, tmp_path):
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    first, _ = torchrun(image_folder, run, "--batch-size", 8, "--epochs", 1, "--use-hessian",
+                        "--check-sync", 1)
+    syncs = records(run, "sync")
+    assert [s["step"] for s in syncs] == [1, 2]  # after every step: parameters and optimizer state
+    assert all(len(s["fingerprints"]) == 2 and len(set(s["fingerprints"])) == 1 for s in syncs)
+    assert [(c["epoch"], c["rank"]) for c in records(run, "checkpoint")] == [(1, 0)]
+    assert len(records(run, "start")) == 1 and not (run / "last.pt.tmp").exists()
+    assert first["optimizer"]["state"][0]["newton_steps"] == 2
+    # the curvature batch is the global batch's first 4 images: one process of 16 takes the same steps
+    assert_same_weights(first["model"], single(image_folder, tmp_path / "one", "--batch-size", 16,
+                                               "--epochs", 1, "--use-hessian")["model"], NEWTON_ATOL)
+
+    copy.mkdir()
+    shutil.copy(run / "last.pt", copy / "last.pt")
+    resumed, lines = torchrun(image_folder, run, "--batch-size", 8, "--epochs", 2, "--resume",
+                              "--trust-region", "--radius", 0.5, "--check-sync", 1)
+    assert any("resumed from" in line and "--trust-region (checkpoint: --no-trust-region)" in line
+               for line in lines)
+    assert resumed["epoch"] == 2 and resumed["args"]["trust_region"] is True
+    assert resumed["optimizer"]["param_groups"][0]["mode"] == "trust_region"
+    syncs = records(run, "sync")[2:]
+    assert [s["step"] for s in syncs] == [3, 4]
+    assert all(len(set(s["fingerprints"])) == 1 for s in syncs)
+    # any number of processes resumes it: one process of 16 from the same checkpoint
+    alone = single(image_folder, copy, "--batch-size", 16, "--epochs", 2, "--resume",
+                   "--trust-region", "--radius", 0.5)
+    assert_same_weights(resumed["model"], alone["model"], NEWTON_ATOL)
+    assert resumed["optimizer"]["state"][0]["accepted"] == alone["optimizer"]["state"][0]["accepted"]
+
+
+def test_amp_refused_on_cpu_and_newton_steps_never_autocast(image_folder, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        single(image_folder, tmp_path / "a", "--amp", "--dtype", "float32")
+    assert "--amp needs CUDA" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    # The dispatch, on the CPU's bf16 autocast: SGD steps autocast, Newton steps in float32.
+    monkeypatch.setattr(train_imagenet, "check_device", lambda args, device: None)
+    steps, real_step = [], train_imagenet.train_step
+
+    def spy(model, optimizer, x, y, curvature_batch=None, **kw):
+        newton = curvature_batch is not None
+        autocast = kw["precision"]()
+        steps.append((newton, isinstance(autocast, torch.autocast)))
+        if newton:
+            assert curvature_batch[0].dtype == torch.float32
+        else:
+            assert autocast.fast_dtype == torch.bfloat16
+        return real_step(model, optimizer, x, y, curvature_batch, **kw)
+
+    monkeypatch.setattr(train_imagenet, "train_step", spy)
+    ckpt = single(image_folder, tmp_path / "b", "--amp", "--dtype", "float32", "--use-hessian",
+                  "--hessian-freq", 2, "--batch-size", 8, "--epochs", 1)
+    assert steps == [(True, False), (False, True), (True, False)]
+    assert ckpt["optimizer"]["state"][0]["newton_steps"] == 2
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
