@@ -64,7 +64,7 @@ __all__ = [
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn")
 #: Values of the ``path`` keyword: which solver runs (see :func:`choose_route`).
-PATHS = ("auto", "structured", "generic")
+PATHS = ("auto", "structured", "generic", "output")
 
 
 # --------------------------------------------------------------------------
@@ -1447,6 +1447,243 @@ def _recover_parameters(groups: Sequence[EliminatedGroup], g_blocks: Sequence[to
 
 
 # --------------------------------------------------------------------------
+# The output-space route (docs/ALGORITHM.md, "Gauss-Newton")
+# --------------------------------------------------------------------------
+#
+# The GGN of B examples and C classes factors as GGN = U^T U, U = R J_o: J_o the
+# Jacobian of all logits in all parameters ((B C) x n), R block diagonal over
+# examples with R_n^T R_n = D_n (the softmax Hessian in example n's logits).  By
+# Woodbury, exactly, (U^T U + eps I)^{-1} v = (v - U^T (eps I + U U^T)^{-1} U v) / eps:
+# a damped GGN solve needs the m x m Gram matrix U U^T (m = B (C - 1)), accumulated
+# layer by layer without forming U, and one Cholesky factor.
+#
+# A root of the softmax Hessian: with sum(p) = 1,
+# diag(p) - p p^T = (I - 1 p^T)^T diag(p) (I - 1 p^T); its rows lie in the
+# complement of the all-ones vector, so C - 1 rows suffice.
+
+
+def ones_complement(size: int, like: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis Q (size, size - 1) of the complement of the all-ones vector.
+
+    The first size - 1 columns of the Householder reflector I - w w^T / (1 + 1/sqrt(size)),
+    w = 1/sqrt(size) + e_last, which maps 1/sqrt(size) to -e_last.  Cost O(size^2).
+    """
+    kw = dict(dtype=like.dtype, device=like.device)
+    w = torch.full((size,), 1.0 / math.sqrt(size), **kw)
+    w[-1] += 1.0
+    reflector = torch.eye(size, **kw) - torch.outer(w, w) / (1.0 + 1.0 / math.sqrt(size))
+    return reflector[:, :-1]
+
+
+def softmax_curvature_root(u_hessian: torch.Tensor) -> torch.Tensor:
+    """R (B, r, C) with R_n^T R_n = D_n for the loss layer's stored blocks D (B, C, C).
+
+    The closed-form blocks keep D_n = mu_n (diag(p_n) - p_n p_n^T) / B but not p (nor the
+    bias, so the logits cannot be recomputed; for C = 2, D does not even determine p), so
+    the root comes from D alone: D_n 1 = 0 (the softmax gauge), hence D_n = Q E_n Q^T with
+    Q = :func:`ones_complement` and E_n = Q^T D_n Q ((C-1) square, positive
+    semi-definite); with E_n = V diag(lam) V^T, R_n = diag(sqrt lam) V^T Q^T (r = C - 1).
+    If the rows of D do not sum to zero to rounding, the full eigendecomposition of D_n is
+    used instead (r = C).  Batched: cost O(B C^3), no loop over examples.
+    """
+    num_classes = u_hessian.shape[-1]
+    sym = (u_hessian + u_hessian.transpose(1, 2)) / 2
+    scale = sym.abs().amax()
+    tol = 64 * num_classes * torch.finfo(sym.dtype).eps * scale
+    if num_classes > 1 and bool((sym.sum(-1).abs() <= tol).all()):
+        Q = ones_complement(num_classes, sym)
+        lam, V = torch.linalg.eigh(Q.T @ sym @ Q)
+        basis = V.transpose(1, 2) @ Q.T
+    else:
+        lam, V = torch.linalg.eigh(sym)
+        basis = V.transpose(1, 2)
+    return lam.clamp(min=0).sqrt()[:, :, None] * basis
+
+
+@dataclass
+class OutputFactor:
+    """The loss layer's part of U = R J_o, m rows.
+
+    - ``apply(v_L, t)`` -> (m, k): R (do/dx_L v_L + do/dz_{L-1} t), t the tangent of the
+      loss layer's input (None for a one-layer chain).
+    - ``apply_t(y)`` -> (x_L (p_L, k), u (a_{L-1}, k) or None): the adjoint.
+    - ``gram`` (m, m): U_L U_L^T, the loss layer's own parameters' share of U U^T.
+    - ``phi``: R do/dz_{L-1}, as (B, r, w) example blocks when ``blocked`` (rows (n, i),
+      columns (n, k) of z_{L-1} = (B, w)), else dense (m, a_{L-1}); None for one layer.
+    """
+
+    apply: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    apply_t: Callable[[torch.Tensor], tuple]
+    gram: torch.Tensor
+    phi: Optional[torch.Tensor]
+    blocked: bool
+
+    @property
+    def rows(self) -> int:
+        return self.gram.shape[0]
+
+
+def closed_form_output_factor(d: AffineLayerBlocks) -> OutputFactor:
+    """:class:`OutputFactor` of the closed-form loss layer ``mean CE(W z + c, t)``.
+
+    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C) from
+    :func:`softmax_curvature_root`.  With K K^T = gram kron I_C,
+    U_L U_L^T [(n, i), (n', j)] = gram[n, n'] (R_n R_n'^T)[i, j].  Cost O(B C^3 + m^2 C
+    + m C w).
+    """
+    R = softmax_curvature_root(d.u_hessian)
+    B, r, C = R.shape
+    m = B * r
+
+    def apply(v, t):
+        du = d.K(v) if t is None else d.K(v) + d.Wb(t)
+        return (R @ du.reshape(B, C, -1)).reshape(m, -1)
+
+    def apply_t(y):
+        w = (R.transpose(1, 2) @ y.reshape(B, r, -1)).reshape(B * C, -1)
+        return d.K_t(w), d.Wb_t(w) if d.input_derivatives else None
+
+    flat = R.reshape(m, C)
+    gram = (flat @ flat.T).view(B, r, B, r) * d.gram()[:, None, :, None]
+    phi = R @ d.weight if d.input_derivatives else None
+    return OutputFactor(apply, apply_t, gram.reshape(m, m), phi, True)
+
+
+def dense_output_factor(d: LayerDerivatives) -> OutputFactor:
+    """:class:`OutputFactor` of a dense GGN loss layer (any ``logits``/``loss`` split).
+
+    Its GGN block M = [[A, C], [C^T, G]] = [J_th, J_z]^T H_o [J_th, J_z] is positive
+    semi-definite, and the GGN depends on the logits Jacobian only through M, so any
+    root R^T R = M serves: R = diag(sqrt lam) V^T over the eigenvalues lam of M above
+    dim * eps * max(lam) (a perturbation of M at rounding level).  Cost O((p_L + a_{L-1})^3).
+    """
+    p = d.num_params
+    M = d.A if d.C is None else torch.cat([torch.cat([d.A, d.C], 1), torch.cat([d.C.T, d.G], 1)])
+    lam, V = torch.linalg.eigh((M + M.T) / 2)
+    keep = lam > M.shape[0] * torch.finfo(M.dtype).eps * lam.abs().max()
+    R = lam[keep].sqrt()[:, None] * V[:, keep].T
+    R_theta, R_z = R[:, :p], R[:, p:]
+
+    def apply(v, t):
+        return R_theta @ v if t is None else R_theta @ v + R_z @ t
+
+    def apply_t(y):
+        return R_theta.T @ y, R_z.T @ y if d.C is not None else None
+
+    return OutputFactor(apply, apply_t, R_theta @ R_theta.T,
+                        R_z if d.C is not None else None, False)
+
+
+def output_factor(d) -> OutputFactor:
+    if isinstance(d, AffineLayerBlocks):
+        return closed_form_output_factor(d)
+    return dense_output_factor(d)
+
+
+def _block_diagonal(phi: torch.Tensor) -> torch.Tensor:
+    """(B, r, w) example blocks -> the dense (B r, B w) block-diagonal matrix."""
+    B, r, w = phi.shape
+    out = phi.new_zeros(B, r, B, w)
+    index = torch.arange(B, device=phi.device)
+    out[index, :, index, :] = phi
+    return out.reshape(B * r, B * w)
+
+
+def _blocked_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
+    """A closed-form hidden layer under example-blocked Phi_l (B, r, h).
+
+    psi = Phi_l S_l; U_l U_l^T [(n, i), (n', j)] = gram[n, n'] (psi_n psi_n'^T)[i, j];
+    Phi_{l-1} = psi W (B, r, m_in).  Cost O(m^2 h + m h m_in), m = B r.
+    """
+    B, r, h = phi.shape
+    psi = phi * d.out_map.reshape(B, 1, h)
+    flat = psi.reshape(B * r, h)
+    gram = (flat @ flat.T).view(B, r, B, r) * d.gram()[:, None, :, None]
+    return gram.reshape(B * r, B * r), psi @ d.weight if d.input_derivatives else None
+
+
+def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
+    """A closed-form hidden layer under dense Phi_l (m, B_l h).
+
+    psi = Phi_l S_l; U_l U_l^T = psi (gram kron I_h) psi^T; Phi_{l-1} = psi (I kron W).
+    Cost O(m B_l a_l + m^2 a_l + m a_l m_in).
+    """
+    m = phi.shape[0]
+    B, h = d.num_examples, d.weight.shape[0]
+    psi = (phi * d.out_map).reshape(m, B, h)
+    spread = torch.einsum("nq,xqh->xnh", d.gram(), psi)
+    gram = psi.reshape(m, -1) @ spread.reshape(m, -1).T
+    return gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None
+
+
+def _dense_layer_gram(phi: torch.Tensor, d: LayerDerivatives):
+    """A dense hidden layer: Y = Phi_l J_l (m, p_l), U_l U_l^T = Y Y^T, Phi_{l-1} = Phi_l F_l."""
+    Y = phi @ d.J
+    return Y @ Y.T, phi @ d.F if d.F is not None else None
+
+
+def logit_gram(derivs: Sequence, factor: OutputFactor) -> torch.Tensor:
+    """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l.
+
+    Example-blocked Phi_l (B, r, h_l) while every layer from l up is closed form with the
+    loss's B examples, dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l)
+    at most (O(m^2 + B r h_l) when blocked); U (m x n) is never formed.  Cost per
+    closed-form layer O(m^2 h_l + m h_l h_{l-1}) blocked; symmetrised at the end.
+    """
+    gram, phi, blocked = factor.gram, factor.phi, factor.blocked
+    for d in reversed(derivs[:-1]):
+        closed = isinstance(d, AffineLayerBlocks)
+        if blocked and not (closed and d.num_examples == phi.shape[0]):
+            phi, blocked = _block_diagonal(phi), False
+        if blocked:
+            share, phi = _blocked_layer_gram(phi, d)
+        elif closed:
+            share, phi = _dense_closed_form_layer_gram(phi, d)
+        else:
+            share, phi = _dense_layer_gram(phi, d)
+        gram = gram + share
+    return (gram + gram.T) / 2
+
+
+def output_tangent(derivs: Sequence, factor: OutputFactor, blocks: Sequence) -> torch.Tensor:
+    """U v (m, k) for per-layer blocks v_l (p_l, k): the tangent sweep to the logits, then R."""
+    t = None
+    for l, d in enumerate(derivs[:-1]):
+        t = d.J @ blocks[l] if t is None else d.J @ blocks[l] + d.F @ t
+    return factor.apply(blocks[-1], t)
+
+
+def output_adjoint(derivs: Sequence, factor: OutputFactor, y: torch.Tensor) -> list:
+    """U^T y as per-layer blocks (p_l, k) for y (m, k): the adjoint sweep."""
+    out: list = [None] * len(derivs)
+    out[-1], u = factor.apply_t(y)
+    for l in reversed(range(len(derivs) - 1)):
+        d = derivs[l]
+        out[l] = d.J.T @ u
+        if l > 0:
+            u = d.F.T @ u
+    return out
+
+
+def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``damping I + gram``; :class:`SingularHessianError` if none.
+
+    The matrix is positive definite with smallest eigenvalue >= damping, but it is
+    singular to working precision once damping <= u max diag(gram) (u the unit roundoff;
+    then cond(GGN + damping I) >= 1/u): refused, like a failed factorisation.
+    """
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram + damping * eye)
+    top = float(gram.diagonal().max()) if gram.numel() else 0.0
+    if int(info) != 0 or not torch.isfinite(factor).all() or not (
+            damping > torch.finfo(gram.dtype).eps * top):
+        detail = (f"damping {damping:.1e} against the Gram matrix U U^T of the logit "
+                  f"Jacobian, largest diagonal {top:.1e}")
+        raise SingularHessianError(_singular_message(name, detail, damping))
+    return factor
+
+
+# --------------------------------------------------------------------------
 # One memory guard (docs/ALGORITHM.md, "Cost and memory")
 # --------------------------------------------------------------------------
 
@@ -1547,6 +1784,100 @@ class LayerSizes:
         return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block)
 
 
+@dataclass
+class RouteCost:
+    """Predicted cost of a route: ``setup_flops`` (factorisation), ``solve_flops`` (one
+    right-hand side, un-refined), ``bytes`` (peak beyond the derivative blocks), and
+    ``ops`` (torch calls in the setup: per-call overhead, ~10 us each on a CPU)."""
+
+    setup_flops: float
+    solve_flops: float
+    bytes: int
+    ops: int
+
+    def seconds(self, flops_per_second: float = 1e10, seconds_per_op: float = 1e-5) -> float:
+        """A crude time estimate of the setup plus one solve."""
+        return (self.setup_flops + self.solve_flops) / flops_per_second + self.ops * seconds_per_op
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
+    """(C, B) of a closed-form loss layer: u_L = B C, its D blocks C x C."""
+    classes = sizes.u_block[-1]
+    return classes, sizes.u[-1] // classes
+
+
+def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of :class:`OutputSpaceSolver` from layer sizes (loss layer closed form).
+
+    m = B (C - 1); per hidden closed-form layer (h outputs, m_in inputs per example)
+    ~ 2 m^2 h + 2 m h m_in flops (the Gram share and Phi's propagation); loss layer
+    ~ 10 B C^3 (eigh) + 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None)
+    turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A solve:
+    the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2.
+    Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
+    """
+    classes, batch = _classes_and_batch(sizes)
+    m = batch * max(classes - 1, 1)
+    w_last = sizes.inputs[-1] // batch
+    setup = 10 * batch * classes ** 3 + 2 * m * m * classes + 2 * m * classes * w_last
+    solve = 8 * batch * sizes.params[-1] + 2 * m * m
+    ops, phi_bytes, blocked = 12, m * w_last, True
+    for l in reversed(range(len(sizes.params) - 1)):
+        p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
+        a_in = a_in if l > 0 else 0
+        blocked = blocked and u is not None
+        if u is not None:
+            h, m_in = a // batch, a_in // batch
+            if blocked:
+                setup += 2 * m * m * h + 2 * m * h * m_in + 2 * batch * batch * (m_in + 1)
+                phi_bytes = max(phi_bytes, m * max(h, m_in))
+            else:
+                setup += 2 * m * a * (batch + m + m_in)
+                phi_bytes = max(phi_bytes, m * max(a, a_in))
+            solve += 8 * batch * p
+        else:
+            setup += 2 * m * a * p + 2 * m * m * p + 2 * m * a * a_in
+            solve += 4 * a * p
+            phi_bytes = max(phi_bytes, m * max(a, a_in) + m * p)
+        ops += 8
+    setup += m ** 3 / 3
+    return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype), ops)
+
+
+def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of the structured route (:class:`EliminatedSolver`), same terms.
+
+    Per closed-form layer (a_u = batch x width of u, a outputs, a_in inputs): LU of
+    P (a_u square) 2/3 a_u^3, solves and products with it ~ 2 a_u^2 (a + a_in) +
+    2 a_u (a^2 + a_in^2 + a a_in); a dense layer LU of A_l + eps I, 2/3 p^3 + 2 p^2 (a +
+    a_in).  The pivoted banded LU of the reduced system (2L blocks of size a_l): ~ 8 a_l^3
+    per block (panel LU, triangular solve, update with the fill).  A solve ~ 12 a_l^2 +
+    8 B p_l per layer.  Bytes: :func:`estimate_structured_bytes`.
+    """
+    batch = _classes_and_batch(sizes)[1] if sizes.u_block[-1] else 1
+    setup, solve, ops = 0.0, 0.0, 0
+    for l, (p, a_in, a, a_u) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                              sizes.u)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            setup += 2 / 3 * a_u ** 3 + 2 * a_u ** 2 * (a + a_in) + 2 * a_u * (
+                a * a + a_in * a_in + a * a_in)
+            solve += 8 * batch * p
+        else:
+            setup += 2 / 3 * p ** 3 + 2 * p * p * (a + a_in)
+            solve += 4 * p * p
+        setup += 16 * a ** 3
+        solve += 12 * a * a
+        ops += 45
+    bytes_ = estimate_structured_bytes(sizes.params, sizes.inputs, sizes.outputs, sizes.u,
+                                          dtype)
+    return RouteCost(setup, solve, bytes_, ops)
+
+
 def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
     """Peak bytes of the derivative blocks alone: what ``H @ v`` needs.
 
@@ -1597,7 +1928,12 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
     :func:`estimate_structured_bytes`).
     """
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
-    if route == "structured":
+    if route == "output":
+        l = len(p) - 1
+        largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
+                   f"{u[-1] // sizes.u_block[-1] * (sizes.u_block[-1] - 1)} square; memory "
+                   "grows with m^2")
+    elif route == "structured":
         l = max(range(len(p)), key=lambda l: max(u[l] or p[l], a[l], a_in[l] if l else 0))
         largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
                    f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
@@ -1608,6 +1944,10 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    "width); cost grows with (p + 2a)^2 per layer")
     if stage == "derivatives":
         need, what = 5 * estimate_derivative_bytes(sizes, dtype) // 4, "derivative blocks need"
+    elif route == "output":
+        need = 5 * (estimate_derivative_bytes(sizes, dtype) +
+                    output_space_cost(sizes, dtype).bytes) // 4
+        what = "factorisation needs"
     elif route == "structured":
         need, what = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4, "factorisation needs"
     else:
@@ -1714,18 +2054,27 @@ def default_rtol(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** (2 / 3)
 
 
-def choose_route(path: str, damping: Optional[float], closed_forms: bool) -> str:
-    """The one place the route is decided: ``'structured'`` or ``'generic'``.
+def choose_route(path: str, damping: Optional[float], closed_forms: bool,
+                 curvature: str = "hessian", sizes: Optional[LayerSizes] = None) -> str:
+    """The one place the route is decided: ``'structured'``, ``'generic'`` or ``'output'``.
 
     A forced ``path`` is kept.  ``'auto'`` takes the structured route (parameter
     elimination) when the chain has closed-form layers and damping > 0
     (``damping=None``: an operator whose damping is not chosen yet, so it keeps
     the closed forms); damping 0 needs the generic route, whose pivoting copes
-    with singular A_l and the softmax gauge (docs/ALGORITHM.md, "Choosing the route").
+    with singular A_l and the softmax gauge.  For the GGN with a known damping > 0
+    and a closed-form loss layer, ``'auto'`` takes the output-space route when its
+    setup costs no more flops than the structured route's (:func:`output_space_cost`,
+    :func:`structured_cost`) (docs/ALGORITHM.md, "Choosing the route").
     """
     if path != "auto":
         return path
-    return "structured" if closed_forms and (damping is None or damping > 0) else "generic"
+    route = "structured" if closed_forms and (damping is None or damping > 0) else "generic"
+    if (curvature == "ggn" and damping is not None and damping > 0 and sizes is not None
+            and sizes.u[-1] is not None and sizes.u_block[-1]):
+        if output_space_cost(sizes).setup_flops <= structured_cost(sizes).setup_flops:
+            return "output"
+    return route
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -1970,6 +2319,55 @@ class EliminatedSolver:
         return _recover_parameters(self.groups, g_blocks, reduced)
 
 
+class OutputSpaceSolver:
+    """The output-space route: (GGN + eps I)^{-1} by Woodbury in the logits, damping > 0.
+
+    GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy), and
+    (U^T U + eps I)^{-1} v = (v - U^T (eps I + U U^T)^{-1} U v) / eps.  Setup:
+    ``gram`` = U U^T (:func:`logit_gram`) and its damped Cholesky factor ``cholesky``;
+    O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3) time, O(m^2) memory beyond the operator's
+    blocks.  A solve: O(one GGN-vector product + m^2) per right-hand side.  Not backward
+    stable on its own (the subtraction loses about u cond(GGN + eps I) relative, u the
+    unit roundoff),
+    so :class:`HessianInverse` refines it like the structured route.
+    Needs ``operator.curvature == 'ggn'`` (for the Hessian, U^T U misses the network's own
+    curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or any dense GGN
+    loss layer.
+    """
+
+    route = "output"
+    rcond = None
+
+    def __init__(self, operator: HessianOperator, damping: float):
+        if operator.curvature != "ggn":
+            raise HessianInverseError(
+                f"the output-space path solves with the Gauss-Newton matrix only (GGN = U^T U);"
+                f" got curvature={operator.curvature!r}. Use curvature='ggn' or another path")
+        if not (math.isfinite(damping) and damping > 0):
+            raise HessianInverseError(
+                f"the output-space path needs a finite damping > 0 (eps I + U U^T must be "
+                f"positive definite; at 0 the GGN is singular on the softmax gauge); got "
+                f"{damping}. Use path='generic' or path='auto' for damping 0")
+        self.operator = operator
+        self.damping = float(damping)
+        self.factor = output_factor(operator.derivs[-1])
+        self.gram = logit_gram(operator.derivs, self.factor)
+        self.cholesky = _damped_cholesky(self.gram, self.damping,
+                                         f"{operator.symbol} + {damping:g} I")
+
+    @property
+    def rows(self) -> int:
+        """m, the rows of U (the size of the factored system)."""
+        return self.gram.shape[0]
+
+    def solve_once(self, blocks: list) -> list:
+        """One un-refined solve: per-layer (p_l, k) right-hand sides -> (p_l, k) blocks."""
+        derivs = self.operator.derivs
+        y = torch.cholesky_solve(output_tangent(derivs, self.factor, blocks), self.cholesky)
+        back = output_adjoint(derivs, self.factor, y)
+        return [(v - b) / self.damping for v, b in zip(blocks, back)]
+
+
 def _column_norms(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of each column of a block vector of (p_l, k) matrices: (k,)."""
     return torch.stack([d.square().sum(0) for d in blocks]).sum(0).sqrt()
@@ -2068,13 +2466,16 @@ class HessianInverse:
         self.backward_error: Optional[float] = None
         self.probe_error: Optional[float] = None
         self._norm: Optional[float] = None
-        route = choose_route(path, self.damping, operator.has_closed_forms)
+        route = choose_route(path, self.damping, operator.has_closed_forms, operator.curvature,
+                             LayerSizes.of_derivatives(operator.derivs))
         self._factor_dtype_asked = factor_dtype
         self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
         self.solver = self._first_solver(route, probe)
 
     def _resolve_factor_dtype(self, asked, route: str) -> torch.dtype:
         dtype = self.operator.dtype
+        if route == "output":  # an m x m Cholesky: cheap, and float32 would cost u32 cond
+            return dtype
         if asked == "auto":
             wide = _largest_block(self.operator, route) >= 512
             return torch.float32 if dtype == torch.float64 and wide else dtype
@@ -2095,8 +2496,8 @@ class HessianInverse:
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
                 return self._first_solver(route, probe)
-            if route == "structured":
-                return self._fall_back(err)
+            if route != "generic":
+                return self._fall_back(err, route)
             raise
 
     def _build(self, route: str, probe: bool):
@@ -2105,6 +2506,10 @@ class HessianInverse:
         gauge = None if self.gauge is None else self.gauge.to(low)
         if route == "generic":
             solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition)
+        elif route == "output":
+            check_memory(LayerSizes.of_derivatives(op.derivs), "output", "factorization",
+                         low, op.device, op.memory_limit)
+            solver = OutputSpaceSolver(op, self.damping)
         else:
             check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
                          low, op.device, op.memory_limit)
@@ -2126,16 +2531,20 @@ class HessianInverse:
                     "tells the two apart.")
         return solver
 
-    def _fall_back(self, err: SingularHessianError) -> LiftedSolver:
-        """``path='auto'`` after a structured failure: warn, then the generic route."""
+    def _fall_back(self, err: SingularHessianError, failed: str):
+        """``path='auto'`` after the ``failed`` route failed: warn, then the next route
+        (output, then structured, then generic)."""
         if self.path != "auto":
             raise err
+        self.probe_error, self.factor_dtype = None, self.operator.dtype
+        if failed == "output" and self.operator.has_closed_forms:
+            warnings.warn(f"{err} Falling back to the structured path.", RuntimeWarning)
+            return self._first_solver("structured", probe=False)
         try:
             dense = self.operator.densified()
         except InsufficientMemoryError:
             raise err from None
         warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
-        self.probe_error, self.factor_dtype = None, self.operator.dtype
         return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
 
     def _name(self) -> str:
@@ -2230,9 +2639,9 @@ class HessianInverse:
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
                 return self._first_solver(self.route, probe=False)
-            if self.route == "structured" and self.path == "auto":
+            if self.route != "generic" and self.path == "auto":
                 message = self._inaccurate_message(eta, self.route)
-                return self._fall_back(InaccurateSolveError(message))
+                return self._fall_back(InaccurateSolveError(message), self.route)
         except SingularHessianError:
             if self.on_inaccurate == "raise":
                 raise
@@ -2345,12 +2754,13 @@ def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor]
     """
     tracked = model.tracked_forward(loss)
     closed = closed_form_flags(model, tracked)
-    route = choose_route(path, damping, any(closed))
+    sizes = LayerSizes.of_model(model, tracked, closed)
+    route = choose_route(path, damping, any(closed), curvature, sizes)
     if route == "generic":
         closed = [False] * len(closed)
+        sizes = LayerSizes.of_model(model, tracked, closed)
     first = tracked.inputs[-1]
-    check_memory(LayerSizes.of_model(model, tracked, closed), route, stage, first.dtype,
-                 first.device, memory_limit)
+    check_memory(sizes, route, stage, first.dtype, first.device, memory_limit)
     derivs = chain_derivatives(model, tracked, curvature, closed)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
