@@ -136,3 +136,18 @@ def test_amp_refused_on_cpu_and_newton_steps_never_autocast(image_folder, tmp_pa
     assert steps == [(True, False), (False, True), (True, False)]
     assert ckpt["optimizer"]["state"][0]["newton_steps"] == 2
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_epoch_and_nccl_processes(image_folder, tmp_path):
+    """On a GPU: an epoch with --amp (SGD steps in bf16, Newton steps in float32), and with two
+    or more GPUs the same under torchrun with NCCL, its processes kept identical."""
+    cuda = ["--device", "cuda", "--dtype", "float32", "--amp", "--use-hessian", "--hessian-freq", 2]
+    ckpt = single(image_folder, tmp_path / "one", *cuda, "--batch-size", 8, "--epochs", 1)
+    assert ckpt["optimizer"]["state"][0]["newton_steps"] == 2
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+    if torch.cuda.device_count() >= 2:
+        torchrun(image_folder, tmp_path / "two", *cuda, "--batch-size", 8, "--epochs", 1,
+                 "--check-sync", 1)
+        assert all(len(set(s["fingerprints"])) == 1 for s in records(tmp_path / "two", "sync"))

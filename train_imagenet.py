@@ -10,9 +10,11 @@ Images are preprocessed as for ImageNet, resized to --image-size and flattened.
 With --use-hessian every --hessian-freq-th batch takes a damped Newton step
 (DampedNewton) whose curvature comes from the first --hessian-batch-size
 images of the batch; the other batches take plain SGD steps with --lr.
-Each epoch ends with validation (top-1, top-5), one line of metrics in
-<checkpoint-dir>/metrics.jsonl and an atomically written checkpoint
-<checkpoint-dir>/last.pt that --resume continues from exactly.
+Each epoch ends with validation (top-1, and top-5 with more than 5 classes),
+a record in <checkpoint-dir>/metrics.jsonl and an atomically written
+checkpoint <checkpoint-dir>/last.pt that --resume continues from exactly.
+Under torchrun, one process per GPU (or several on a CPU): see the end of
+--help and docs/training.md, "Several processes".
 """
 
 import argparse
