@@ -215,10 +215,20 @@ def _record(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return z.clone() if shares else z
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and
-            torch.equal(a.detach().reshape(-1).view(torch.uint8),
-                        b.detach().reshape(-1).view(torch.uint8)))
+def _same_bits(current: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> bool:
+    """Whether two lists of tensors agree in shape, dtype, device and every bit.
+
+    One host synchronisation for the whole list, not one per tensor.
+    """
+    if len(current) != len(saved) or any(
+            (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)
+            for a, b in zip(current, saved)):
+        return False
+    if not current:
+        return True
+    equal = [(a.detach().reshape(-1).view(torch.uint8) ==
+              b.reshape(-1).view(torch.uint8)).all() for a, b in zip(current, saved)]
+    return bool(torch.stack(equal).all())
 
 
 def _stochastic_modules(model: nn.Module) -> list:
@@ -298,9 +308,7 @@ class TrackedChain(nn.Module):
                 "`loss` is not the output of the model's last tracked forward pass; "
                 "call loss = model(x, targets, track_activations=True) and pass that loss"
             )
-        current = list(self.parameters())
-        if len(current) != len(tracked.parameters) or not all(
-                _same_bits(p, q) for p, q in zip(current, tracked.parameters)):
+        if not _same_bits(list(self.parameters()), tracked.parameters):
             raise NotTrackedError(
                 "the parameters changed since the tracked forward pass (their values, dtype "
                 "or device: an optimizer step, p.data = ..., vector_to_parameters, "
@@ -921,21 +929,24 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     for l in reversed(range(len(layers))):
         d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
                                l == last, l == 0, curvature, closed[l])
-        _check_finite_blocks(l, d)
         derivs[l] = d
         if l > 0:
             adjoint = d.F.T @ adjoint
+    _check_finite_blocks(derivs)
     return derivs
 
 
-def _check_finite_blocks(l: int, d) -> None:
-    for field in fields(d):
-        block = getattr(d, field.name)
-        if isinstance(block, torch.Tensor) and not torch.isfinite(block).all():
-            raise HessianInverseError(
-                f"layer {l + 1}: derivative block {field.name} has NaN/Inf entries; the "
-                "tracked forward pass is not finite (check inputs, weights and loss)"
-            )
+def _check_finite_blocks(derivs: Sequence) -> None:
+    """NaN/Inf in any layer's blocks: one host synchronisation for the whole chain."""
+    tensors = [(l, field.name, getattr(d, field.name)) for l, d in enumerate(derivs)
+               for field in fields(d) if isinstance(getattr(d, field.name), torch.Tensor)]
+    finite = torch.stack([torch.isfinite(block).all() for _, _, block in tensors])
+    if not bool(finite.all()):
+        l, name, _ = tensors[int((~finite).nonzero()[0])]
+        raise HessianInverseError(
+            f"layer {l + 1}: derivative block {name} has NaN/Inf entries; the "
+            "tracked forward pass is not finite (check inputs, weights and loss)"
+        )
 
 # --------------------------------------------------------------------------
 # The Hessian-vector product (docs/ALGORITHM.md, "The Hessian-vector product")
