@@ -121,14 +121,14 @@ def test_amp_refused_on_cpu_and_newton_steps_never_autocast(image_folder, tmp_pa
     steps, real_step = [], train_imagenet.train_step
 
     def spy(model, optimizer, x, y, curvature_batch=None, **kw):
-        newton = curvature_batch is not None
+        newton_steps = optimizer.stats["newton_steps"]
         autocast = kw["precision"]()
-        steps.append((newton, isinstance(autocast, torch.autocast)))
-        if newton:
-            assert curvature_batch[0].dtype == torch.float32
-        else:
-            assert autocast.fast_dtype == torch.bfloat16
-        return real_step(model, optimizer, x, y, curvature_batch, **kw)
+        assert curvature_batch[0].dtype == torch.float32
+        assert not isinstance(autocast, torch.autocast) or autocast.fast_dtype == torch.bfloat16
+        out = real_step(model, optimizer, x, y, curvature_batch, **kw)
+        steps.append((optimizer.stats["newton_steps"] > newton_steps,
+                      isinstance(autocast, torch.autocast)))
+        return out
 
     monkeypatch.setattr(train_imagenet, "train_step", spy)
     ckpt = single(image_folder, tmp_path / "b", "--amp", "--dtype", "float32", "--use-hessian",

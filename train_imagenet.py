@@ -624,10 +624,11 @@ def train(args, given: set, processes: Processes):
                     break
                 x = x.to(device=device, dtype=dtype, non_blocking=True)
                 y = y.to(device=device, non_blocking=True)
-                # A Newton step: curvature on the global batch's first images, no autocast.
+                # DampedNewton's every hessian_freq-th step (n_iter counts them) is a Newton step:
+                # no autocast, curvature on the global batch's first images (same on all processes).
                 newton = args.use_hessian and optimizer.stats["n_iter"] % args.hessian_freq == 0
-                curvature_batch = processes.first_of_global_batch(x, y, args.hessian_batch_size) \
-                    if newton else None
+                curvature_batch = (processes.first_of_global_batch(x, y, args.hessian_batch_size)
+                                   if args.use_hessian else None)
                 try:
                     loss, hits = train_step(model, optimizer, x, y, curvature_batch, net=net,
                                             processes=processes,
@@ -650,7 +651,7 @@ def train(args, given: set, processes: Processes):
                                  fallbacks=s["gradient_fallbacks"])
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}",
                                 **{"img/s": f"{stats['img_per_s']:.0f}"},
-                                **({"damp": f"{stats['damping']:.2g}", "rej": stats["rejected"]}
+                                **({"damp": f"{stats['damping'] or 0:.2g}", "rej": stats["rejected"]}
                                    if args.use_hessian else {}))
                 if global_step % args.log_interval == 0 and processes.main:
                     log_metrics(metrics_path, {"event": "train", "epoch": epoch, "step": global_step,
