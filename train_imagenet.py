@@ -479,7 +479,10 @@ class Interrupted(UsageError):
 def main(argv=None):
     args, given = get_args(argv)
     processes = Processes()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
+    try:  # SIGTERM (a scheduler's, or torchrun's when a process fails) stops like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread: leave the handler alone
+        previous = None
     try:
         train(args, given, processes)
     except Interrupted as err:
@@ -494,12 +497,13 @@ def main(argv=None):
         where = "" if processes.world == 1 else f" (rank {processes.rank} of {processes.world})"
         message = str(err)
         if isinstance(err, UnreadableImage):  # from a data worker: the message is its traceback's end
-            message = message[message.rfind("cannot read image"):].strip()
+            message = message[max(message.rfind("cannot read image"), 0):].strip()
             message += "; remove or replace the file, then run again (with --resume to continue " \
                        "from the last checkpoint)"
         sys.exit(f"error{where}: {message}")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         processes.stop()
 
 
