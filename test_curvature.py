@@ -280,26 +280,64 @@ def test_curvature_argument_errors():
 # ----------------------------------------------------------------------------
 
 
+_rng = random.Random(11)
+DEFINITENESS_SPREAD = [  # (seed, layers, width, batch): batch < or >= each layer's inputs + 1
+    (i, _rng.randint(1, 4), _rng.randint(1, 5), _rng.choice([1, 2, 3, 5, 8]))
+    for i in range(10)
+]
+
+
+def dense_curvature(model, x, t, curvature):
+    """The independent dense B: torch.func.hessian, or J^T H_loss J (jacrev, hessian)."""
+    if curvature == "ggn":
+        return dense_ggn(model, x, cross_entropy_in_logits(x.shape[0], t))
+    return dense_hessian_and_gradient(model, x, t)[0]
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_definiteness_matches_dense_eigenvalues(curvature):
-    model, x, t, loss = make_mlp(7, 3, 3, 5)
+@pytest.mark.parametrize("seed,layers,width,batch", DEFINITENESS_SPREAD)
+def test_definiteness_matches_dense_eigenvalues(seed, layers, width, batch, curvature):
+    """The layer-wise block Cholesky (closed forms, no p_l x p_l matrix) against the sign of
+    lambda_min(B) + lambda from a dense eigendecomposition: indefinite, positive definite,
+    damping 0 with the gauge fixed, and singular (rank-deficient inputs), for both
+    curvatures, on the closed-form and on the dense (densified) blocks alike."""
+    model, x, t, loss = make_mlp(seed, layers, width, batch, "tanh")
     op = hi.hessian_operator(model, loss, curvature=curvature)
-    B = op @ torch.eye(op.num_params, dtype=F64)
-    B = 0.5 * (B + B.T)
+    assert op.has_closed_forms
+    B = dense_curvature(model, x, t, curvature)
     mu = torch.linalg.eigvalsh(B)
-    # at damping 0 the gauge is fixed (B + P_N): positive definite iff B is on N-perp
-    Q = complement(gauge_basis(model))
-    mu_perp = torch.linalg.eigvalsh(Q.T @ B @ Q)
-    assert tr.definiteness(op, 0.0).positive_definite == (mu_perp[0].item() > 0)
-    for lam in torch.linspace(0.01, 1.2 * max(-mu[0].item(), 0.05), 13).tolist():
-        if (mu + lam).abs().min().item() < 1e-8:
-            continue
-        test = tr.definiteness(op, lam)
-        assert test.positive_definite == (mu[0].item() + lam > 0)
-        if not test.positive_definite:
-            v = test.direction
-            assert v @ (B @ v) + lam * (v @ v) == pytest.approx(test.quadratic_form, rel=1e-10)
-            assert test.quadratic_form < 0
+    N = gauge_basis(model)
+    lowest_fixed = torch.linalg.eigvalsh(B + N @ N.T)[0].item()  # damping 0: B + P_N
+    scale = max(mu.abs().max().item(), 1e-3)
+    dampings = [0.0] + [abs(mu[0].item()) * f for f in (0.5, 0.9, 1.1, 2.0)] + [1e-3 * scale,
+                                                                             0.1 * scale]
+    for lam in dampings:
+        lowest = lowest_fixed if lam == 0.0 else mu[0].item() + lam
+        if abs(lowest) < 1e-8 * scale:
+            continue  # too close to singular for an eigenvalue's sign to mean anything
+        for operator in (op, op.densified()):
+            test = tr.definiteness(operator, lam)
+            assert test.positive_definite == (lowest > 0), (lam, lowest, operator.has_closed_forms)
+            if not test.positive_definite:
+                v = test.direction
+                M = B + (N @ N.T if lam == 0.0 else lam * torch.eye(B.shape[0], dtype=F64))
+                assert v.norm() > 0.5 and test.quadratic_form <= 1e-12 * scale
+                assert (v @ M @ v).item() == pytest.approx(test.quadratic_form,
+                                                           rel=1e-8, abs=1e-10 * scale)
+
+
+def test_definiteness_at_damping_zero_finds_the_null_direction_of_a_rank_deficient_layer():
+    """Batch 2 into 4 inputs: the first layer's K has a null space, so B + P_N is singular
+    whatever the other layers do; the certificate is an exact null vector of B + P_N."""
+    model, x, t, loss = make_mlp(3, 3, 3, 2)
+    for curvature in ("hessian", "ggn"):
+        B = dense_curvature(model, x, t, curvature)
+        N = gauge_basis(model)
+        test = tr.definiteness(hi.hessian_operator(model, loss, curvature=curvature), 0.0)
+        assert not test.positive_definite and test.quadratic_form == 0.0
+        v = test.direction
+        assert v.norm().item() == pytest.approx(1.0)
+        assert ((B + N @ N.T) @ v).norm().item() < 1e-12 * B.abs().max().item()
 
 
 def test_lowest_eigenpair_is_an_upper_bound_and_exact_when_lanczos_completes():
