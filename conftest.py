@@ -22,7 +22,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.func import functional_call
+import torch.nn.functional as F
+from torch.func import functional_call, hessian, jacrev
 
 import hessian_inverse as hi
 
@@ -80,6 +81,38 @@ def autograd_hvp(model: torch.nn.Module, inputs: tuple, v: torch.Tensor) -> torc
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
+
+
+class Logits(nn.Module):
+    """The chain up to the loss layer's logits, as an ordinary module."""
+
+    def __init__(self, chain):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x):
+        z = self.chain.prepare_input(x)
+        for layer in self.chain.layers[:-1]:
+            z = layer(z)
+        return self.chain.loss_layer.logits(z)
+
+
+def dense_ggn(model, x, loss_in_logits):
+    """``J^T H_loss J``: J by jacrev of the logits, H_loss by hessian in the logits."""
+    logits_of_flat_parameters = loss_of_flat_parameters(Logits(model), x)
+    theta = flat_parameters(model)
+
+    def logits(th):
+        return logits_of_flat_parameters(th).reshape(-1)
+
+    o = logits(theta)
+    J = jacrev(logits)(theta)
+    H_loss = hessian(loss_in_logits)(o)
+    return J.T @ H_loss @ J
+
+
+def cross_entropy_in_logits(batch, t):
+    return lambda o: F.cross_entropy(o.view(batch, -1), t)
 
 
 # ----------------------------------------------------------------------------

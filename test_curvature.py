@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import brentq
-from torch.func import hessian, jacrev
 
 import hessian_inverse as hi
 import trust_region as tr
-from conftest import dense_hessian, flat_parameters, loss_of_flat_parameters, make_mlp
+from conftest import (cross_entropy_in_logits, dense_ggn, dense_hessian, flat_parameters,
+                      loss_of_flat_parameters, make_mlp)
 from conftest import relative_error as rel
 
 F64 = torch.float64
@@ -49,38 +49,6 @@ TOL = 1e-9  # trust_region_step's default tolerance in float64
 # ----------------------------------------------------------------------------
 
 
-class Logits(nn.Module):
-    """The chain up to the loss layer's logits, as an ordinary module."""
-
-    def __init__(self, chain):
-        super().__init__()
-        self.chain = chain
-
-    def forward(self, x):
-        z = self.chain.prepare_input(x)
-        for layer in self.chain.layers[:-1]:
-            z = layer(z)
-        return self.chain.loss_layer.logits(z)
-
-
-def dense_ggn(model, x, loss_in_logits):
-    """``J^T H_loss J``: J by jacrev of the logits, H_loss by hessian in the logits."""
-    logits_of_flat_parameters = loss_of_flat_parameters(Logits(model), x)
-    theta = flat_parameters(model)
-
-    def logits(th):
-        return logits_of_flat_parameters(th).reshape(-1)
-
-    o = logits(theta)
-    J = jacrev(logits)(theta)
-    H_loss = hessian(loss_in_logits)(o)
-    return J.T @ H_loss @ J
-
-
-def cross_entropy_in_logits(batch, t):
-    return lambda o: F.cross_entropy(o.view(batch, -1), t)
-
-
 def dense_hessian_and_gradient(model, x, t):
     """The dense Hessian (conftest's oracle) and the gradient, in the flat parameters."""
     gradient = torch.func.grad(loss_of_flat_parameters(model, x, t))(flat_parameters(model))
@@ -88,7 +56,7 @@ def dense_hessian_and_gradient(model, x, t):
 
 
 def gauge_basis(model):
-    """Orthonormal softmax gauge, embedded in all n parameters (ALGORITHM.md section 9)."""
+    """Orthonormal softmax gauge, embedded in all n parameters (docs/ALGORITHM.md, "The softmax gauge")."""
     W = model.loss_layer.linear.weight
     classes, h = W.shape
     n = sum(p.numel() for p in model.parameters())
@@ -155,7 +123,7 @@ GGN_SPREAD = [
 @pytest.mark.parametrize("seed,hidden,width,batch,activation,damping", GGN_SPREAD)
 def test_ggn_product_and_solve_match_dense(seed, hidden, width, batch, activation, damping,
                                            path):
-    """Both solver paths: closed forms (section 6) and the generic autograd oracle."""
+    """Both solver paths: closed forms ("Structured layers") and the generic autograd oracle."""
     model, x, t, loss = make_mlp(seed, hidden + 1, width, batch, activation)
     G = dense_ggn(model, x, cross_entropy_in_logits(batch, t))
     n = G.shape[0]

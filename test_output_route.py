@@ -22,11 +22,9 @@ from typing import Sequence
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import hessian, jacrev
 
 import hessian_inverse as hi
-from conftest import flat_parameters, loss_of_flat_parameters, make_mlp
+from conftest import cross_entropy_in_logits, dense_ggn, make_mlp
 from conftest import relative_error as rel
 
 F64 = torch.float64
@@ -38,31 +36,8 @@ EPS64 = torch.finfo(F64).eps
 # ----------------------------------------------------------------------------
 
 
-class Logits(nn.Module):
-    """The chain up to the loss layer's logits."""
-
-    def __init__(self, chain):
-        super().__init__()
-        self.chain = chain
-
-    def forward(self, x):
-        z = self.chain.prepare_input(x)
-        for layer in self.chain.layers[:-1]:
-            z = layer(z)
-        return self.chain.loss_layer.logits(z)
-
-
-def dense_ggn(model, x, loss_in_logits):
-    """J^T H_o J over the flat parameters (n x n), float64."""
-    logits = loss_of_flat_parameters(Logits(model), x)
-    theta = flat_parameters(model)
-    J = jacrev(lambda th: logits(th).reshape(-1))(theta)
-    H_o = hessian(loss_in_logits)(logits(theta).reshape(-1))
-    return J.T @ H_o @ J
-
-
 def cross_entropy(batch, targets):
-    return lambda o: F.cross_entropy(o.view(batch, -1), targets)
+    return cross_entropy_in_logits(batch, targets)
 
 
 def damped(G, eps):
