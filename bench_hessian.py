@@ -1,38 +1,57 @@
-"""Benchmark: exact (H + eps I)^{-1} v, structured and generic paths, against the yardsticks.
+"""Benchmark: exact (B + eps I)^{-1} v (B the Hessian or the Gauss-Newton matrix) against
+the yardsticks, every route side by side, in one run.
 
-On one model, batch and vector it measures
-  - our solve split into derivatives / factorisation / solve, its peak memory
-    and its residual ||(H + eps I) x - v|| / ||v|| (checked with autograd);
-  - one autograd Hessian-vector product (torch.func.jvp of torch.func.grad),
-    the yardstick: the paper claims inversion costs about one such product;
-  - the dense route (torch.func.hessian + torch.linalg.solve) where it fits;
-  - MINRES on an autograd-HVP operator (scipy), asked for the residual our
-    solve reached, with an iteration cap;
-  - the generic path beside the structured one;
-then sweeps depth (fitting the exponent of time and memory) and width, runs an
-image-sized input layer, and checks the targets of issue 3.
+Sections (each a markdown table on stdout):
 
-    python bench_hessian.py                      # full run (about 10 minutes on 2 cores)
-    python bench_hessian.py --quick              # a minute or two
-    python bench_hessian.py --device cuda --dtype float32 --out results.json
+  routes    On one problem (L=128, width 16, batch 8 in the full run): every route of
+            ours (path 'auto' with the defaults, 'structured', 'structured' with float32
+            factors, the cyclic factorisation and the GGN's 'output' route when the
+            library has them, 'generic', the GGN's structured route), each split into
+            derivatives / factorisation / solve and timed as one one-shot
+            ``hessian_inverse_vector_product`` call, as a multiple of one autograd
+            Hessian-vector product; beside them MINRES on autograd HVPs, the dense route
+            where it fits, and the paper author's method (an unpivoted block LDL^T over
+            the dense per-layer blocks of the lifted system, re-implemented here as a
+            yardstick: :func:`unpivoted_block_ldl`).
+  ggn       L=32, width 16, batch 8, 10 classes: our exact GGN solve (each route) against
+            conjugate gradients on exact GGN-vector products to relative residual 1e-10,
+            setup (the derivatives) included on both sides, with the count of products.
+  lu rate   The achieved GFLOP/s of ``banded_lu`` (flops: :func:`banded_lu_flops`) on a
+            synthetic block-tridiagonal system, against ``torch.matmul`` of square blocks
+            of the same size, blocks 128..1024.
+  dense     Ours against torch.func.hessian + torch.linalg.solve at the largest depth it fits.
+  depth     Time and peak memory of the one-shot solve against depth (fitted exponents).
+  width     The structured and generic routes against width; an image-sized input layer.
+  targets   Issue 9's targets (and issue 3's), each met or not with the figure.
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated above what the model
-and data use; on CPU, the rise of the resident-set high-water mark (VmHWM)
-during one derivatives + factorisation + solve run in a fresh subprocess
-(started with glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks go
-back to the OS and the high-water mark tracks live memory).  L counts every
-layer of the chain (L - 1 tanh layers, then the output layer fused with the
-cross-entropy loss).
+    python bench_hessian.py --threads 1 --markdown docs/performance.md   # full run, writes the page
+    python bench_hessian.py --quick                  # smaller sizes, about 2 minutes on 2 cores
+    python bench_hessian.py --layers 1024 --width 32 --batch 16 --device cuda   # one case
+    python bench_hessian.py --out results.json       # every measurement (.json or .csv)
+
+Timing: one thread is advised (``--threads 1``) on a shared machine; with one thread on a
+CPU every time is the process's CPU time (``--clock auto``; ``--clock wall`` for wall
+time), which other jobs' share of the cores does not inflate.  Methods compared in a
+table are timed round-robin (each repeat runs every method once), and each figure is the
+median over repeats (in the GEMM-rate table the fastest of 5), so that a burst of load
+elsewhere hits all of them alike; the ratios are the figures to read.  Peak memory: on CUDA, torch.cuda.max_memory_allocated
+above what the model and data use; on CPU, the rise of the resident-set high-water mark
+(VmHWM) during one one-shot solve in a fresh subprocess (started with glibc's
+MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks go back to the OS and the high-water
+mark tracks live memory).  L counts every layer of the chain (L - 1 tanh layers, then
+the output layer fused with the cross-entropy loss).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -49,6 +68,39 @@ from conftest import dense_hessian, flat_parameters, loss_of_flat_parameters
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
+# Errors by which a method declines a problem (recorded as a note, the run goes on).
+REFUSALS = tuple(e for e in (getattr(hi, n, None) for n in (
+    "SingularHessianError", "InsufficientMemoryError", "HessianInverseError",
+    "InaccurateSolveError")) if isinstance(e, type))
+
+
+# --------------------------------------------------------------------------
+# What this version of the library offers
+# --------------------------------------------------------------------------
+
+
+def _parameters(fn) -> set:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def capabilities() -> dict:
+    """Options of ``hessian_inverse`` that arrive over time: the GGN's output route
+    (``'output' in hi.PATHS``), the cyclic factorisation (a ``factorization`` keyword),
+    mixed precision (``factor_dtype``)."""
+    paths = tuple(getattr(hi, "PATHS", ("auto", "structured", "generic")))
+    keywords = _parameters(hi.factorize) & _parameters(hi.hessian_inverse_vector_product)
+    factorizations = tuple(getattr(hi, "FACTORIZATIONS", ("banded", "cyclic")))
+    return {"output": "output" in paths,
+            "cyclic": "factorization" in keywords and "cyclic" in factorizations,
+            "factor_dtype": "factor_dtype" in keywords,
+            "probe": "probe" in _parameters(hi.HessianInverse)}
+
+
+CAPS = capabilities()
+
 
 # --------------------------------------------------------------------------
 # Measuring
@@ -58,6 +110,22 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# The clock of every timing: wall time (time.perf_counter), or with ``--clock cpu`` (the
+# default for one torch thread on a CPU) the process's CPU time (time.process_time), which
+# other jobs sharing the cores do not inflate; with one thread and an idle machine the two
+# agree.  Set by main().
+CLOCK = {"name": "wall", "fn": time.perf_counter}
+
+
+def timed(fn: Callable, device: torch.device):
+    clock = CLOCK["fn"]
+    synchronize(device)
+    start = clock()
+    out = fn()
+    synchronize(device)
+    return out, clock() - start
 
 
 def _status_kib(key: str) -> Optional[int]:
@@ -80,18 +148,274 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
-def peak_bytes_of_solve(spec: dict) -> Optional[int]:
-    """Peak bytes above the model and data while our solve runs (see the module docstring)."""
-    if spec["device"].startswith("cuda"):
-        device = torch.device(spec["device"])
-        problem = make_problem(spec["layers"], spec["width"], spec["batch"], spec["input_dim"],
-                               device, getattr(torch, spec["dtype"]))
+# --------------------------------------------------------------------------
+# Problems and independent yardsticks (autograd, nothing of the lifted system)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    model: hi.DeepMLPWithTracking
+    x: torch.Tensor
+    t: torch.Tensor
+    loss: torch.Tensor
+    v: torch.Tensor
+    layers: int
+    width: int
+    batch: int
+    input_dim: int
+    classes: int
+
+    @property
+    def num_params(self) -> int:
+        return self.v.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.v.device
+
+    @property
+    def spec(self) -> dict:
+        return dict(layers=self.layers, width=self.width, batch=self.batch,
+                    input_dim=self.input_dim, classes=self.classes,
+                    dtype=str(self.v.dtype).replace("torch.", ""), device=str(self.device))
+
+
+def make_problem(layers: int, width: int, batch: int, input_dim: int, device, dtype,
+                 classes: int = 10, seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    model = hi.DeepMLPWithTracking(input_dim, width, classes, layers - 1, "tanh")
+    model = model.to(device=device, dtype=dtype)
+    x = torch.randn(batch, input_dim, device=device, dtype=dtype)
+    t = torch.randint(0, classes, (batch,), device=device)
+    loss = model(x, t, track_activations=True)
+    n = sum(p.numel() for p in model.parameters())
+    v = torch.randn(n, device=device, dtype=dtype)
+    return Problem(model, x, t, loss, v, layers, width, batch, input_dim, classes)
+
+
+def autograd_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> H v by torch.func.jvp of torch.func.grad of the flat-parameter loss."""
+    loss = loss_of_flat_parameters(problem.model, problem.x, problem.t)
+    theta = flat_parameters(problem.model)
+    grad = torch.func.grad(loss)
+    return lambda vec: torch.func.jvp(grad, (theta,), (vec,))[1]
+
+
+class _Logits(torch.nn.Module):
+    """The chain up to the loss layer's logits (for the autograd GGN product)."""
+
+    def __init__(self, model: hi.TrackedChain):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model.prepare_input(x)
+        for layer in self.model.layers[:-1]:
+            z = layer(z)
+        return self.model.loss_layer.logits(z)
+
+
+def autograd_ggn_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> J^T H_o J v by autograd (as curvlinops does): J v by torch.func.jvp of the
+    logits, H_o by jvp of the gradient of the loss in the logits, J^T by a vjp whose
+    forward pass (the setup) runs once here."""
+    wrapper = _Logits(problem.model)
+    names = [n for n, _ in wrapper.named_parameters()]
+    shapes = [p.shape for p in wrapper.parameters()]
+    sizes = [p.numel() for p in wrapper.parameters()]
+    x, t = problem.x, problem.t
+
+    def logits(theta):
+        params = {n: p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}
+        return torch.func.functional_call(wrapper, params, (x,))
+
+    theta = flat_parameters(problem.model)
+    out, pullback = torch.func.vjp(logits, theta)
+    grad_o = torch.func.grad(lambda o: problem.model.loss_layer.loss(o, t))
+
+    def ggn(vec):
+        jv = torch.func.jvp(logits, (theta,), (vec,))[1]
+        return pullback(torch.func.jvp(grad_o, (out.detach(),), (jv,))[1])[0]
+
+    return ggn
+
+
+def curvature_product_fn(problem: Problem, curvature: str) -> Callable:
+    return autograd_hvp_fn(problem) if curvature == "hessian" else autograd_ggn_fn(problem)
+
+
+def relative_residual(problem: Problem, x: torch.Tensor, damping: float,
+                      curvature: str = "hessian") -> float:
+    """||(B + eps I) x - v|| / ||v|| with the autograd product of :func:`curvature_product_fn`."""
+    product = curvature_product_fn(problem, curvature)
+    r = product(x) + damping * x - problem.v
+    return (r.norm() / problem.v.norm()).item()
+
+
+def conjugate_gradients(apply: Callable, b: torch.Tensor, rtol: float,
+                        max_products: int) -> tuple[torch.Tensor, int, bool]:
+    """CG on a symmetric positive definite ``apply`` until ||b - A x|| <= rtol ||b||
+    (the recursive residual).  Returns x, the number of products, and whether it got there."""
+    x, r = torch.zeros_like(b), b.clone()
+    p, rr, products = r.clone(), r.dot(r), 0
+    goal = (rtol * b.norm()) ** 2
+    while rr > goal and products < max_products:
+        q = apply(p)
+        products += 1
+        alpha = rr / p.dot(q)
+        x, r = x + alpha * p, r - alpha * q
+        rr, rr_old = r.dot(r), rr
+        p = r + (rr / rr_old) * p
+    return x, products, bool(rr <= goal)
+
+
+# --------------------------------------------------------------------------
+# The paper author's method, re-implemented as a yardstick
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BlockLDL:
+    """Factors of :func:`unpivoted_block_ldl`: ``inverse[l]`` = Dhat_l^{-1} and
+    ``right[l]`` = Dhat_l^{-1} S_l^T."""
+
+    inverse: list
+    right: list
+    sub: list
+
+
+def unpivoted_block_ldl(system: hi.BlockTridiagonal) -> BlockLDL:
+    """The paper author's factorisation, as described (a yardstick, not ours).
+
+    The lifted system with dense per-layer blocks (``assemble_lifted_system`` of the
+    generic route's derivatives) is factored as ``L Dhat L^T`` with no pivoting across
+    blocks: ``Dhat_0 = D_0``, ``Dhat_{l+1} = D_{l+1} - S_l Dhat_l^{-1} S_l^T``, each pivot
+    block inverted explicitly (the partitioned inverse), ``L_{l+1,l} = S_l Dhat_l^{-1}``.
+    Per block of n rows: an inverse (2 n^3), ``Dhat_l^{-1} S_l^T`` (2 n^3) and the Schur
+    update (2 n^3).  It needs every leading block ``Dhat_l`` invertible, which pivoting on
+    the whole system (our ``banded_lu``) does not.
+    """
+    diag, sub = system.diag, system.sub
+    inverse, right = [], []
+    pivot = diag[0]
+    for l in range(len(diag)):
+        inv = torch.linalg.inv(pivot)
+        inverse.append(inv)
+        if l + 1 < len(diag):
+            w = inv @ sub[l].T
+            right.append(w)
+            pivot = diag[l + 1] - sub[l] @ w
+    return BlockLDL(inverse, right, list(sub))
+
+
+def unpivoted_block_ldl_solve(f: BlockLDL, rhs: list) -> list:
+    """Solve ``L Dhat L^T x = b``: forward, block diagonal, backward sweep."""
+    z = list(rhs)
+    for l in range(len(f.right)):
+        z[l + 1] = z[l + 1] - f.right[l].T @ z[l]          # S_l Dhat_l^{-1} = right[l]^T
+    x = [inv @ zl for inv, zl in zip(f.inverse, z)]
+    for l in reversed(range(len(f.right))):
+        x[l] = x[l] - f.right[l] @ x[l + 1]
+    return x
+
+
+def author_solve(problem: Problem, damping: float) -> tuple[torch.Tensor, dict]:
+    """Derivatives (dense per-layer blocks), the lifted system, its unpivoted block LDL^T
+    and one solve, timed separately; no refinement."""
+    device = problem.device
+    op, t_d = timed(lambda: hi.hessian_operator(problem.model, problem.loss, path="generic"),
+                    device)
+    derivs = op.derivs
+    sizes = [d.num_params for d in derivs]
+
+    def factor():
+        return unpivoted_block_ldl(hi.assemble_lifted_system(derivs, damping))
+
+    f, t_f = timed(factor, device)
+
+    def solve():
+        blocks = problem.v.unsqueeze(1).split(sizes)
+        lifted = [torch.cat([b, b.new_zeros(2 * d.num_outputs, 1)]) for b, d in zip(blocks, derivs)]
+        x = unpivoted_block_ldl_solve(f, lifted)
+        return torch.cat([xl[:p] for xl, p in zip(x, sizes)]).squeeze(1)
+
+    x, t_s = timed(solve, device)
+    return x, {"t_derivatives": t_d, "t_factorize": t_f, "t_solve": t_s,
+               "t_total": t_d + t_f + t_s}
+
+
+# --------------------------------------------------------------------------
+# Our routes
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """One way of calling ours: ``path``, ``curvature`` and extra keywords."""
+
+    label: str
+    curvature: str = "hessian"
+    path: str = "auto"
+    keywords: dict = field(default_factory=dict)
+    max_repeats: int = 100
+
+    def spec(self) -> dict:
+        kw = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+              for k, v in self.keywords.items()}
+        return dict(curvature=self.curvature, path=self.path, keywords=kw)
+
+
+def _keywords_from_spec(kw: dict) -> dict:
+    out = dict(kw)
+    if isinstance(out.get("factor_dtype"), str) and out["factor_dtype"] != "auto":
+        out["factor_dtype"] = getattr(torch, out["factor_dtype"])
+    return out
+
+
+def one_shot(problem: Problem, damping: float, route: Route) -> torch.Tensor:
+    """What a user calls for one solve: derivatives, factorisation, refined solve."""
+    return hi.hessian_inverse_vector_product(problem.model, problem.loss, problem.v, damping,
+                                             curvature=route.curvature, path=route.path,
+                                             **route.keywords)
+
+
+def breakdown(problem: Problem, damping: float, route: Route) -> tuple[torch.Tensor, dict]:
+    """The same split into derivatives (``hessian_operator``), factorisation (the inverse
+    built as the one-shot call builds it: no separate acceptance probe) and the solve."""
+    device = problem.device
+    op_path = route.path if route.path in ("structured", "generic") else "auto"
+    op, t_d = timed(lambda: hi.hessian_operator(problem.model, problem.loss,
+                                                curvature=route.curvature, path=op_path), device)
+
+    def factor():
+        if CAPS["probe"]:
+            return hi.HessianInverse(op, damping, path=route.path, probe=False, **route.keywords)
+        return op.factorize(damping, path=route.path, **route.keywords)
+
+    inv, t_f = timed(factor, device)
+    x, t_s = timed(lambda: inv @ problem.v, device)
+    info = {"t_derivatives": t_d, "t_factorize": t_f, "t_solve": t_s,
+            "route": getattr(inv, "route", None),
+            "factor_dtype": str(getattr(inv, "factor_dtype", "")).replace("torch.", ""),
+            "backward_error": getattr(inv, "backward_error", None)}
+    return x, info
+
+
+def peak_bytes_of_one_shot(problem: Problem, damping: float, route: Route) -> Optional[int]:
+    """Peak bytes above the model and data during one one-shot solve (module docstring)."""
+    device = problem.device
+    if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _solve_once(problem, spec["damping"], spec["path"])
+        one_shot(problem, damping, route)
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        return None
+    spec = dict(problem.spec, damping=damping, route=route.spec(),
+                threads=torch.get_num_threads())
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     try:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-child",
@@ -107,206 +431,105 @@ def _peak_child(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
-    _solve_once(make_problem(3, 4, 2, 4, "cpu", dtype), spec["damping"], "structured")
+    r = spec["route"]
+    route = Route("child", r["curvature"], r["path"], _keywords_from_spec(r["keywords"]))
+    small = make_problem(3, 4, 2, 4, "cpu", dtype, classes=3)
+    try:
+        one_shot(small, spec["damping"], route)
+    except REFUSALS:
+        pass
     problem = make_problem(spec["layers"], spec["width"], spec["batch"], spec["input_dim"],
-                           "cpu", dtype)
+                           "cpu", dtype, classes=spec["classes"])
     peak = None
     if _reset_high_water_mark():
         base = _status_kib("VmRSS")
-        _solve_once(problem, spec["damping"], spec["path"])
+        one_shot(problem, spec["damping"], route)
         peak = (_status_kib("VmHWM") - base) * 1024
     print(json.dumps({"peak_bytes": peak}))
 
 
-def timed(fn: Callable, device: torch.device):
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
-
-
 # --------------------------------------------------------------------------
-# Model, yardsticks
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class Problem:
-    model: hi.DeepMLPWithTracking
-    x: torch.Tensor
-    t: torch.Tensor
-    loss: torch.Tensor
-    v: torch.Tensor
-    layers: int
-    width: int
-    batch: int
-    input_dim: int
-
-    @property
-    def num_params(self) -> int:
-        return self.v.numel()
-
-    def flat_loss(self) -> tuple[Callable, torch.Tensor]:
-        """theta -> loss with all parameters as one flat vector, and theta (conftest.py)."""
-        return loss_of_flat_parameters(self.model, self.x, self.t), flat_parameters(self.model)
-
-
-def make_problem(layers: int, width: int, batch: int, input_dim: int, device, dtype,
-                 classes: int = 10, seed: int = 0) -> Problem:
-    torch.manual_seed(seed)
-    model = hi.DeepMLPWithTracking(input_dim, width, classes, layers - 1, "tanh")
-    model = model.to(device=device, dtype=dtype)
-    x = torch.randn(batch, input_dim, device=device, dtype=dtype)
-    t = torch.randint(0, classes, (batch,), device=device)
-    loss = model(x, t, track_activations=True)
-    n = sum(p.numel() for p in model.parameters())
-    v = torch.randn(n, device=device, dtype=dtype)
-    return Problem(model, x, t, loss, v, layers, width, batch, input_dim)
-
-
-def autograd_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
-    loss, theta = problem.flat_loss()
-    grad = torch.func.grad(loss)
-    return lambda vec: torch.func.jvp(grad, (theta,), (vec,))[1]
-
-
-def relative_residual(problem: Problem, x: torch.Tensor, damping: float) -> float:
-    """||(H + eps I) x - v|| / ||v|| with an autograd Hessian-vector product."""
-    hvp = autograd_hvp_fn(problem)
-    r = hvp(x) + damping * x - problem.v
-    return (r.norm() / problem.v.norm()).item()
-
-
-# --------------------------------------------------------------------------
-# Measurements: one record per method and problem
+# Records
 # --------------------------------------------------------------------------
 
 
 @dataclass
 class Record:
-    case: str
+    section: str
     method: str
     layers: int
     width: int
     batch: int
     input_dim: int
+    classes: int
     num_params: int
     dtype: str
     device: str
+    curvature: str = "hessian"
+    damping: Optional[float] = None
+    route: Optional[str] = None
+    factor_dtype: Optional[str] = None
     t_derivatives: Optional[float] = None
     t_factorize: Optional[float] = None
     t_solve: Optional[float] = None
     t_total: Optional[float] = None
+    repeats: Optional[int] = None
+    ratio_to_hvp: Optional[float] = None
     peak_bytes: Optional[int] = None
     residual: Optional[float] = None
-    iterations: Optional[int] = None
+    backward_error: Optional[float] = None
+    products: Optional[int] = None
     converged: Optional[bool] = None
     note: str = ""
 
 
-def _base_record(case: str, method: str, problem: Problem) -> Record:
-    p = next(problem.model.parameters())
-    return Record(case, method, problem.layers, problem.width, problem.batch, problem.input_dim,
-                  problem.num_params, str(p.dtype).replace("torch.", ""), str(p.device))
+def new_record(section: str, method: str, problem: Problem, **kw) -> Record:
+    spec = problem.spec
+    return Record(section, method, spec["layers"], spec["width"], spec["batch"],
+                  spec["input_dim"], spec["classes"], problem.num_params, spec["dtype"],
+                  spec["device"], **kw)
 
 
-def measure_hvp(case: str, problem: Problem, repeats: int) -> Record:
-    device = problem.v.device
-    hvp = autograd_hvp_fn(problem)
-    hvp(problem.v)  # warm-up
-    times = [timed(lambda: hvp(problem.v), device)[1] for _ in range(repeats)]
-    rec = _base_record(case, "autograd HVP", problem)
-    rec.t_total = statistics.median(times)
-    return rec
+def median_or_none(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
-def _solve_once(problem: "Problem", damping: float, path: str):
-    op = hi.hessian_operator(problem.model, problem.loss, path=path)
-    return op.factorize(damping, path=path).solve(problem.v)
+def round_robin(jobs: dict, repeats: int, log: Callable[[str], None]) -> dict:
+    """Run every job once per repeat, in turn; per job the median of each timing key.
 
-
-def measure_ours(case: str, problem: Problem, damping: float, path: str, repeats: int,
-                 memory: bool = True, check_condition: bool = True) -> Record:
-    """Our solve: hessian_operator / factorize / solve (median of ``repeats``), peak memory
-    and the residual checked with autograd.  ``check_condition=False`` skips the
-    factorisation's accuracy check (the structured path's probe solve)."""
-    device = problem.v.device
-    rec = _base_record(case, path if check_condition else f"{path}, no check", problem)
-    runs = []
-    for _ in range(repeats):
-        try:
-            op, t_d = timed(lambda: hi.hessian_operator(problem.model, problem.loss, path=path),
-                            device)
-            inv, t_f = timed(lambda: op.factorize(damping, check_condition, path=path), device)
-        except (hi.SingularHessianError, hi.InsufficientMemoryError) as err:
-            rec.note = f"refused ({type(err).__name__})"
-            print(f"[{case}] {path} refused: {err}", file=sys.stderr)
-            return rec
-        x, t_s = timed(lambda: inv.solve(problem.v), device)
-        runs.append((t_d + t_f + t_s, t_d, t_f, t_s))
-        del op, inv
-    rec.t_total, rec.t_derivatives, rec.t_factorize, rec.t_solve = sorted(runs)[len(runs) // 2]
-    rec.residual = relative_residual(problem, x, damping)
-    if memory:
-        rec.peak_bytes = peak_bytes_of_solve(dict(
-            layers=problem.layers, width=problem.width, batch=problem.batch,
-            input_dim=problem.input_dim, dtype=rec.dtype, device=str(device), damping=damping,
-            path=path, threads=torch.get_num_threads()))
-    return rec
-
-
-def measure_dense(case: str, problem: Problem, damping: float) -> Record:
-    """torch.func.hessian of the flat-parameter loss, then torch.linalg.solve."""
-    device = problem.v.device
-    rec = _base_record(case, "dense", problem)
-    H, t_h = timed(lambda: dense_hessian(problem.model, problem.x, problem.t), device)
-
-    def solve():
-        H.diagonal().add_(damping)
-        return torch.linalg.solve(H, problem.v)
-
-    x, t_s = timed(solve, device)
-    rec.note = f"H alone is {H.numel() * H.element_size() / 2**20:.0f} MB"
-    del H
-    rec.t_derivatives, rec.t_solve, rec.t_total = t_h, t_s, t_h + t_s
-    rec.residual = relative_residual(problem, x, damping)
-    return rec
-
-
-def measure_minres(case: str, problem: Problem, damping: float, target: float,
-                   max_iterations: int) -> Record:
-    """scipy MINRES on v -> (H + eps I) v by autograd, stopped at ``target`` or the cap."""
-    from scipy.sparse.linalg import LinearOperator, minres
-
-    device, dtype = problem.v.device, problem.v.dtype
-    rec = _base_record(case, "MINRES (autograd HVP)", problem)
-    hvp = autograd_hvp_fn(problem)
-    n = problem.num_params
-
-    def matvec(z):
-        zt = torch.as_tensor(np.asarray(z).reshape(-1), dtype=dtype, device=device)
-        return (hvp(zt) + damping * zt).detach().cpu().double().numpy()
-
-    count = [0]
-
-    def callback(_):
-        count[0] += 1
-
-    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    b = problem.v.detach().cpu().double().numpy()
-    (sol, info), t = timed(lambda: minres(op, b, rtol=target, maxiter=max_iterations,
-                                          callback=callback), device)
-    x = torch.as_tensor(sol, dtype=dtype, device=device)
-    rec.t_total, rec.iterations = t, count[0]
-    rec.residual = relative_residual(problem, x, damping)
-    rec.converged = bool(rec.residual <= 2 * target)
-    rec.note = f"asked for residual {target:.1e}, cap {max_iterations} iterations"
-    return rec
+    A job is ``(fn, max_repeats)``; ``fn()`` returns ``(result, {key: seconds, ...})``.
+    Returns ``{name: (medians, last result, number of runs, error or None)}``; a job that
+    raises one of :data:`REFUSALS` is dropped with its error.
+    """
+    runs = {name: [] for name in jobs}
+    last, errors = {}, {}
+    for rep in range(repeats):
+        for name, (fn, cap) in jobs.items():
+            if name in errors or len(runs[name]) >= cap:
+                continue
+            try:
+                result, info = fn()
+            except REFUSALS as err:
+                errors[name] = err
+                log(f"  {name}: refused ({type(err).__name__}: {str(err)[:200]})")
+                continue
+            runs[name].append(info)
+            last[name] = result
+    out = {}
+    for name in jobs:
+        infos = runs[name]
+        medians = {}
+        for key in set().union(*infos) if infos else ():
+            values = [i[key] for i in infos]
+            medians[key] = (median_or_none(values) if all(
+                isinstance(v, (int, float)) or v is None for v in values) else values[-1])
+        out[name] = (medians, last.get(name), len(infos), errors.get(name))
+    return out
 
 
 # --------------------------------------------------------------------------
-# The runs
+# Settings
 # --------------------------------------------------------------------------
 
 
@@ -319,20 +542,23 @@ class Settings:
     repeats: int
     dense_max_params: int
     minres_cap: int
+    cg_cap: int
     generic_max_block: int
+    memory: bool = True
+    load_at_start: str = field(default_factory=lambda: " / ".join(
+        f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown")
     records: list = field(default_factory=list)
+    lu_rates: list = field(default_factory=list)
     targets: list = field(default_factory=list)
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def generic_affordable(problem: Problem, s: Settings) -> tuple[bool, str]:
-    """The generic path's largest block p + 2a, against the limit we allow it."""
-    block = problem.width * (problem.input_dim + 1) + 2 * problem.batch * problem.width
-    if block > s.generic_max_block:
-        return False, f"generic skipped: block p + 2a = {block} > {s.generic_max_block}"
-    return True, ""
+def generic_block(problem: Problem) -> int:
+    """The generic route's largest lifted block, p + 2a (the first or a hidden layer)."""
+    w, d, b = problem.width, problem.input_dim, problem.batch
+    return max(w * (d + 1), w * (w + 1) if problem.layers > 2 else 0) + 2 * b * w
 
 
 def mlp_num_params(layers: int, width: int, input_dim: int, classes: int = 10) -> int:
@@ -340,60 +566,472 @@ def mlp_num_params(layers: int, width: int, input_dim: int, classes: int = 10) -
             + classes * (width + 1))
 
 
-def dense_affordable(problem: Problem, s: Settings) -> tuple[bool, str]:
+def hessian_routes(s: Settings, problem: Problem, generic: bool) -> list[Route]:
+    """Every Hessian route the library offers, for this problem's dtype."""
+    routes = [Route("auto (defaults)")]
+    if CAPS["factor_dtype"]:
+        routes.append(Route("structured", path="structured", keywords={"factor_dtype": None}))
+        if problem.v.dtype == torch.float64:
+            routes.append(Route("structured, float32 factors", path="structured",
+                                keywords={"factor_dtype": torch.float32}))
+    else:
+        routes.append(Route("structured", path="structured"))
+    if CAPS["cyclic"]:
+        kw = {"factorization": "cyclic"}
+        if CAPS["factor_dtype"]:
+            kw["factor_dtype"] = None
+        routes.append(Route("structured, cyclic reduction", path="structured", keywords=kw))
+    if generic:
+        kw = {"factor_dtype": None} if CAPS["factor_dtype"] else {}
+        routes.append(Route("generic", path="generic", keywords=kw, max_repeats=1))
+    return routes
+
+
+def ggn_routes(s: Settings, problem: Problem, generic: bool) -> list[Route]:
+    kw = {"factor_dtype": None} if CAPS["factor_dtype"] else {}
+    routes = [Route("auto (defaults)", "ggn")]
+    routes.append(Route("structured", "ggn", "structured", dict(kw)))
+    if CAPS["output"]:
+        routes.append(Route("output (Woodbury)", "ggn", "output", dict(kw)))
+    if generic:
+        routes.append(Route("generic", "ggn", "generic", dict(kw), max_repeats=1))
+    return routes
+
+
+def warm_up(s: Settings, routes: list[Route]) -> None:
+    """First calls of each route on a tiny problem, so kernel set-up lands in no timing."""
+    tiny = make_problem(3, 4, 2, 4, s.device, s.dtype, classes=3)
+    for route in routes:
+        try:
+            one_shot(tiny, s.damping, route)
+            breakdown(tiny, s.damping, route)
+        except REFUSALS:
+            pass
+    autograd_hvp_fn(tiny)(tiny.v)
+    autograd_ggn_fn(tiny)(tiny.v)
+
+
+# --------------------------------------------------------------------------
+# Section: every route side by side on one problem
+# --------------------------------------------------------------------------
+
+
+def measure_minres(section: str, problem: Problem, damping: float, goal: float,
+                   cap: int) -> Record:
+    """scipy MINRES on v -> (H + eps I) v by autograd, stopped at ``goal`` or the cap."""
+    from scipy.sparse.linalg import LinearOperator, minres
+
+    device, dtype = problem.device, problem.v.dtype
+    rec = new_record(section, "MINRES on autograd HVPs", problem, damping=damping)
+    hvp = autograd_hvp_fn(problem)
     n = problem.num_params
-    need = 3 * n * n * torch.empty(0, dtype=s.dtype).element_size()
-    if n > s.dense_max_params:
-        return False, f"dense skipped: n = {n:,} > {s.dense_max_params:,} (needs ~{need / 2**30:.1f} GiB)"
-    return True, ""
+
+    def matvec(z):
+        zt = torch.as_tensor(np.asarray(z).reshape(-1), dtype=dtype, device=device)
+        return (hvp(zt) + damping * zt).detach().cpu().double().numpy()
+
+    count = [0]
+    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    b = problem.v.detach().cpu().double().numpy()
+    (sol, _), t = timed(lambda: minres(op, b, rtol=goal, maxiter=cap,
+                                       callback=lambda _: count.__setitem__(0, count[0] + 1)),
+                        device)
+    x = torch.as_tensor(sol, dtype=dtype, device=device)
+    rec.t_total, rec.products, rec.repeats = t, count[0], 1
+    rec.residual = relative_residual(problem, x, damping)
+    rec.converged = bool(rec.residual <= 2 * goal)
+    rec.note = (f"{count[0]} products, asked for {goal:.0e} "
+                + ("(converged)" if rec.converged else f"(cap {cap}: not converged)"))
+    return rec
 
 
-def run_headline(s: Settings, layers: int, width: int, batch: int) -> dict:
-    case = f"headline L={layers} w={width} B={batch}"
-    s.log(f"[{case}] building model")
-    problem = make_problem(layers, width, batch, width, s.device, s.dtype)
-    hvp = measure_hvp(case, problem, max(s.repeats, 3))
-    s.log(f"[{case}] autograd HVP {hvp.t_total:.3f} s; structured solve...")
-    ours = measure_ours(case, problem, s.damping, "structured", s.repeats)
-    s.log(f"[{case}] structured {_s(ours.t_total)} s, residual {_e(ours.residual)} {ours.note}")
-    out = {"hvp": hvp, "structured": ours,
-           "unchecked": measure_ours(case, problem, s.damping, "structured", s.repeats,
-                                     memory=False, check_condition=False)}
-    out["notes"] = []
-    ok, why = generic_affordable(problem, s)
-    if ok:
-        s.log(f"[{case}] generic solve...")
-        out["generic"] = measure_ours(case, problem, s.damping, "generic", 1)
-    else:
-        out["notes"].append(why)
-    target = max(ours.residual or 1e-12, 1e-15)
-    s.log(f"[{case}] MINRES to residual {target:.1e} (cap {s.minres_cap})...")
-    out["minres"] = measure_minres(case, problem, s.damping, target, s.minres_cap)
-    ok, why = dense_affordable(problem, s)
-    if ok:
-        s.log(f"[{case}] dense...")
-        out["dense"] = measure_dense(case, problem, s.damping)
-    else:
-        out["notes"].append(why)
-    for rec in out.values():
-        if isinstance(rec, Record):
-            s.records.append(rec)
+def measure_dense(section: str, problem: Problem, damping: float) -> Record:
+    """torch.func.hessian of the flat-parameter loss, then torch.linalg.solve."""
+    device = problem.device
+    rec = new_record(section, "dense: torch.func.hessian + torch.linalg.solve", problem,
+                     damping=damping, repeats=1)
+    H, t_h = timed(lambda: dense_hessian(problem.model, problem.x, problem.t), device)
+
+    def solve():
+        H.diagonal().add_(damping)
+        return torch.linalg.solve(H, problem.v)
+
+    x, t_s = timed(solve, device)
+    rec.note = f"H alone is {H.numel() * H.element_size() / 2**20:.0f} MB"
+    H = None  # noqa: F841 (frees the n x n matrix before the residual check)
+    rec.t_derivatives, rec.t_solve, rec.t_total = t_h, t_s, t_h + t_s
+    rec.residual = relative_residual(problem, x, damping)
+    return rec
+
+
+def one_shot_job(problem: Problem, damping: float, route: Route) -> tuple:
+    """One timed one-shot solve; on CUDA also its peak memory above what was allocated."""
+    device = problem.device
+    if device.type != "cuda":
+        x, t = timed(lambda: one_shot(problem, damping, route), device)
+        return x, {"t_total": t}
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x, t = timed(lambda: one_shot(problem, damping, route), device)
+    return x, {"t_total": t, "peak_bytes": torch.cuda.max_memory_allocated(device) - base}
+
+
+def product_job(product: Callable, problem: Problem) -> Callable:
+    """A round-robin job timing one product with ``problem.v``: the fastest of 3 calls
+    (a product takes milliseconds, where one scheduler hiccup weighs most)."""
+    def job():
+        return None, {"t_total": min(timed(lambda: product(problem.v), problem.device)[1]
+                                     for _ in range(3))}
+    return job
+
+
+def run_routes(s: Settings, section: str, problem: Problem, repeats: int,
+               extras: bool = True, ggn: bool = True) -> dict:
+    """Every route of ours on ``problem``, the autograd products, and (``extras``) the
+    paper author's method, MINRES and the dense route where they fit."""
+    block = generic_block(problem)
+    generic = block <= s.generic_max_block
+    routes = [("hessian", r) for r in hessian_routes(s, problem, generic)]
+    if ggn:
+        routes += [("ggn", r) for r in ggn_routes(s, problem, False)
+                   if r.path in ("structured", "output")]
+    warm_up(s, [r for _, r in routes])
+    hvp, ggn_product = autograd_hvp_fn(problem), autograd_ggn_fn(problem)
+    hvp(problem.v), ggn_product(problem.v)
+    jobs = {"autograd HVP": (product_job(hvp, problem), 1000)}
+    if ggn:
+        jobs["autograd GGN product"] = (product_job(ggn_product, problem), 1000)
+    for curvature, route in routes:
+        def split(route=route):
+            return breakdown(problem, s.damping, route)
+
+        def whole(route=route):
+            return one_shot_job(problem, s.damping, route)
+
+        name = f"{curvature}: {route.label}"
+        jobs[name + " [split]"] = (split, min(route.max_repeats, 3))
+        jobs[name] = (whole, route.max_repeats)
+    s.log(f"[{section}] n = {problem.num_params:,}: {len(routes)} routes x {repeats} repeats")
+    timing = round_robin(jobs, repeats, s.log)
+    hvp_t = timing["autograd HVP"][0]["t_total"]
+    out = {"problem": problem, "hvp": hvp_t, "rows": [], "notes": []}
+    for label, key in (("autograd HVP (one product)", "autograd HVP"),
+                       ("autograd GGN product (one product)", "autograd GGN product")):
+        if key in timing:
+            rec = new_record(section, label, problem, t_total=timing[key][0]["t_total"],
+                             repeats=timing[key][2], curvature="hessian" if "HVP" in key else "ggn")
+            rec.ratio_to_hvp = rec.t_total / hvp_t
+            out["rows"].append(rec)
+    for curvature, route in routes:
+        name = f"{curvature}: {route.label}"
+        medians, x, runs, err = timing[name]
+        split_medians, _, _, split_err = timing[name + " [split]"]
+        rec = new_record(section, f"ours, {'Hessian' if curvature == 'hessian' else 'GGN'}: "
+                         f"{route.label}", problem, curvature=curvature, damping=s.damping,
+                         repeats=runs)
+        if err is not None or x is None:
+            rec.note = f"refused: {type(err).__name__}: {str(err)[:120]}"
+            out["rows"].append(rec)
+            continue
+        rec.t_total = medians.get("t_total")
+        rec.ratio_to_hvp = rec.t_total / hvp_t if rec.t_total else None
+        if split_err is None:
+            rec.t_derivatives = split_medians.get("t_derivatives")
+            rec.t_factorize = split_medians.get("t_factorize")
+            rec.t_solve = split_medians.get("t_solve")
+            rec.route = split_medians.get("route")
+            rec.factor_dtype = split_medians.get("factor_dtype")
+            rec.backward_error = split_medians.get("backward_error")
+        rec.residual = relative_residual(problem, x, s.damping, curvature)
+        if "peak_bytes" in medians:
+            rec.peak_bytes = int(medians["peak_bytes"])
+        elif s.memory and (not s.quick or route is routes[0][1]):
+            rec.peak_bytes = peak_bytes_of_one_shot(problem, s.damping, route)
+        notes = []
+        if rec.route:
+            notes.append(f"ran {rec.route}" + (f", {rec.factor_dtype} factors"
+                                               if rec.factor_dtype else ""))
+        rec.note = "; ".join(notes)
+        out["rows"].append(rec)
+        s.log(f"  {rec.method}: one-shot {_s(rec.t_total)} s = {_x(rec.ratio_to_hvp)} HVP, "
+              f"residual {_e(rec.residual)} ({rec.note})")
+    if not generic:
+        out["notes"].append(f"generic route and the author's method skipped: lifted blocks "
+                            f"p + 2a = {block} > {s.generic_max_block}")
+    if extras and generic:
+        s.log(f"[{section}] the paper author's method (unpivoted block LDL^T)...")
+        rec = new_record(section, "paper author's method: unpivoted block LDL^T, dense blocks "
+                         "(our re-implementation)", problem, damping=s.damping, repeats=1)
+        try:
+            x, info = author_solve(problem, s.damping)
+            for k, v in info.items():
+                setattr(rec, k, v)
+            rec.ratio_to_hvp = rec.t_total / hvp_t
+            rec.residual = relative_residual(problem, x, s.damping)
+            rec.note = "no refinement"
+        except (torch.linalg.LinAlgError, RuntimeError) as err:
+            rec.note = f"failed: {type(err).__name__}: {str(err)[:120]}"
+        out["rows"].append(rec)
+        out["author"] = rec
+    if extras and s.minres_cap > 0:
+        ours = [r for r in out["rows"] if r.method.startswith("ours, Hessian") and r.residual]
+        goal = max(min([r.residual for r in ours] or [1e-12]), 1e-15)
+        s.log(f"[{section}] MINRES to {goal:.0e} (cap {s.minres_cap})...")
+        rec = measure_minres(section, problem, s.damping, goal, s.minres_cap)
+        rec.ratio_to_hvp = rec.t_total / hvp_t
+        out["rows"].append(rec)
+    if extras:
+        if problem.num_params <= s.dense_max_params:
+            s.log(f"[{section}] dense...")
+            rec = measure_dense(section, problem, s.damping)
+            rec.ratio_to_hvp = rec.t_total / hvp_t
+            out["rows"].append(rec)
+        else:
+            n, size = problem.num_params, problem.v.element_size()
+            out["notes"].append(f"dense route skipped: n = {n:,} > {s.dense_max_params:,} "
+                                f"(its Hessian alone is {n * n * size / 2**30:.1f} GiB)")
+    s.records += out["rows"]
     return out
 
 
-def run_dense_comparison(s: Settings, width: int, batch: int, depths: list[int]) -> dict:
+def find(rows: list, method: str) -> Optional[Record]:
+    for r in rows:
+        if r.method == method:
+            return r
+    return None
+
+
+# --------------------------------------------------------------------------
+# Section: the GGN, exact against conjugate gradients
+# --------------------------------------------------------------------------
+
+
+def cg_tolerance(dtype: torch.dtype) -> float:
+    """1e-10 in float64; float32 cannot get there, so its accuracy contract eps^(2/3)."""
+    return 1e-10 if dtype == torch.float64 else max(1e-10, hi.default_rtol(dtype))
+
+
+def run_ggn_vs_cg(s: Settings, problem: Problem, damping: float, repeats: int,
+                  cg_rtol: Optional[float] = None) -> dict:
+    """Each exact GGN route (one-shot: derivatives + factorisation + refined solve) against
+    CG to ``cg_rtol`` on exact GGN-vector products: ours (``op @ p``, setup = our
+    derivatives) and autograd's (jvp + vjp, setup = the vjp's forward pass)."""
+    section = f"ggn damping={damping:g}"
+    cg_rtol = cg_tolerance(problem.v.dtype) if cg_rtol is None else cg_rtol
+    routes = ggn_routes(s, problem, not s.quick and generic_block(problem) <= s.generic_max_block)
+    warm_up(s, routes)
+    v = problem.v
+
+    def cg_ours():
+        def run():
+            op = hi.hessian_operator(problem.model, problem.loss, curvature="ggn")
+            return conjugate_gradients(lambda p: op @ p + damping * p, v, cg_rtol, s.cg_cap)
+        (x, products, ok), t = timed(run, s.device)
+        return (x, products, ok), {"t_total": t}
+
+    def cg_autograd():
+        def run():
+            ggn = autograd_ggn_fn(problem)
+            return conjugate_gradients(lambda p: ggn(p) + damping * p, v, cg_rtol, s.cg_cap)
+        (x, products, ok), t = timed(run, s.device)
+        return (x, products, ok), {"t_total": t}
+
+    jobs = {}
+    for route in routes:
+        def whole(route=route):
+            x, t = timed(lambda: one_shot(problem, damping, route), s.device)
+            return x, {"t_total": t}
+        jobs[route.label] = (whole, route.max_repeats)
+    jobs["CG, our GGN products"] = (cg_ours, 1000)
+    jobs["CG, autograd GGN products"] = (cg_autograd, 1000)
+    s.log(f"[{section}] n = {problem.num_params:,}: {len(jobs)} methods x {repeats} repeats")
+    timing = round_robin(jobs, repeats, s.log)
+    rows = []
+    for route in routes:
+        medians, x, runs, err = timing[route.label]
+        rec = new_record(section, f"ours, GGN: {route.label}", problem, curvature="ggn",
+                         damping=damping, repeats=runs, t_total=medians.get("t_total"))
+        if err is not None:
+            rec.note = f"refused: {type(err).__name__}: {str(err)[:120]}"
+        else:
+            rec.residual = relative_residual(problem, x, damping, "ggn")
+            rec.route = route.path
+            if route.path == "auto":  # which route 'auto' takes: ask a factorisation
+                try:
+                    rec.route = hi.factorize(problem.model, problem.loss, damping,
+                                             curvature="ggn", **route.keywords).route
+                except REFUSALS:
+                    rec.route = None
+            rec.note = f"ran {rec.route}" if rec.route else ""
+        rows.append(rec)
+    for name in ("CG, our GGN products", "CG, autograd GGN products"):
+        medians, result, runs, err = timing[name]
+        rec = new_record(section, name, problem, curvature="ggn", damping=damping,
+                         repeats=runs, t_total=medians.get("t_total"))
+        if result is not None:
+            x, rec.products, rec.converged = result
+            rec.residual = relative_residual(problem, x, damping, "ggn")
+            rec.note = (f"{rec.products} products to {cg_rtol:.0e}"
+                        + ("" if rec.converged else f" (cap {s.cg_cap}: not converged)"))
+        rows.append(rec)
+    s.records += rows
+    for r in rows:
+        s.log(f"  {r.method}: {_s(r.t_total)} s, residual {_e(r.residual)} {r.note}")
+    return {"problem": problem, "damping": damping, "rows": rows, "cg_rtol": cg_rtol}
+
+
+def ggn_speedup(out: dict) -> tuple[Optional[float], str]:
+    """Fastest CG over fastest exact route (and the figure to print)."""
+    exact = [r for r in out["rows"] if r.method.startswith("ours") and r.t_total
+             and r.residual is not None]
+    cg = [r for r in out["rows"] if r.method.startswith("CG") and r.t_total]
+    if not exact or not cg:
+        return None, "not measured"
+    best, fastest_cg = min(exact, key=lambda r: r.t_total), min(cg, key=lambda r: r.t_total)
+    ratio = fastest_cg.t_total / best.t_total
+    return ratio, (f"{ratio:.1f}x: {best.method[len('ours, GGN: '):]} {_s(best.t_total)} s vs "
+                   f"{fastest_cg.method} {_s(fastest_cg.t_total)} s ({fastest_cg.products} "
+                   f"products)")
+
+
+# --------------------------------------------------------------------------
+# Section: the factorisation's arithmetic rate against GEMM
+# --------------------------------------------------------------------------
+
+
+def banded_lu_flops(sizes: list) -> float:
+    """Floating-point operations of :func:`hessian_inverse.banded_lu` on blocks n_0..n_{N-1}.
+
+    Multiplications and additions counted separately (a GEMM of m x k by k x n is 2 m k n).
+    Step l factors the panel ``[D_l; S_{l+1}]`` of ``m = n_l + n_{l+1}`` rows and ``n = n_l``
+    columns (``n_N = 0``) and updates the ``k = n_{l+1} + n_{l+2}`` columns to its right
+    (block-columns l+1 and l+2, the second being the fill of row pivoting):
+
+        LU with partial pivoting of the m x n panel:    m n^2 - n^3 / 3
+        triangular solve L_11^{-1} (n x k):              n^2 k
+        update of the rows below, (m - n) x k -= (m - n) x n @ n x k:   2 (m - n) n k
+
+        flops = sum_l [ m_l n_l^2 - n_l^3 / 3 + n_l^2 k_l + 2 (m_l - n_l) n_l k_l ]
+
+    For N blocks of equal size b that is about (5/3 + 2 + 4) b^3 = 23/3 b^3 per block.
+    """
+    total, N = 0.0, len(sizes)
+    for l in range(N):
+        n = sizes[l]
+        below = sizes[l + 1] if l + 1 < N else 0
+        k = below + (sizes[l + 2] if l + 2 < N else 0)
+        m = n + below
+        total += m * n * n - n ** 3 / 3 + n * n * k + 2 * below * n * k
+    return total
+
+
+def synthetic_system(block: int, blocks: int, dtype, device, seed: int = 0):
+    """A symmetric block-tridiagonal system of ``blocks`` random dense blocks of ``block``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd():
+        return torch.randn(block, block, generator=g, dtype=torch.float64)
+
+    diag = [((lambda a: (a + a.T) / 2)(rnd())).to(device=device, dtype=dtype)
+            for _ in range(blocks)]
+    sub = [rnd().to(device=device, dtype=dtype) for _ in range(blocks - 1)]
+    return hi.BlockTridiagonal(diag, sub)
+
+
+def run_lu_rate(s: Settings, block_sizes: list, dtypes: list, blocks: int = 4,
+                repeats: int = 5) -> list:
+    """banded_lu's GFLOP/s on :func:`synthetic_system` against torch.matmul (b x b) @ (b x b)
+    and against LAPACK's panel LU alone (``torch.linalg.lu_factor`` of the 2b x b panel),
+    timed round-robin; each rate from the fastest of ``repeats`` timings (on a shared
+    machine the fastest is the one least disturbed, for all three alike)."""
+    rows = []
+    for dtype in dtypes:
+        for b in block_sizes:
+            system = synthetic_system(b, blocks, dtype, s.device)
+            a = torch.randn(b, b, dtype=dtype, device=s.device)
+            c = torch.randn(b, b, dtype=dtype, device=s.device)
+            panel = torch.randn(2 * b, b, dtype=dtype, device=s.device)
+            inner = min(50, max(1, int(1e8 // (2 * b ** 3))))  # small GEMMs: several per timing
+            hi.banded_lu(system), torch.matmul(a, c), torch.linalg.lu_factor(panel)
+            t_lu, t_mm, t_panel = [], [], []
+            for _ in range(repeats):
+                t_lu.append(timed(lambda: hi.banded_lu(system), s.device)[1])
+                t_mm.append(timed(lambda: [torch.matmul(a, c) for _ in range(inner)],
+                                  s.device)[1] / inner)
+                t_panel.append(timed(lambda: [torch.linalg.lu_factor(panel)
+                                              for _ in range(inner)], s.device)[1] / inner)
+            flops = banded_lu_flops(system.block_sizes)
+            lu_rate = flops / min(t_lu) / 1e9
+            mm_rate = 2 * b ** 3 / min(t_mm) / 1e9
+            panel_rate = (2 * b * b * b - b ** 3 / 3) / min(t_panel) / 1e9
+            row = {"dtype": str(dtype).replace("torch.", ""), "block": b, "blocks": blocks,
+                   "gflop": flops / 1e9, "t_banded_lu": min(t_lu),
+                   "banded_lu_gflops": lu_rate, "matmul_gflops": mm_rate,
+                   "panel_lu_gflops": panel_rate, "fraction": lu_rate / mm_rate,
+                   "device": str(s.device)}
+            rows.append(row)
+            s.log(f"[lu rate] {row['dtype']} b={b}: banded_lu {lu_rate:.1f} GFLOP/s, matmul "
+                  f"{mm_rate:.1f}, panel LU {panel_rate:.1f}: {100 * row['fraction']:.0f}%")
+    s.lu_rates += rows
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Sections: dense, depth, width, image-sized input
+# --------------------------------------------------------------------------
+
+DEFAULT = Route("auto (defaults)")
+
+
+def measure_one_shot(s: Settings, section: str, problem: Problem, repeats: int,
+                     route: Route = DEFAULT, hvp: bool = True) -> tuple[Record, Optional[Record]]:
+    """Our one-shot solve and (``hvp``) one autograd HVP, round-robin; peak memory."""
+    product = autograd_hvp_fn(problem)
+
+    def ours():
+        return one_shot_job(problem, s.damping, route)
+
+    jobs = {"ours": (ours, route.max_repeats)}
+    if hvp:
+        product(problem.v)
+        jobs["hvp"] = (product_job(product, problem), 1000)
+    timing = round_robin(jobs, repeats, s.log)
+    medians, x, runs, err = timing["ours"]
+    rec = new_record(section, f"ours: {route.label}", problem, damping=s.damping,
+                     repeats=runs, t_total=medians.get("t_total"))
+    hrec = None
+    if hvp:
+        hrec = new_record(section, "autograd HVP", problem, t_total=timing["hvp"][0]["t_total"],
+                          repeats=timing["hvp"][2])
+        hrec.ratio_to_hvp = 1.0
+    if err is not None:
+        rec.note = f"refused: {type(err).__name__}"
+    else:
+        rec.residual = relative_residual(problem, x, s.damping)
+        if hrec:
+            rec.ratio_to_hvp = rec.t_total / hrec.t_total
+        if "peak_bytes" in medians:
+            rec.peak_bytes = int(medians["peak_bytes"])
+        elif s.memory:
+            rec.peak_bytes = peak_bytes_of_one_shot(problem, s.damping, route)
+    s.records += [r for r in (rec, hrec) if r]
+    return rec, hrec
+
+
+def run_dense_comparison(s: Settings, width: int, batch: int, depths: list) -> dict:
     """Ours against the dense route at the largest depth whose dense Hessian fits."""
     fitting = [L for L in depths if mlp_num_params(L, width, width) <= s.dense_max_params]
     if not fitting:
         return {}
     L = max(fitting)
-    case = f"dense comparison L={L} w={width} B={batch}"
+    section = "dense comparison"
     problem = make_problem(L, width, batch, width, s.device, s.dtype)
-    s.log(f"[{case}] n = {problem.num_params:,}: dense route...")
-    dense = measure_dense(case, problem, s.damping)
-    ours = measure_ours(case, problem, s.damping, "structured", s.repeats)
-    s.records += [dense, ours]
-    return {"dense": dense, "structured": ours}
+    s.log(f"[{section}] L={L}, n = {problem.num_params:,}: dense route...")
+    dense = measure_dense(section, problem, s.damping)
+    ours, _ = measure_one_shot(s, section, problem, s.repeats, hvp=False)
+    s.records.append(dense)
+    return {"dense": dense, "ours": ours, "problem": problem}
 
 
 def fit_exponent(xs, ys) -> float:
@@ -401,165 +1039,278 @@ def fit_exponent(xs, ys) -> float:
     return float(np.polyfit(lx, ly, 1)[0])
 
 
-def run_depth_sweep(s: Settings, depths: list[int], width: int, batch: int) -> dict:
+def run_depth_sweep(s: Settings, depths: list, width: int, batch: int) -> dict:
     rows = []
     for L in depths:
-        case = f"depth sweep w={width} B={batch}"
-        s.log(f"[{case}] L={L}")
+        s.log(f"[depth] L={L}")
         problem = make_problem(L, width, batch, width, s.device, s.dtype)
-        hvp = measure_hvp(case, problem, 3)
-        ours = measure_ours(case, problem, s.damping, "structured", s.repeats)
-        s.records += [hvp, ours]
+        ours, hvp = measure_one_shot(s, "depth sweep", problem, s.repeats)
         rows.append((L, problem.num_params, ours, hvp))
     fit_from = [r for r in rows if r[0] >= 32] or rows
     timed_rows = [r for r in fit_from if r[2].t_total]
-    exp_time = fit_exponent([r[0] for r in timed_rows], [r[2].t_total for r in timed_rows]) \
-        if len(timed_rows) > 1 else float("nan")
+    exp_time = (fit_exponent([r[0] for r in timed_rows], [r[2].t_total for r in timed_rows])
+                if len(timed_rows) > 1 else float("nan"))
     mem = [r for r in fit_from if r[2].peak_bytes]
-    exp_mem = fit_exponent([r[0] for r in mem], [r[2].peak_bytes for r in mem]) if len(mem) > 1 \
-        else float("nan")
+    exp_mem = (fit_exponent([r[0] for r in mem], [r[2].peak_bytes for r in mem])
+               if len(mem) > 1 else float("nan"))
     return {"rows": rows, "exp_time": exp_time, "exp_memory": exp_mem,
-            "fit_range": (fit_from[0][0], fit_from[-1][0])}
+            "fit_range": (fit_from[0][0], fit_from[-1][0]), "width": width, "batch": batch}
 
 
-def run_width_sweep(s: Settings, widths: list[int], layers: int, batch: int) -> list:
+def run_width_sweep(s: Settings, widths: list, layers: int, batch: int) -> dict:
     rows = []
     for w in widths:
-        case = f"width sweep L={layers} B={batch}"
-        s.log(f"[{case}] width={w}")
+        s.log(f"[width] width={w}")
         problem = make_problem(layers, w, batch, w, s.device, s.dtype)
-        ours = measure_ours(case, problem, s.damping, "structured", s.repeats)
-        s.records.append(ours)
+        ours, _ = measure_one_shot(s, "width sweep", problem, s.repeats, hvp=False)
         generic = None
-        ok, why = generic_affordable(problem, s)
-        if ok:
-            generic = measure_ours(case, problem, s.damping, "generic", 1)
-            s.records.append(generic)
-        else:
-            ours.note = "; ".join(filter(None, [ours.note, why]))
-        rows.append((w, problem.num_params, ours, generic))
-    return rows
+        block = generic_block(problem)
+        if block <= s.generic_max_block:
+            route = Route("generic", path="generic", max_repeats=1,
+                          keywords={"factor_dtype": None} if CAPS["factor_dtype"] else {})
+            generic, _ = measure_one_shot(s, "width sweep", problem, 1, route, hvp=False)
+        rows.append((w, problem.num_params, ours, generic, block))
+    return {"rows": rows, "layers": layers, "batch": batch}
 
 
-def run_wide_input(s: Settings, input_dim: int, width: int, layers: int, batch: int) -> Record:
-    case = f"wide input d={input_dim} w={width} L={layers} B={batch}"
-    s.log(f"[{case}]")
+def run_wide_input(s: Settings, input_dim: int, width: int, layers: int, batch: int) -> dict:
+    s.log(f"[wide input] d={input_dim} w={width} L={layers} B={batch}")
     problem = make_problem(layers, width, batch, input_dim, s.device, s.dtype)
-    ours = measure_ours(case, problem, s.damping, "structured", s.repeats)
-    hvp = measure_hvp(case, problem, 3)
-    s.records += [ours, hvp]
-    return ours, hvp
+    ours, hvp = measure_one_shot(s, "wide input", problem, s.repeats)
+    return {"ours": ours, "hvp": hvp, "problem": problem}
 
 
 # --------------------------------------------------------------------------
-# Report
+# Formatting
 # --------------------------------------------------------------------------
 
 
 def _s(t: Optional[float]) -> str:
-    return "-" if t is None else (f"{t:.3f}" if t < 100 else f"{t:.0f}")
+    if t is None:
+        return ""
+    return f"{t:.4f}" if t < 0.01 else (f"{t:.3f}" if t < 100 else f"{t:.0f}")
 
 
 def _mb(b: Optional[int]) -> str:
     if b is None:
-        return "-"
-    return f"{b / 2**20:.1f}" if b < 10 * 2**20 else f"{b / 2**20:.0f}"
+        return ""
+    return f"{b / 2**20:.1f}" if b < 10 * 2**20 else f"{b / 2**20:,.0f}"
 
 
-def _ratio(a: Optional[float], b: Optional[float], fmt: str = ".1f") -> str:
-    return "-" if not a or not b else f"{a / b:{fmt}}x"
+def _x(r: Optional[float]) -> str:
+    if r is None:
+        return ""
+    return f"{r:.2f}x" if r < 10 else (f"{r:.1f}x" if r < 100 else f"{r:,.0f}x")
 
 
 def _e(r: Optional[float]) -> str:
-    return "-" if r is None else f"{r:.1e}"
+    return "" if r is None else f"{r:.1e}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def target(s: Settings, name: str, met: Optional[bool], figure: str) -> None:
-    status = "n/a" if met is None else ("MET" if met else "NOT MET")
-    s.targets.append({"target": name, "status": status, "figure": figure})
-
-
-def report_headline(s: Settings, out: dict) -> str:
-    hvp, ours = out["hvp"], out["structured"]
-    p = ours
-    lines = [f"## Headline: L={p.layers}, width {p.width}, batch {p.batch}, n = {p.num_params:,} "
-             f"parameters, damping {s.damping:g}"]
-    rows = []
-    for key in ("hvp", "structured", "unchecked", "generic", "minres", "dense"):
-        r = out.get(key)
-        if not isinstance(r, Record):
-            continue
-        extra = ""
-        if r.iterations is not None:
-            extra = f"{r.iterations} it, {'converged' if r.converged else 'NOT converged'}"
-        rows.append([r.method, _s(r.t_derivatives), _s(r.t_factorize), _s(r.t_solve),
-                     _s(r.t_total), _mb(r.peak_bytes), _e(r.residual),
-                     _ratio(r.t_total, hvp.t_total), _ratio(r.t_total, ours.t_total, ".2f"),
-                     extra or r.note])
-    lines.append(table(["method", "deriv s", "factor s", "solve s", "total s", "peak MB",
-                        "residual", "/ HVP", "/ ours", "note"], rows))
-    lines += out["notes"]
+def md_table(header: list, rows: list, right: Optional[set] = None) -> str:
+    """A markdown table; columns in ``right`` (indices) right-aligned (default: all but 0)."""
+    right = set(range(1, len(header))) if right is None else right
+    esc = lambda c: str(c).replace("|", "\\|")
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(header))) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def report_dense(out: dict) -> str:
+@dataclass
+class Section:
+    title: str
+    intro: str
+    body: str
+
+    def markdown(self) -> str:
+        parts = [f"## {self.title}"]
+        if self.intro:
+            parts.append(self.intro)
+        parts.append(self.body)
+        return "\n\n".join(parts)
+
+
+def case_name(p: Problem, full: bool = False) -> str:
+    size = f"L = {p.layers}, width {p.width}, batch {p.batch}"
+    if full or p.input_dim != p.width:
+        size += f", input {p.input_dim}"
+    if full or p.classes != 10:
+        size += f", {p.classes} classes"
+    return size
+
+
+def section_routes(s: Settings, out: dict, title: str) -> Section:
+    p = out["problem"]
+    rows = []
+    for r in out["rows"]:
+        rows.append([r.method, _s(r.t_derivatives), _s(r.t_factorize), _s(r.t_solve),
+                     _s(r.t_total), _x(r.ratio_to_hvp), _mb(r.peak_bytes), _e(r.residual),
+                     _e(r.backward_error), r.note])
+    intro = (f"{case_name(p)} (n = {p.num_params:,} parameters), damping {s.damping:g}, "
+             f"{str(p.v.dtype).replace('torch.', '')} on {p.device.type}. \"one-shot\" is one "
+             "`hessian_inverse_vector_product` call (derivatives, factorisation and the "
+             "refined solve of `v`, which is its own acceptance test); derivatives / "
+             "factorisation / solve are the same work split into `hessian_operator`, the "
+             "inverse and `inv @ v` (`factorize()` adds one probe solve on the structured "
+             "route). \"/ HVP\" divides the one-shot time by one autograd Hessian-vector "
+             "product (`torch.func.jvp` of `torch.func.grad`), the paper's yardstick. "
+             "\"residual\" is `||(B + eps I) x - v|| / ||v||` by autograd products (B the "
+             "Hessian, or for GGN rows the Gauss-Newton matrix by jvp/vjp through the logits); "
+             "\"backward error\" is the library's own figure.")
+    missing = []
+    if not CAPS["output"]:
+        missing.append("the GGN's output route (`path='output'`): not available in this "
+                       "version of hessian_inverse")
+    if not CAPS["cyclic"]:
+        missing.append("the cyclic factorisation (`factorization='cyclic'`): not available "
+                       "in this version of hessian_inverse")
+    notes = out["notes"] + missing
+    body = md_table(["method", "derivatives s", "factorisation s", "solve s", "one-shot s",
+                     "/ HVP", "peak MB", "residual", "backward error", "note"], rows,
+                    right=set(range(1, 9)))
+    if notes:
+        body += "\n\n" + "\n".join(f"- {n[0].upper() + n[1:]}." for n in notes)
+    return Section(title, intro, body)
+
+
+def section_ggn(outs: list) -> Section:
+    p = outs[0]["problem"]
+    rows = []
+    for out in outs:
+        cg = [r for r in out["rows"] if r.method.startswith("CG") and r.t_total]
+        fastest_cg = min(cg, key=lambda r: r.t_total) if cg else None
+        for r in out["rows"]:
+            rows.append([f"{out['damping']:g}", r.method, _s(r.t_total),
+                         _x(fastest_cg.t_total / r.t_total) if fastest_cg and r.t_total else "",
+                         "" if r.products is None else r.products, _e(r.residual), r.note])
+    intro = (f"{case_name(p, full=True)} (n = "
+             f"{p.num_params:,}), {str(p.v.dtype)[6:]}. Each exact row is one one-shot "
+             "`hessian_inverse_vector_product(..., curvature='ggn')` (derivatives included); "
+             "each CG row starts from the model too: its setup (our derivatives, or the "
+             "autograd linearisation) and every product are timed, until the relative "
+             f"residual is {outs[0]['cg_rtol']:.0e}. \"fastest CG / this\" > 1 means faster "
+             "than the fastest CG. Residuals by the autograd GGN product.")
+    if not CAPS["output"]:
+        intro += (" The output (Woodbury) route is not available in this version of "
+                  "hessian_inverse.")
+    body = md_table(["damping", "method", "seconds", "fastest CG / this", "products",
+                     "residual", "note"], rows, right={0, 2, 3, 4, 5})
+    return Section("Gauss-Newton: exact solve against conjugate gradients", intro, body)
+
+
+def section_lu(rows: list) -> Section:
+    intro = ("`banded_lu` (pivoted block LU; panel LU, triangular solve and update per "
+             "block) on a synthetic block-tridiagonal system of 4 dense blocks, its flops "
+             "counted by `banded_lu_flops` (about 23/3 b^3 per block of size b), against "
+             "`torch.matmul` of two b x b matrices (2 b^3 flops) and LAPACK's LU of one "
+             "2b x b panel alone (`torch.linalg.lu_factor`), timed round-robin, each rate "
+             "from the fastest of 5 timings (the least disturbed, for all three alike).")
+    body = md_table(["dtype", "block b", "GFLOP", "banded_lu s", "banded_lu GFLOP/s",
+                     "matmul GFLOP/s", "panel LU GFLOP/s", "banded_lu / matmul"],
+                    [[r["dtype"], r["block"], f"{r['gflop']:.2f}", _s(r["t_banded_lu"]),
+                      f"{r['banded_lu_gflops']:.1f}", f"{r['matmul_gflops']:.1f}",
+                      f"{r['panel_lu_gflops']:.1f}", f"{100 * r['fraction']:.0f}%"]
+                     for r in rows], right=set(range(1, 8)))
+    return Section("The factorisation against the GEMM rate", intro, body)
+
+
+def section_dense(out: dict) -> Section:
     if not out:
-        return "## Dense route: does not fit at any depth tried"
-    d, o = out["dense"], out["structured"]
-    rows = [[r.method, _s(r.t_derivatives), _s(r.t_factorize), _s(r.t_solve), _s(r.t_total),
-             _mb(r.peak_bytes), _e(r.residual), r.note] for r in (d, o)]
-    return "\n".join([f"## Dense route at the largest depth where it fits: L={d.layers}, "
-                      f"n = {d.num_params:,}: dense / ours = {_ratio(d.t_total, o.t_total, '.0f')}",
-                      table(["method", "hessian/deriv s", "factor s", "solve s", "total s",
-                             "peak MB", "residual", "note"], rows)])
+        return Section("Against the dense route", "", "The dense Hessian fits at no depth tried.")
+    d, o, p = out["dense"], out["ours"], out["problem"]
+    intro = (f"{case_name(p)}, n = {p.num_params:,}: the largest depth tried where the dense "
+             f"Hessian fits. Dense / ours = **{_x(d.t_total / o.t_total)}**.")
+    body = md_table(["method", "Hessian or derivatives s", "solve s", "total s", "residual",
+                     "note"],
+                    [[d.method, _s(d.t_derivatives), _s(d.t_solve), _s(d.t_total),
+                      _e(d.residual), d.note],
+                     [f"ours, one-shot ({DEFAULT.label})", "", "", _s(o.t_total),
+                      _e(o.residual), o.note]], right={1, 2, 3, 4})
+    return Section("Against the dense route", intro, body)
 
 
-def report_depth(out: dict, width: int, batch: int) -> str:
-    rows = [[L, f"{n:,}", _s(o.t_total), _s(h.t_total), _ratio(o.t_total, h.t_total),
-             _mb(o.peak_bytes), _e(o.residual)] for L, n, o, h in out["rows"]]
+def section_depth(out: dict) -> Section:
+    rows = [[L, f"{n:,}", _s(o.t_total), _s(h.t_total), _x(o.ratio_to_hvp), _mb(o.peak_bytes),
+             _e(o.residual)] for L, n, o, h in out["rows"]]
     lo, hi_ = out["fit_range"]
-    return "\n".join([f"## Depth sweep (width {width}, batch {batch}): time ~ L^{out['exp_time']:.2f}, "
-                      f"peak memory ~ L^{out['exp_memory']:.2f} (fit over L = {lo}..{hi_})",
-                      table(["L", "n", "ours s", "HVP s", "ours/HVP", "peak MB", "residual"], rows)])
+    intro = (f"Width {out['width']}, batch {out['batch']}, one-shot solves with the defaults. "
+             f"Time grows like **L^{out['exp_time']:.2f}** and peak memory like "
+             f"**L^{out['exp_memory']:.2f}** (least-squares fit over L = {lo}..{hi_}).")
+    body = md_table(["L", "n", "one-shot s", "autograd HVP s", "/ HVP", "peak MB", "residual"],
+                    rows)
+    return Section("Depth", intro, body)
 
 
-def report_width(rows: list, layers: int, batch: int) -> str:
-    body = []
-    for w, n, o, g in rows:
-        body.append([w, f"{n:,}", _s(o.t_total), _mb(o.peak_bytes), _e(o.residual),
-                     _s(g.t_total) if g else "-", _mb(g.peak_bytes) if g else "-",
-                     _ratio(g.t_total, o.t_total) if g else o.note.strip()])
-    return "\n".join([f"## Width sweep (L={layers}, batch {batch})",
-                      table(["width", "n", "structured s", "peak MB", "residual", "generic s",
-                             "generic MB", "generic/structured"], body)])
+def section_width(out: dict, wide: Optional[dict]) -> Section:
+    rows = []
+    for w, n, o, g, block in out["rows"]:
+        rows.append([w, f"{n:,}", _s(o.t_total), _mb(o.peak_bytes), _e(o.residual),
+                     _s(g.t_total) if g else f"(blocks of {block:,})",
+                     _mb(g.peak_bytes) if g else "",
+                     _x(g.t_total / o.t_total) if g and g.t_total and o.t_total else ""])
+    intro = (f"L = {out['layers']}, batch {out['batch']}, one-shot solves; the generic route "
+             "ran where its lifted blocks (p + 2a rows) fit the limit.")
+    body = md_table(["width", "n", "ours s", "peak MB", "residual", "generic s", "generic MB",
+                     "generic / ours"], rows)
+    if wide:
+        o, p = wide["ours"], wide["problem"]
+        body += (f"\n\nAn image-sized input layer ({case_name(p)}, n = {p.num_params:,}): "
+                 f"one-shot {_s(o.t_total)} s ({_x(o.ratio_to_hvp)} one autograd HVP), peak "
+                 f"{_mb(o.peak_bytes)} MB, residual {_e(o.residual)}.")
+    return Section("Width", intro, body)
+
+
+def target(s: Settings, name: str, met: Optional[bool], figure: str, issue: str = "9") -> None:
+    status = "n/a" if met is None else ("met" if met else "**not met**")
+    s.targets.append({"issue": issue, "target": name, "status": status, "figure": figure})
+
+
+def section_targets(s: Settings, quick: bool) -> Section:
+    intro = ("Performance issue 9's targets (one thread, float64, ratios from this run), "
+             "then issue 3's.")
+    if quick:
+        intro += " **Quick run: smaller sizes, so these are indicative only.**"
+    body = md_table(["issue", "target", "status", "figure"],
+                    [[t["issue"], t["target"], t["status"], t["figure"]] for t in s.targets],
+                    right=set())
+    return Section("Targets", intro, body)
 
 
 def machine_description(s: Settings) -> str:
-    cpu = platform.processor() or platform.machine()
+    """One line: the machine class, torch, device, threads."""
+    cpu, flags, mem = platform.machine(), "", ""
     try:
         with open("/proc/cpuinfo") as fh:
-            names = [l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")]
+            text = fh.read()
+        names = [l.split(":", 1)[1].strip() for l in text.splitlines()
+                 if l.startswith("model name")]
         cpu = names[0] if names else cpu
+        flag_line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+        flags = "AVX-512" if "avx512f" in flag_line else ("AVX2" if "avx2" in flag_line else "")
     except OSError:
         pass
-    desc = (f"torch {torch.__version__}, {s.dtype}, device {s.device}, CPU {cpu}, "
-            f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = int(next(l for l in fh if l.startswith("MemTotal")).split()[1])
+        mem = f", {kib / 2**20:.0f} GB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    threads = torch.get_num_threads()
+    desc = (f"{os.cpu_count()}-core {platform.machine()} machine ({cpu}"
+            f"{', ' + flags if flags else ''}{mem}), torch {torch.__version__}, "
+            f"{threads} torch thread{'s' if threads > 1 else ''}")
     if s.device.type == "cuda":
         desc += f", GPU {torch.cuda.get_device_name(s.device)}"
     return desc
 
 
-def write_records(path: str, s: Settings) -> None:
-    records = [{k: v for k, v in asdict(r).items()} for r in s.records]
+def write_records(path: str, s: Settings, command: str) -> None:
+    records = [asdict(r) for r in s.records]
     if path.endswith(".json"):
         with open(path, "w") as fh:
-            json.dump({"machine": machine_description(s), "records": records,
+            json.dump({"command": command, "machine": machine_description(s),
+                       "capabilities": CAPS, "records": records, "lu_rates": s.lu_rates,
                        "targets": s.targets}, fh, indent=1)
     else:
         with open(path, "w", newline="") as fh:
@@ -568,9 +1319,178 @@ def write_records(path: str, s: Settings) -> None:
             writer.writerows(records)
 
 
+def page(s: Settings, sections: list, command: str, wall: float) -> str:
+    """The whole of docs/performance.md."""
+    clock_text = ("every time being CPU time of the process (`time.process_time`, one torch "
+                  "thread), which the other jobs' share of the cores does not inflate; on an "
+                  "idle machine it equals wall time" if CLOCK["name"] == "cpu" else
+                  "every time being wall-clock time")
+    head = f"""# Performance
+
+What the exact inverse costs against the usual alternatives. Every figure on this
+page comes from one run of
+
+```bash
+{command}
+```
+
+on a {machine_description(s)}, which took {wall / 60:.0f} minutes; the load average (1, 5, 15 min)
+was {s.load_at_start} at the start. On a shared machine absolute times move between
+runs, so read the **ratios**: the methods of each table were timed round-robin in the
+same run (medians of the repeats; in the GEMM-rate table the fastest of 5), {clock_text}.
+The command rewrites this whole page; other uses:
+
+```bash
+python bench_hessian.py --quick                   # smaller sizes, a couple of minutes
+python bench_hessian.py --out results.json        # every measurement (.json or .csv)
+python bench_hessian.py --layers 256 --width 32 --batch 8 --classes 10   # one case
+./gpu_check.sh                                    # on a CUDA machine (see the script)
+```
+
+Setup: tanh MLPs whose output layer is fused with softmax cross-entropy (`L` counts
+every layer), random inputs, one random vector `v`, {str(s.dtype).replace('torch.', '')},
+damping {s.damping:g} unless a table says otherwise. "Peak MB" is the rise of resident
+memory during one one-shot solve in a fresh process. The routes are described in the
+[README](../README.md#which-route-runs-and-how-accurate-it-is) and in
+[docs/ALGORITHM.md](ALGORITHM.md) ("Choosing the route", "Cost and memory"); training
+sizes are in [training.md](training.md#feasible-sizes). In float32 the damping must be
+large enough for the problem's conditioning (errors grow like float32 rounding times
+the condition number of `B + eps I`).
+"""
+    return head + "\n" + "\n\n".join(sec.markdown() for sec in sections) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def _headline_targets(s: Settings, out: dict, quick: bool) -> None:
+    p, hvp_t = out["problem"], out["hvp"]
+    size = f"L={p.layers}, w{p.width}, B{p.batch}"
+    default = find(out["rows"], f"ours, Hessian: {DEFAULT.label}")
+    ours_rows = [r for r in out["rows"] if r.method.startswith("ours, Hessian") and r.t_total]
+    best = min(ours_rows, key=lambda r: r.t_total) if ours_rows else None
+    if default and default.t_total:
+        ratio = default.t_total / hvp_t
+        target(s, f"{size}: whole one-shot solve <= 10x one autograd HVP",
+               ratio <= 10, f"{_x(ratio)} ({_s(default.t_total)} s vs {_s(hvp_t)} s; fastest "
+               f"route: {best.method[len('ours, Hessian: '):]} {_x(best.t_total / hvp_t)})")
+    author = out.get("author")
+    if author and author.t_total and default and default.t_total:
+        ratio = author.t_total / default.t_total
+        target(s, f"{size}: the paper author's method (unpivoted block LDL^T, our "
+               "re-implementation) >= 10x slower than ours", ratio >= 10,
+               f"{_x(ratio)} ({_s(author.t_total)} s vs {_s(default.t_total)} s)")
+    else:
+        target(s, "the paper author's method >= 10x slower than ours", None,
+               "not run at this size (see the routes table)")
+
+
+def run_full(s: Settings, args) -> list:
+    quick = s.quick
+    sections = []
+    headline_L = 32 if quick else 128
+    problem = make_problem(headline_L, 16, 8, 16, s.device, s.dtype)
+    head = run_routes(s, "routes", problem, s.repeats if quick else max(s.repeats, 5))
+    sections.append(section_routes(s, head, "Every route on one problem"))
+    _headline_targets(s, head, quick)
+
+    ggn_problem = make_problem(32, 16, 8, 8, s.device, s.dtype, classes=10)
+    ggn_outs = [run_ggn_vs_cg(s, ggn_problem, d, max(s.repeats, 5 if not quick else 3),
+                              args.cg_rtol) for d in (1e-2, 1e-3)]
+    sections.append(section_ggn(ggn_outs))
+    for out in ggn_outs:
+        ratio, figure = ggn_speedup(out)
+        target(s, f"GGN at L=32, w16, B8, 10 classes, damping {out['damping']:g}: exact >= 5x "
+               "faster than CG to 1e-10 on exact GGN products, setup included",
+               None if ratio is None else ratio >= 5, figure)
+
+    blocks = args.lu_blocks or ([128, 256, 512] if quick else [128, 256, 512, 1024])
+    lu_dtypes = [s.dtype] + ([torch.float32] if s.dtype == torch.float64 else [])
+    lu = run_lu_rate(s, blocks, lu_dtypes)
+    sections.append(section_lu(lu))
+    big = [r for r in lu if r["block"] >= 512 and r["dtype"] == str(s.dtype)[6:]]
+    if big:
+        worst = min(big, key=lambda r: r["fraction"])
+        target(s, "blocks >= 512: the factorisation reaches >= 60% of the GEMM rate of the same "
+               "block size", worst["fraction"] >= 0.6,
+               ", ".join(f"b={r['block']}: {100 * r['fraction']:.0f}% ({r['banded_lu_gflops']:.0f}"
+                         f" vs {r['matmul_gflops']:.0f} GFLOP/s; panel LU alone "
+                         f"{100 * r['panel_lu_gflops'] / r['matmul_gflops']:.0f}%)" for r in big)
+               + f", {worst['dtype']}")
+    else:
+        target(s, "blocks >= 512: factorisation >= 60% of the GEMM rate", None, "not run")
+
+    dense = run_dense_comparison(s, 16, 8, [4, 8, 12, 16, 24, 32, 40, 44, 48, 56, 64])
+    sections.append(section_dense(dense))
+    depths = [16, 32, 64, 128] if quick else [16, 32, 64, 128, 256, 512, 1024]
+    depth = run_depth_sweep(s, depths, 16, 4)
+    sections.append(section_depth(depth))
+    target(s, "depth: time exponent <= 1.1",
+           depth["exp_time"] <= 1.1 if math.isfinite(depth["exp_time"]) else None,
+           f"L^{depth['exp_time']:.2f} over L = {depth['fit_range'][0]}..{depth['fit_range'][1]}")
+    target(s, "depth: peak memory linear (exponent <= 1.1)",
+           depth["exp_memory"] <= 1.1 if math.isfinite(depth["exp_memory"]) else None,
+           f"L^{depth['exp_memory']:.2f}")
+
+    width = run_width_sweep(s, [8, 16, 32] if quick else [8, 16, 32, 64], 32, 4)
+    wide = run_wide_input(s, 3072, 32, 8, 8)
+    sections.append(section_width(width, wide))
+
+    # Issue 3's targets, kept for continuity.
+    if dense:
+        d, o = dense["dense"], dense["ours"]
+        target(s, f">= 100x faster than dense at the largest depth it fits "
+               f"(L={d.layers})", d.t_total / o.t_total >= 100 if o.t_total else None,
+               f"{_x(d.t_total / o.t_total)} ({_s(d.t_total)} s vs {_s(o.t_total)} s)", "3")
+    w64 = [o for w, _, o, _, _ in width["rows"] if w == 64]
+    target(s, "L=32, w64, B4: under 5 s", bool(w64[0].t_total and w64[0].t_total < 5)
+           if w64 else None, f"{_s(w64[0].t_total)} s" if w64 else "not run (quick)", "3")
+    o = wide["ours"]
+    target(s, "input 3072, w32, L8, B8: under 5 s and 2 GB",
+           bool(o.t_total and o.t_total < 5 and (o.peak_bytes or 0) < 2 * 2**30)
+           if o.t_total else None, f"{_s(o.t_total)} s, {_mb(o.peak_bytes)} MB peak", "3")
+
+    if s.device.type == "cuda":
+        for dtype in (torch.float32, torch.float64):
+            s.dtype = dtype
+            p = make_problem(1024, 32, 16, 32, s.device, dtype)
+            out = run_routes(s, f"gpu {dtype}", p, s.repeats, extras=False, ggn=False)
+            sections.append(section_routes(s, out, f"GPU, {str(dtype)[6:]}: L = 1024, width 32, "
+                                                   "batch 16"))
+            d = find(out["rows"], f"ours, Hessian: {DEFAULT.label}")
+            target(s, f"GPU L=1024, w32, B16, {str(dtype)[6:]} (reported)", None,
+                   f"{_s(d.t_total)} s one-shot, {_x(d.ratio_to_hvp)} HVP" if d else "-")
+    else:
+        target(s, "GPU: L=1024, w32, B16 and the ImageNet size, float32 and float64", None,
+               "not measured here (no GPU): `./gpu_check.sh` on a CUDA machine")
+    sections.append(section_targets(s, quick))
+    return sections
+
+
+def run_single(s: Settings, args) -> list:
+    """One case, every route, the GGN against CG, and (``--lu-blocks``) the LU rate."""
+    classes = args.classes
+    problem = make_problem(args.layers or 128, args.width or 16, args.batch or 8,
+                           args.input_dim or args.width or 16, s.device, s.dtype,
+                           classes=classes)
+    sections = []
+    out = run_routes(s, "routes", problem, s.repeats, ggn=False)
+    sections.append(section_routes(s, out, f"Every route: {case_name(problem)}"))
+    if not args.no_ggn:
+        ggn = run_ggn_vs_cg(s, problem, s.damping, s.repeats, args.cg_rtol)
+        sections.append(section_ggn([ggn]))
+    if args.lu_blocks:
+        lu_dtypes = [s.dtype] + ([torch.float32] if s.dtype == torch.float64 else [])
+        sections.append(section_lu(run_lu_rate(s, args.lu_blocks, lu_dtypes)))
+    return sections
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, a couple of minutes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--damping", type=float, default=1e-3)
@@ -578,8 +1498,34 @@ def main(argv=None) -> int:
                         help="torch CPU threads (default: torch's choice); use 1 on a busy machine")
     parser.add_argument("--repeats", type=int, default=None, help="runs per timing (median)")
     parser.add_argument("--out", default=None, help="write every measurement to .csv or .json")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="write the whole page (e.g. docs/performance.md) from this run")
     parser.add_argument("--dense-max-params", type=int, default=None,
                         help="largest n for the dense route (its Hessian is n^2 numbers)")
+    parser.add_argument("--generic-max-block", type=int, default=None,
+                        help="largest lifted block p + 2a for the generic route and the "
+                             "author's method")
+    parser.add_argument("--minres-cap", type=int, default=None,
+                        help="MINRES iterations at most (0: skip MINRES)")
+    parser.add_argument("--cg-cap", type=int, default=2000, help="CG products at most")
+    parser.add_argument("--cg-rtol", type=float, default=None,
+                        help="CG's relative residual (default 1e-10 in float64, eps^(2/3) in "
+                             "float32)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
+    parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                        help="time by the wall clock or by the process's CPU time (auto: CPU "
+                             "time with --threads 1 on a CPU, where other jobs' load would "
+                             "inflate wall times; wall time otherwise)")
+    single = parser.add_argument_group("single case (any of these: run only this case)")
+    single.add_argument("--layers", type=int, default=None)
+    single.add_argument("--width", type=int, default=None)
+    single.add_argument("--batch", type=int, default=None)
+    single.add_argument("--input-dim", type=int, default=None, help="default: the width")
+    single.add_argument("--classes", type=int, default=10)
+    single.add_argument("--no-ggn", action="store_true", help="skip the GGN vs CG comparison")
+    parser.add_argument("--lu-blocks", default=None,
+                        type=lambda t: [int(b) for b in t.split(",") if b],
+                        help="block sizes of the LU-rate section, e.g. 128,256,512,1024")
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
@@ -591,89 +1537,37 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    s = Settings(device=device, dtype=getattr(torch, args.dtype), damping=args.damping,
-                 quick=args.quick, repeats=args.repeats or (1 if args.quick else 3),
-                 dense_max_params=args.dense_max_params or (2500 if args.quick else 18000),
-                 minres_cap=100 if args.quick else 300,
-                 generic_max_block=400 if args.quick else 800)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    CLOCK.update(name=clock, fn=time.process_time if clock == "cpu" else time.perf_counter)
+    single_case = any(v is not None for v in (args.layers, args.width, args.batch, args.input_dim))
     quick = args.quick
-    # Warm up kernels on a tiny problem so first-call costs do not land in a timing.
-    measure_ours("warm-up", make_problem(3, 4, 2, 4, device, s.dtype), s.damping, "structured", 1,
-                 memory=False)
+    s = Settings(device=device, dtype=getattr(torch, args.dtype), damping=args.damping,
+                 quick=quick, repeats=args.repeats or (2 if quick else 3),
+                 dense_max_params=args.dense_max_params or (2500 if quick else 18000),
+                 minres_cap=args.minres_cap if args.minres_cap is not None
+                 else (100 if quick else 300),
+                 cg_cap=args.cg_cap,
+                 generic_max_block=args.generic_max_block or (600 if quick else 800),
+                 memory=not args.no_memory)
+    argv_list = list(argv) if argv is not None else sys.argv[1:]
+    command = "python bench_hessian.py " + " ".join(shlex.quote(a) for a in argv_list)
+    s.log(f"{command}\n{machine_description(s)}\ncapabilities: {CAPS}; clock: {clock}")
+    started = time.perf_counter()
+    sections = run_single(s, args) if single_case else run_full(s, args)
+    wall = time.perf_counter() - started
 
-    headline_L = 32 if quick else 128
-    depths = [16, 32, 64, 128] if quick else [16, 32, 64, 128, 256, 512, 1024]
-    widths = [8, 16, 32] if quick else [8, 16, 32, 64]
-    sections, started = [], time.perf_counter()
-
-    head = run_headline(s, headline_L, 16, 8)
-    sections.append(report_headline(s, head))
-    dense = run_dense_comparison(s, 16, 8, [4, 8, 12, 16, 24, 32, 40, 44, 48, 56, 64])
-    sections.append(report_dense(dense))
-    depth = run_depth_sweep(s, depths, 16, 4)
-    sections.append(report_depth(depth, 16, 4))
-    width = run_width_sweep(s, widths, 32, 4)
-    sections.append(report_width(width, 32, 4))
-    wide, wide_hvp = run_wide_input(s, 3072, 32, 8, 8)
-    sections.append("\n".join([
-        "## Image-sized input: input 3072, width 32, L=8, batch 8, "
-        f"n = {wide.num_params:,}",
-        table(["method", "deriv s", "factor s", "solve s", "total s", "peak MB", "residual"],
-              [[r.method, _s(r.t_derivatives), _s(r.t_factorize), _s(r.t_solve),
-                _s(r.t_total), _mb(r.peak_bytes), _e(r.residual)] for r in (wide, wide_hvp)])]))
-    gpu = []
-    if device.type == "cuda":
-        for dtype in (torch.float32, torch.float64):
-            p = make_problem(1024, 32, 16, 32, device, dtype)
-            rec = measure_ours("gpu L=1024 w=32 B=16", p, s.damping, "structured", s.repeats)
-            hvp = measure_hvp("gpu L=1024 w=32 B=16", p, 3)
-            s.records += [rec, hvp]
-            gpu.append((dtype, rec, hvp))
-        sections.append("\n".join(["## GPU: L=1024, width 32, batch 16", table(
-            ["dtype", "deriv s", "factor s", "solve s", "total s", "peak MB", "residual", "HVP s"],
-            [[str(d).replace("torch.", ""), _s(r.t_derivatives), _s(r.t_factorize),
-              _s(r.t_solve), _s(r.t_total), _mb(r.peak_bytes), _e(r.residual), _s(h.t_total)]
-             for d, r, h in gpu])]))
-
-    # Targets of issue 3 (stated for float64 on a 2-core CPU; quick mode uses smaller sizes).
-    ours_t, hvp_t = head["structured"].t_total, head["hvp"].t_total
-    target(s, f"L={headline_L}, w16, B8: whole solve <= 20x one autograd HVP",
-           ours_t / hvp_t <= 20 if ours_t else False,
-           f"{_ratio(ours_t, hvp_t)} ({_s(ours_t)} s vs {_s(hvp_t)} s; without the accuracy "
-           f"check {_ratio(head['unchecked'].t_total, hvp_t)}) {head['structured'].note}")
-    if dense:
-        dense_t, ours_t = dense["dense"].t_total, dense["structured"].t_total
-        target(s, f">= 100x faster than dense at the largest depth it fits (L={dense['dense'].layers})",
-               dense_t / ours_t >= 100 if ours_t else False,
-               f"{_ratio(dense_t, ours_t, '.0f')} ({_s(dense_t)} s vs {_s(ours_t)} s)")
-    target(s, "depth sweep time exponent <= 1.1",
-           depth["exp_time"] <= 1.1 if math.isfinite(depth["exp_time"]) else None,
-           f"{depth['exp_time']:.2f} over L = {depth['fit_range'][0]}..{depth['fit_range'][1]}")
-    target(s, "peak memory linear in depth (exponent <= 1.1)",
-           depth["exp_memory"] <= 1.1 if math.isfinite(depth["exp_memory"]) else None,
-           f"{depth['exp_memory']:.2f}")
-    w64 = [o for w, _, o, _ in width if w == 64]
-    target(s, "L=32, w64, B4: under 5 s", bool(w64[0].t_total and w64[0].t_total < 5)
-           if w64 else None, f"{_s(w64[0].t_total)} s {w64[0].note}" if w64 else "not run (quick)")
-    target(s, "input 3072, w32, L8, B8: under 5 s and 2 GB",
-           bool(wide.t_total and wide.t_total < 5 and wide.peak_bytes < 2 * 2**30)
-           if wide.peak_bytes or not wide.t_total else None,
-           f"{_s(wide.t_total)} s, {_mb(wide.peak_bytes)} MB peak {wide.note}")
-    if gpu:
-        target(s, "GPU L=1024, w32, B16 (reported)", None,
-               "; ".join(f"{str(d).replace('torch.', '')}: {_s(r.t_total)} s {r.note}"
-                         for d, r, _ in gpu))
-    else:
-        target(s, "GPU L=1024, w32, B16", None, "not measured (run with --device cuda)")
-    sections.append("## Targets (issue 3)\n" + table(
-        ["status", "target", "figure"], [[t["status"], t["target"], t["figure"]] for t in s.targets]))
-
-    print(f"# bench_hessian.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"# {machine_description(s)}; wall time {time.perf_counter() - started:.0f} s\n")
-    print("\n\n".join(sections))
+    print(f"<!-- {command} -->")
+    print(f"<!-- {machine_description(s)}; clock {clock}; wall time {wall:.0f} s -->\n")
+    print("\n\n".join(sec.markdown() for sec in sections))
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(page(s, sections, command.strip(), wall))
+        print(f"\nwrote {args.markdown}")
     if args.out:
-        write_records(args.out, s)
-        print(f"\nwrote {len(s.records)} records to {args.out}")
+        write_records(args.out, s, command)
+        print(f"wrote {len(s.records)} records to {args.out}")
     return 0
 
 

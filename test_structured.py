@@ -1,4 +1,5 @@
-"""Tests of the structured path (ALGORITHM.md section 6): closed-form affine layers,
+"""Tests of the structured path (docs/ALGORITHM.md, "Structured layers" and
+"Parameter elimination"): closed-form affine layers,
 parameters eliminated by the push-through identity, reduced system in (y_l, w_l).
 
 Oracles, all independent of the code under test: the dense Hessian from
@@ -11,7 +12,7 @@ shares no code with the structured path beyond the banded LU.
 Tolerances.  float64 rounding is u = 1.1e-16.  A backward-stable solve of
 (H + eps I) x = v has a relative forward error of about cond * u, and
 cond(H + eps I) ~ ||H|| / eps because a softmax classifier's H always has null
-directions (ALGORITHM.md section 9).  With ||H|| <~ 1 that is <~ 1e-10 at
+directions (docs/ALGORITHM.md, "The softmax gauge").  With ||H|| <~ 1 that is <~ 1e-10 at
 eps = 1e-6, and well below elsewhere; the issue's bar for structured vs
 generic is 1e-10 over damping 1e-6..10 (both paths are backward stable; they
 agree to ~3e-11 at 1e-6 on these seeds).  Against the dense oracle we allow
@@ -85,7 +86,7 @@ def test_structured_agrees_with_generic(seed, activation, layers, width, batch, 
 
 
 def test_closed_form_blocks_equal_autograd_blocks():
-    # The closed forms of J, F, A, C, G against the autograd oracle of section 2,
+    # The closed forms of J, F, A, C, G against the autograd oracle ("The derivative oracle"),
     # including probability targets on the loss layer; entries are O(1) sums of a
     # few products, so agreement is to a few u.
     torch.manual_seed(3)
@@ -121,7 +122,7 @@ def test_structured_matches_dense_hessian(seed, activation, damping):
     inverse = hi.factorize(model, loss, damping)  # auto: structured for damping > 0
     assert inverse.route == "structured"
     assert relative_error(inverse @ v, ref) < 10 * U64 * cond
-    # The operator's H v (closed forms, section 3) against the dense product.
+    # The operator's H v (closed forms, "The Hessian-vector product") against the dense product.
     assert relative_error(inverse.operator @ v, H @ v) < 1e-13
 
 
@@ -341,7 +342,29 @@ def test_wide_input_residual_with_autograd_hvp():
     assert (residual.norm() / v.norm()).item() < 1e-10
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# -- 7. CUDA: the same computations on the GPU as on the CPU in float64 -----------------
+#
+# Marked ``cuda`` (python -m pytest -q -m cuda; gpu_check.sh runs them) and skipped
+# without a CUDA device.  Each compares a result computed on the GPU with the same call
+# on the CPU in float64: both are backward stable, so they agree to about u cond
+# (cond <~ 1e3 at these dampings), and we allow 1e-10 (float32 factors: refined in
+# float64 against the exact product, so the same bar).
+
+
+def needs_cuda(test):
+    """Marked ``cuda`` (selected by ``-m cuda``) and skipped without a CUDA device."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    return pytest.mark.cuda(skip(test))
+
+
+def _on_cuda(model, x, t):
+    """The model moved to the GPU and a new tracked pass there (the CPU's stays valid)."""
+    import copy
+    gpu = copy.deepcopy(model).cuda()
+    return gpu, gpu(x.cuda(), t.cuda(), track_activations=True)
+
+
+@needs_cuda
 def test_cuda_follows_model_device():
     model, x, t, loss = make_mlp(6, 3, 4, 3, input_dim=3)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
@@ -351,3 +374,58 @@ def test_cuda_follows_model_device():
     got = hi.hessian_inverse_vector_product(model, loss, v.cuda(), 1e-2)
     assert got.device.type == "cuda"
     assert relative_error(got.cpu(), ref) < 1e-10
+
+
+@pytest.mark.parametrize("curvature,path,factorization", [
+    ("hessian", "structured", "banded"), ("hessian", "generic", "banded"),
+    ("hessian", "structured", "cyclic"), ("ggn", "structured", "banded"),
+    ("ggn", "output", "banded")])
+@needs_cuda
+def test_cuda_routes_match_cpu(curvature, path, factorization):
+    # Each route (and the cyclic factorisation) on the GPU against the banded CPU solve.
+    if path not in hi.PATHS or factorization not in getattr(hi, "FACTORIZATIONS", ("banded",)):
+        pytest.skip(f"path={path!r}, factorization={factorization!r}: not in this version")
+    kw = {} if factorization == "banded" else {"factorization": factorization}
+    model, x, t, loss = make_mlp(7, 4, 5, 3, input_dim=4, classes=4)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=F64)
+    ref = hi.factorize(model, loss, 1e-2, curvature=curvature, path=path) @ v
+    gpu, gpu_loss = _on_cuda(model, x, t)
+    inverse = hi.factorize(gpu, gpu_loss, 1e-2, curvature=curvature, path=path, **kw)
+    got = inverse @ v.cuda()
+    assert inverse.route == path and got.device.type == "cuda"
+    assert relative_error(got.cpu(), ref) < 1e-10
+    one_shot = hi.hessian_inverse_vector_product(gpu, gpu_loss, v.cuda(), 1e-2,
+                                                 curvature=curvature, path=path, **kw)
+    assert relative_error(one_shot.cpu(), ref) < 1e-10
+
+
+@needs_cuda
+def test_cuda_float32_factors_refined_to_float64():
+    # factor_dtype=torch.float32 on a float64 model: float32 factors on the GPU, refined in
+    # float64 against the exact product, must reach the CPU float64 answer.
+    model, x, t, loss = make_mlp(8, 5, 6, 4, input_dim=5, classes=3)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    ref = hi.factorize(model, loss, 1e-2, path="structured", factor_dtype=None) @ v
+    gpu, gpu_loss = _on_cuda(model, x, t)
+    inverse = hi.factorize(gpu, gpu_loss, 1e-2, path="structured", factor_dtype=torch.float32)
+    got = inverse @ v.cuda()
+    assert got.dtype == F64 and got.device.type == "cuda"
+    assert inverse.backward_error <= hi.default_rtol(F64)
+    assert relative_error(got.cpu(), ref) < 1e-10
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@needs_cuda
+def test_cuda_products_match_cpu(curvature):
+    # The exact block product H v (and GGN v) on the GPU against the CPU, float64 and float32.
+    model, x, t, loss = make_mlp(9, 5, 4, 3, input_dim=6, classes=5)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=F64)
+    ref = hi.hessian_vector_product(model, loss, v, curvature=curvature)
+    gpu, gpu_loss = _on_cuda(model, x, t)
+    got = hi.hessian_vector_product(gpu, gpu_loss, v.cuda(), curvature=curvature)
+    assert got.device.type == "cuda"
+    assert relative_error(got.cpu(), ref) < 1e-12
+    gpu32 = gpu.float()
+    loss32 = gpu32(x.cuda().float(), t.cuda(), track_activations=True)
+    got32 = hi.hessian_vector_product(gpu32, loss32, v.cuda().float(), curvature=curvature)
+    assert relative_error(got32.cpu().double(), ref) < 1e-5
