@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
@@ -224,6 +224,7 @@ class DampedNewton(torch.optim.Optimizer):
     """
 
     MODES = ("damped", "trust_region")
+    TR_TOL = 1e-2  # trust-region subproblems: ||s|| = radius to 1%, model value within 1%
     COUNTERS = ("n_iter", "func_evals", "newton_steps", "gradient_steps", "accepted",
                 "rejected", "non_descent", "singular", "gradient_fallbacks", "clipped",
                 "nonfinite", "radius_shrinks", "radius_expansions", "hard_cases",
@@ -261,6 +262,7 @@ class DampedNewton(torch.optim.Optimizer):
         self.memory_limit = memory_limit
         self._params = self.param_groups[0]["params"]
         self._cache: Optional[dict] = None
+        self._on_boundary = False  # of the last trust-region proposal
 
     @staticmethod
     def _check_settings(s: dict) -> None:
@@ -336,6 +338,7 @@ class DampedNewton(torch.optim.Optimizer):
                 group.setdefault(key, _LEGACY.get(key, value))
         self._params = self.param_groups[0]["params"]
         self._cache = None
+        self._on_boundary = False
 
     def state_dict(self) -> dict:
         """torch's state dict.  Ends the reuse of the current factorisation, so
@@ -622,17 +625,26 @@ class DampedNewton(torch.optim.Optimizer):
         """The minimiser s of ``g.s + s.B s / 2`` in the ball, and ``B s``.
 
         Solved by :func:`trust_region_step` on the same derivatives (the
-        softmax gauge is handled there).  Records the multiplier as the
+        softmax gauge is handled there), starting from the last multiplier and
+        with the solves held to ``solve_tol`` and the boundary to ``TR_TOL``
+        (1% of the radius, Moré-Sorensen's sigma_1: an optimizer step needs no
+        more, and each digit costs a factorisation).  Records the multiplier as the
         damping and counts hard cases and solves stopped at the iteration cap
         (their step, the best one seen, is still a valid proposal).
         """
-        result = trust_region_step(operator, grad, radius)
+        guess = state["damping"] if state["newton_steps"] > 1 and state["damping"] else None
+        result = trust_region_step(operator, grad, radius, tol=self.TR_TOL,
+                                   rtol=self.param_groups[0]["solve_tol"], damping_guess=guess)
         if not torch.isfinite(result.step).all():
             raise torch.linalg.LinAlgError(f"trust-region step at radius {radius:g} is not finite")
         state["damping"] = result.damping
         state["hard_cases"] += int(result.hard_case)
         state["unconverged"] += int(not result.converged)
-        return result.step, operator @ result.step
+        self._on_boundary = result.on_boundary
+        step = result.step
+        if step.norm().item() > radius:  # within TR_TOL outside: back onto the sphere
+            step = step * (radius / step.norm().item())
+        return step, operator @ step
 
     def _adapt_radius(self, state: dict, ratio: float, on_boundary: bool) -> None:
         """Nocedal & Wright, Algorithm 4.1 (``ratio = -inf`` for a failed proposal)."""
@@ -663,8 +675,7 @@ class DampedNewton(torch.optim.Optimizer):
                 if exhausted:
                     break
                 continue
-            eps = torch.finfo(step.dtype).eps  # trust_region_step's boundary tolerance is tighter
-            on_boundary = step.norm().item() >= (1 - math.sqrt(eps)) * state["radius"]
+            on_boundary = self._on_boundary
             step, scale = self._clip(step, state)
             predicted = -(torch.dot(grad, step) + 0.5 * scale * torch.dot(step, h_step)).item()
             if not predicted > 0:

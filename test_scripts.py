@@ -1,6 +1,6 @@
 """Tests of the scripts end to end: train_imagenet.py (an epoch, exact resume,
-clear errors, NaN handling, trust region on the Gauss-Newton matrix) and
-simple_example.py (the default methods, --methods all, the CIFAR-10 fallback).
+clear errors, NaN handling, trust region on the Gauss-Newton matrix);
+simple_example.py has its own file, test_simple_example.py.
 CPU only, no network; tiny models and a generated ImageFolder (the
 ``image_folder`` fixture of conftest.py).
 
@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import simple_example
 import train_imagenet
 from conftest import imagenet
 
@@ -322,48 +321,4 @@ def test_imagenet_startup_line_and_epoch_counts_tell_the_truth(image_folder, tmp
     assert "done: 1 epoch(s) in this run, 2 in all" in capsys.readouterr().out
 
 
-# --------------------------------------------------------------------------
-# simple_example.py
-# --------------------------------------------------------------------------
-
-
-def test_simple_example_quick_reports_both_methods_and_plots(tmp_path, capsys):
-    out = tmp_path / "plot.png"
-    simple_example.main(["--quick", "--dataset", "digits", "--out", str(out)])
-    text = capsys.readouterr().out
-    summary = text[text.index("summary"):]
-    assert "gradient descent" in summary and "damped Newton" in summary
-    assert "Gauss-Newton" in summary  # the default methods: gd,newton,ggn
-    assert f"plot saved to {out}" in text
-    assert out.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_simple_example_cifar_fallback_and_insistence(tmp_path, capsys, monkeypatch):
-    def unavailable(args):
-        raise RuntimeError("Dataset not found or corrupted.")
-
-    monkeypatch.setattr(simple_example, "load_cifar10", unavailable)
-    simple_example.main(["--quick", "--steps", "1", "--out", str(tmp_path / "p.png")])
-    notes = [line for line in capsys.readouterr().out.splitlines() if "CIFAR-10" in line]
-    assert len(notes) == 1 and "digits" in notes[0]
-    with pytest.raises(SystemExit) as e:
-        simple_example.main(["--quick", "--dataset", "cifar10"])
-    assert "CIFAR-10 is not in" in exit_message(e)
-
-
-def test_simple_example_all_methods_report_and_plot(tmp_path, capsys):
-    out = tmp_path / "plot.png"
-    simple_example.main(["--quick", "--dataset", "digits", "--steps", "2", "--methods", "all",
-                         "--out", str(out)])
-    text = capsys.readouterr().out
-    summary = text[text.index("summary"):]
-    rows = [line.split("  ")[0] for line in summary.splitlines()[3:7]]
-    assert rows == ["gradient descent", "damped Newton", "Gauss-Newton", "trust region"]
-    assert "trust region: " in summary and "radius shrunk" in summary
-    assert out.read_bytes()[:4] == b"\x89PNG"
-    import matplotlib.image
-    assert matplotlib.image.imread(out).shape[1] > 1000  # both panels drawn
-
-    with pytest.raises(SystemExit):
-        simple_example.main(["--methods", "gd,bfgs"])
-    assert "unknown method(s) bfgs" in capsys.readouterr().err
+# simple_example.py: test_simple_example.py

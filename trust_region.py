@@ -413,7 +413,8 @@ def _bracketed(candidate: Optional[float], lo: float, hi: float) -> float:
 def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius: float,
                       tol: Optional[float] = None, max_iterations: int = 40,
                       lanczos_steps: int = 20, seed: int = 0,
-                      rtol: Optional[float] = None) -> TrustRegionStep:
+                      rtol: Optional[float] = None,
+                      damping_guess: Optional[float] = None) -> TrustRegionStep:
     """Solve the trust-region subproblem exactly with damped solves (Moré-Sorensen).
 
     Minimises ``m(s) = g^T s + s^T B s / 2`` over ``||s|| <= radius`` for B the
@@ -475,6 +476,8 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
             default, :func:`hessian_inverse.default_rtol`); a solve that misses
             it at a positive definite lambda marks lambda as a lower bound, as
             lambda is then within rounding of -lambda_min.
+        damping_guess: a first trial lambda (e.g. the previous step's
+            multiplier), used if it lies inside the initial bracket.
 
     Returns:
         :class:`TrustRegionStep`.
@@ -511,6 +514,8 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
     lo = max(0.0, -rho)  # lambda* >= -lambda_min >= -rho
     hi = gnorm / radius + max(0.0, eig.residual - eig.value)  # grown if wrong
     lam = 0.0 if rho > 0 else _bracketed(None, lo, hi)
+    if damping_guess is not None and lo < damping_guess < hi:
+        lam = float(damping_guess)
     best = (math.inf, torch.zeros_like(g), 0.0, False)  # (model value, step, lambda, hard)
     for iteration in range(1, max_iterations + 1):
         test = definiteness(operator, lam)
