@@ -26,6 +26,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -476,9 +477,20 @@ class Interrupted(UsageError):
     """Ctrl-C (SIGINT) or SIGTERM during training, with what is kept and how to go on."""
 
 
+def _quiet_thread_deaths(hook_args) -> None:
+    """Ctrl-C reaches the data workers too; multiprocessing's file-descriptor server
+    thread then fails to reach a dead worker.  That is the interrupt, not a new error:
+    no traceback for it (the main thread says what happened)."""
+    if issubclass(hook_args.exc_type, (EOFError, OSError, KeyboardInterrupt)) and \
+            "_serve" in getattr(hook_args.thread, "name", ""):
+        return
+    threading.__excepthook__(hook_args)
+
+
 def main(argv=None):
     args, given = get_args(argv)
     processes = Processes()
+    threading.excepthook = _quiet_thread_deaths
     try:  # SIGTERM (a scheduler's, or torchrun's when a process fails) stops like Ctrl-C
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     except ValueError:  # not the main thread: leave the handler alone
