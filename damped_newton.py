@@ -497,8 +497,10 @@ class DampedNewton(torch.optim.Optimizer):
         state["rescale"] = 1.0
         for _ in range(group["max_retries"] + 1):
             try:
+                # path 'auto': for the GGN usually the output-space route, whose
+                # setup grows with the curvature batch, not with the width cubed.
                 inverse = operator.factorize(state["factor_damping"], check_condition=False,
-                                             path="structured", rtol=group["solve_tol"])
+                                             rtol=group["solve_tol"])
                 state["factorizations"] += 1
                 direction = -inverse.solve(grad)
                 if not torch.isfinite(direction).all():

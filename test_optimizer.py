@@ -14,7 +14,8 @@ import pickle
 import pytest
 import torch
 
-from conftest import (assert_continue_identically, closure_for, dense_hessian,
+from conftest import (assert_continue_identically, closure_for, cross_entropy_in_logits,
+                      dense_ggn, dense_hessian,
                       gradient_descent_losses, spoiled_closure, teacher_problem)
 from conftest import flat_parameters as flat
 from damped_newton import DampedNewton
@@ -88,6 +89,23 @@ def test_first_step_is_the_damped_newton_step_with_the_damping_scaled_to_the_cur
     assert opt.stats["factor_damping"] == pytest.approx(scale, rel=1e-12)
     torch.testing.assert_close(opt.directions[0], expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(flat(model) - start, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_gauss_newton_direction_takes_the_cheaper_output_route_and_is_exact():
+    """With a curvature batch of 4 (4 x 2 output rows against width 16), 'auto' picks the
+    output-space route; the direction is still the damped GGN solve of a dense oracle."""
+    _, x, y = teacher_problem()
+    model = DeepMLPWithTracking(5, 16, 3, num_hidden_layers=3).double()
+    xc, yc = x[:4], y[:4]
+    g = flat_grad(model, x, y)
+    G = dense_ggn(model, xc, cross_entropy_in_logits(4, yc))
+    opt = Recording(model)
+    opt.step(closure_for(model, opt, x, y),
+             lambda: model(xc, yc, track_activations=True))
+    gamma = opt.stats["factor_damping"]
+    expected = -torch.linalg.solve(G + gamma * torch.eye(len(g), dtype=g.dtype), g)
+    assert opt._cache["inverse"].route == "output"
+    torch.testing.assert_close(opt.directions[0], expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("curvature_batch", [False, True])

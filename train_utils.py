@@ -33,7 +33,13 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every default."""
+    """--help keeps the description's layout and shows every default (once: a help text
+    that names its own default keeps it)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(Exception):
