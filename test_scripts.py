@@ -212,8 +212,12 @@ def test_imagenet_ctrl_c_says_one_line_and_keeps_the_checkpoint(image_folder, tm
     assert "--resume" in lines[0] and sha256(tmp_path / "last.pt") == good
 
 
-def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path):
-    """Ctrl-C as a terminal sends it: to the process group, data workers included."""
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.4])
+def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path, delay):
+    """Ctrl-C as a terminal sends it: to the process group, data workers included, at
+    several moments around an epoch's end (where DataLoader iterators shut their workers
+    down in ``__del__``, which drops exceptions: a KeyboardInterrupt raised there was lost
+    and the run went on)."""
     cmd = [sys.executable, "train_imagenet.py", "--data-dir", str(image_folder),
            "--checkpoint-dir", str(tmp_path), "--image-size", "4", "--hidden-dim", "4",
            "--num-layers", "3", "--batch-size", "8", "--device", "cpu", "--workers", "1",
@@ -224,7 +228,7 @@ def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path):
         deadline = time.time() + 120
         while not (tmp_path / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(0.2)  # into the next epoch
+        time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -235,6 +239,27 @@ def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "is intact" in lines[0] and "--resume" in lines[0], err
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] >= 1
+
+
+def test_imagenet_first_signal_stops_at_the_next_batch_the_second_at_once(monkeypatch, capsys):
+    stop = train_imagenet._Stop
+    previous = stop.install(announce=True)
+    try:
+        stop.check()  # nothing requested
+        stop.handler(signal.SIGINT, None)  # the first: remembered, said, not raised
+        assert stop.requested and "stopping at the next batch" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):
+            stop.handler(signal.SIGTERM, None)  # the second: at once
+        with pytest.raises(KeyboardInterrupt):
+            list(stop.checked([1, 2]))
+        monkeypatch.setattr(stop, "pid", -1)  # as in a data worker forked from the run
+        stop.handler(signal.SIGINT, None)  # left to the main process
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop.requested = False
 
 
 def test_imagenet_resume_flags_override_record_and_model_flags_must_match(image_folder, tmp_path,

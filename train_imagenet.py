@@ -487,14 +487,57 @@ def _quiet_thread_deaths(hook_args) -> None:
     threading.__excepthook__(hook_args)
 
 
+class _Stop:
+    """Ctrl-C or SIGTERM (a scheduler's, or torchrun's when a process fails): stop at the
+    next batch; a second signal stops at once.
+
+    The handler only raises on the second signal. Raised from a handler, the
+    first would land wherever the main thread happens to be, and Python drops
+    and prints exceptions raised where it ignores them (a DataLoader iterator's
+    ``__del__``, fork hooks), which would lose the interrupt. Data workers,
+    forked with this handler, leave the decision to the main process.
+    """
+    requested = False
+    pid = None  # the main process's
+    announce = True
+
+    @classmethod
+    def install(cls, announce: bool) -> dict:
+        """The handler for SIGINT and SIGTERM; returns the previous ones."""
+        cls.requested, cls.pid, cls.announce = False, os.getpid(), announce
+        try:
+            return {sig: signal.signal(sig, cls.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave the handlers alone
+            return {}
+
+    @classmethod
+    def handler(cls, signum, frame):
+        if os.getpid() != cls.pid:
+            return
+        if cls.requested:
+            raise KeyboardInterrupt
+        cls.requested = True
+        if cls.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping at the next batch (again to stop at "
+                  "once)", file=sys.stderr, flush=True)
+
+    @classmethod
+    def check(cls):
+        if cls.requested:
+            raise KeyboardInterrupt
+
+    @classmethod
+    def checked(cls, batches):
+        for item in batches:
+            cls.check()
+            yield item
+
+
 def main(argv=None):
     args, given = get_args(argv)
     processes = Processes()
     threading.excepthook = _quiet_thread_deaths
-    try:  # SIGTERM (a scheduler's, or torchrun's when a process fails) stops like Ctrl-C
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:  # not the main thread: leave the handler alone
-        previous = None
+    previous = _Stop.install(announce=processes.main)
     try:
         train(args, given, processes)
     except Interrupted as err:
@@ -514,8 +557,8 @@ def main(argv=None):
                        "from the last checkpoint)"
         sys.exit(f"error{where}: {message}")
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         processes.stop()
 
 
@@ -636,6 +679,7 @@ def train(args, given: set, processes: Processes):
             bar = tqdm(train_loader, total=total, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="batch", dynamic_ncols=True, disable=not processes.main)
             for batch, (x, y) in enumerate(bar):
+                _Stop.check()
                 if batch >= total:
                     break
                 x = x.to(device=device, dtype=dtype, non_blocking=True)
@@ -675,12 +719,14 @@ def train(args, given: set, processes: Processes):
                 if args.check_sync and global_step % args.check_sync == 0:
                     check_sync(log=True)
             bar.close()
+            _Stop.check()
 
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 raise diverged("the weights are not finite", epoch, batch)
             if processes.world > 1 and not (args.check_sync and global_step % args.check_sync == 0):
                 check_sync(log=bool(args.check_sync))  # not checked at this step yet
-            val = evaluate(model, val_loader, topk, processes)
+            val = evaluate(model, _Stop.checked(val_loader), topk, processes)
+            _Stop.check()
             best_top1 = max(best_top1, val["top1"])
             record = {"event": "epoch", "epoch": epoch + 1, "step": global_step,
                       "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
