@@ -97,6 +97,24 @@ class Logits(nn.Module):
         return self.chain.loss_layer.logits(z)
 
 
+class SineSquaredError(nn.Module):
+    """A user's loss layer without a gauge: logits ``sin(W z + b)`` (nonlinear in its
+    parameters), mean squared error against the targets."""
+
+    def __init__(self, width, out):
+        super().__init__()
+        self.linear = nn.Linear(width, out)
+
+    def logits(self, z):
+        return torch.sin(self.linear(z))
+
+    def loss(self, outputs, targets):
+        return ((outputs - targets) ** 2).mean()
+
+    def forward(self, z, targets):
+        return self.loss(self.logits(z), targets)
+
+
 def dense_ggn(model, x, loss_in_logits):
     """``J^T H_loss J``: J by jacrev of the logits, H_loss by hessian in the logits."""
     logits_of_flat_parameters = loss_of_flat_parameters(Logits(model), x)

@@ -35,8 +35,8 @@ from scipy.optimize import brentq
 
 import hessian_inverse as hi
 import trust_region as tr
-from conftest import (cross_entropy_in_logits, dense_ggn, dense_hessian, flat_parameters,
-                      loss_of_flat_parameters, make_mlp)
+from conftest import (SineSquaredError, cross_entropy_in_logits, dense_ggn, dense_hessian,
+                      flat_parameters, loss_of_flat_parameters, make_mlp)
 from conftest import relative_error as rel
 
 F64 = torch.float64
@@ -143,23 +143,9 @@ def test_ggn_product_and_solve_match_dense(seed, hidden, width, batch, activatio
 def test_ggn_of_a_generic_loss_layer_matches_dense():
     """A user's loss layer (mean squared error, no gauge) split into logits and loss."""
 
-    class AffineMSE(nn.Module):
-        def __init__(self, width, out):
-            super().__init__()
-            self.linear = nn.Linear(width, out)
-
-        def logits(self, z):
-            return torch.sin(self.linear(z))  # nonlinear in its parameters
-
-        def loss(self, outputs, targets):
-            return ((outputs - targets) ** 2).mean()
-
-        def forward(self, z, targets):
-            return self.loss(self.logits(z), targets)
-
     torch.manual_seed(3)
     hidden = [hi.AffineActivation(3, 4, "softplus"), hi.AffineActivation(4, 4, "tanh")]
-    model = hi.TrackedChain(hidden, AffineMSE(4, 2)).to(F64)
+    model = hi.TrackedChain(hidden, SineSquaredError(4, 2)).to(F64)
     x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
     loss = model(x, y, track_activations=True)
     G = dense_ggn(model, x, lambda o: ((o.view(6, 2) - y) ** 2).mean())

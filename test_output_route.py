@@ -21,10 +21,9 @@ from typing import Sequence
 
 import pytest
 import torch
-import torch.nn as nn
 
 import hessian_inverse as hi
-from conftest import cross_entropy_in_logits, dense_ggn, make_mlp
+from conftest import SineSquaredError, cross_entropy_in_logits, dense_ggn, make_mlp
 from conftest import relative_error as rel
 
 F64 = torch.float64
@@ -216,22 +215,9 @@ def test_soft_targets_and_no_bias():
 def test_dense_loss_layer_without_gauge():
     """A user's loss layer (nonlinear logits, squared error): the eigen-root of its block."""
 
-    class SinMSE(nn.Module):
-        def __init__(self, width, out):
-            super().__init__()
-            self.linear = nn.Linear(width, out)
-
-        def logits(self, z):
-            return torch.sin(self.linear(z))
-
-        def loss(self, outputs, targets):
-            return ((outputs - targets) ** 2).mean()
-
-        def forward(self, z, targets):
-            return self.loss(self.logits(z), targets)
-
     torch.manual_seed(11)
-    model = hi.TrackedChain([hi.AffineActivation(3, 4, "softplus")], SinMSE(4, 2)).to(F64)
+    model = hi.TrackedChain([hi.AffineActivation(3, 4, "softplus")],
+                            SineSquaredError(4, 2)).to(F64)
     x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
     loss = model(x, y, track_activations=True)
     M = damped(dense_ggn(model, x, lambda o: ((o.view(6, 2) - y) ** 2).mean()), 1e-2)
