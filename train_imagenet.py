@@ -678,8 +678,7 @@ def train(args, given: set, processes: Processes):
             total = len(train_loader) if not args.max_batches else min(args.max_batches, len(train_loader))
             bar = tqdm(train_loader, total=total, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="batch", dynamic_ncols=True, disable=not processes.main)
-            for batch, (x, y) in enumerate(bar):
-                _Stop.check()
+            for batch, (x, y) in enumerate(_Stop.checked(bar)):
                 if batch >= total:
                     break
                 x = x.to(device=device, dtype=dtype, non_blocking=True)
