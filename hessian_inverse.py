@@ -35,6 +35,7 @@ module; it does not import them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -816,8 +817,12 @@ def _pointwise_derivatives(activation: str, u: torch.Tensor
 
 
 def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
-    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c."""
-    weight = linear.weight.detach()
+    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c.
+
+    W is a copy: the blocks keep it, and a detached view would share memory with
+    the parameter, so an in-place update (an optimizer step) would change them.
+    """
+    weight = linear.weight.detach().clone()
     bias = linear.bias.detach() if linear.bias is not None else None
     Z = z_prev.detach().reshape(-1, weight.shape[1])
     return Z, weight, bias, F.linear(Z, weight, bias)
@@ -928,13 +933,41 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
     derivs: list = [None] * len(layers)
     for l in reversed(range(len(layers))):
-        d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
-                               l == last, l == 0, curvature, closed[l])
+        with _deterministic(layers[l], l, z_last.device):
+            d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
+                                   l == last, l == 0, curvature, closed[l])
         derivs[l] = d
         if l > 0:
             adjoint = d.F.T @ adjoint
     _check_finite_blocks(derivs)
     return derivs
+
+
+@contextlib.contextmanager
+def _deterministic(layer: nn.Module, l: int, device: torch.device):
+    """Refuse a layer whose forward draws random numbers (``F.dropout`` called directly).
+
+    Its derivatives are not a function of the parameters: the oracle's vmap
+    refuses the draw, and a Jacobian taken outside vmap would differentiate
+    another random mask than the tracked pass used.  ``nn.Dropout`` modules
+    are caught earlier (:meth:`TrackedChain.tracked_forward`).
+    """
+    def rng_state():
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    message = (f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward "
+               "(e.g. F.dropout called directly), so its Hessian is not a function of the "
+               "parameters: use an nn.Dropout module (model.eval() turns it off) or remove "
+               "the call")
+    before = rng_state()
+    try:
+        yield
+    except RuntimeError as err:
+        if "randomness" in str(err):
+            raise HessianInverseError(message) from None
+        raise
+    if not torch.equal(before, rng_state()):
+        raise HessianInverseError(message)
 
 
 def _check_finite_blocks(derivs: Sequence) -> None:
@@ -2340,13 +2373,19 @@ def _differentiable_in_v(v: torch.Tensor, apply: Callable) -> torch.Tensor:
     return apply(v)
 
 
-def _check_damping(damping) -> float:
+def _check_damping(damping, dtype: Optional[torch.dtype] = None) -> float:
+    """``damping`` as a float >= 0, finite in ``dtype`` (the model's) when given."""
     try:
         value = float(damping)
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise HessianInverseError(f"damping must be a finite number >= 0, got {damping!r}")
+    if dtype is not None and value > torch.finfo(dtype).max:
+        name = str(dtype).replace("torch.", "")
+        raise HessianInverseError(
+            f"damping {value:g} overflows the model's {name} (largest {torch.finfo(dtype).max:.3g})"
+            f": use a smaller damping, or model.double()")
     return value
 
 
@@ -2412,6 +2451,12 @@ class HessianOperator:
     Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``derivs`` holds one
     :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks` (closed
     form) per layer; ``gauge`` the loss layer's known null basis N, or None.
+
+    A snapshot of the tracked point: the blocks hold copies of what they need
+    (weights included), so after the parameters change (an optimizer step,
+    ``p.add_(...)``) ``H @ v`` still answers exactly for the point it was
+    computed at, as do factorisations made from it.  For the new point, run
+    the tracked forward pass again and build a new operator.
     """
 
     def __init__(self, derivs: list, gauge: Optional[torch.Tensor],
@@ -2780,7 +2825,13 @@ class HessianInverse:
     ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
     Vectors, or (n, k) matrices of them, are solved with the stored factors;
     the solve is differentiable in v (its backward is the same solve; H's own
-    dependence on the parameters is not differentiated).
+    dependence on the parameters is not differentiated).  Each column of v is
+    scaled by a power of two internally, so huge or tiny v (1e-300 .. 1e300)
+    are solved as accurately as v of order 1, and ``inv @ (2**k * v)`` is
+    exactly ``2**k * (inv @ v)``.
+
+    Like its :class:`HessianOperator`, a snapshot of the tracked point: later
+    changes to the parameters do not reach it.
     """
 
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
@@ -2800,7 +2851,7 @@ class HessianInverse:
         if not (isinstance(rtol, (int, float)) and 0 < rtol < math.inf):
             raise HessianInverseError(f"rtol must be a number > 0, got {rtol!r}")
         self.operator = operator
-        self.damping = _check_damping(damping)
+        self.damping = _check_damping(damping, operator.dtype)
         self.check_condition = check_condition
         self.path = path
         self.rtol = float(rtol)
@@ -3002,7 +3053,10 @@ class HessianInverse:
         return None
 
     def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
-        b = _split(v, self.operator.param_sizes)
+        # Each column scaled by a power of two near its largest entry (exact both ways), so
+        # that norms and residuals neither overflow for huge v nor underflow for tiny v.
+        scale = torch.ldexp(torch.ones_like(v[0]), torch.frexp(v.abs().amax(0)).exponent)
+        b = _split(v / scale, self.operator.param_sizes)
         if self.gauge is not None:
             b[-1] = b[-1] - self.gauge @ (self.gauge.T @ b[-1])
         x, r, correction = self._refine(self.solver, b)
@@ -3019,7 +3073,7 @@ class HessianInverse:
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(self._inaccurate_message(eta, self.route))
             warnings.warn(self._inaccurate_message(eta, self.route), RuntimeWarning)
-        return _join(x, v.dim() == 1)
+        return _join(x, v.dim() == 1) * scale
 
     @property
     def route(self) -> str:
@@ -3162,7 +3216,7 @@ def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping:
     """
     validate_model(model, curvature)
     _check_path(path)
-    damping = _check_damping(damping)
+    damping = _check_damping(damping, next(model.parameters()).dtype)
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
                                           "factorization")
     return HessianInverse(operator, damping, path=path, rtol=rtol, on_inaccurate=on_inaccurate,
@@ -3206,7 +3260,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
     """
     validate_model(model, curvature)
     _check_path(path)
-    damping = _check_damping(damping)
+    damping = _check_damping(damping, next(model.parameters()).dtype)
     like = next(model.parameters())
     _check_vector(v, [sum(p.numel() for p in layer.parameters()) for layer in model.layers],
                   like, "v")
