@@ -36,6 +36,7 @@ module; it does not import them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import warnings
@@ -66,7 +67,7 @@ __all__ = [
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn")
 #: Values of the ``path`` keyword: which solver runs (see :func:`choose_route`).
-PATHS = ("auto", "structured", "generic", "output")
+PATHS = ("auto", "riccati", "structured", "generic", "output")
 
 
 # --------------------------------------------------------------------------
@@ -933,7 +934,9 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
     derivs: list = [None] * len(layers)
     for l in reversed(range(len(layers))):
-        with _deterministic(layers[l], l, z_last.device):
+        checked = (contextlib.nullcontext() if closed[l]  # closed forms are deterministic
+                   else _deterministic(layers[l], l, z_last.device))
+        with checked:
             d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
                                    l == last, l == 0, curvature, closed[l])
         derivs[l] = d
@@ -2030,6 +2033,551 @@ def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Ten
 
 
 # --------------------------------------------------------------------------
+# Layer-wise LDL^T: the Riccati recursion (docs/ALGORITHM.md, "Layer-wise LDL^T")
+# --------------------------------------------------------------------------
+#
+# With M = B + delta I (delta any real number: a damping, or minus a spectral
+# shift) and the tangent t_l = J_l v_l + F_l t_{l-1}, eliminating the layers
+# from the last one (Ghat_L = 0: nothing lies above the loss),
+#
+#     P_l        = A_l + delta I + J_l^T Ghat_l J_l       (p_l, p_l)
+#     N_l        = C_l + J_l^T Ghat_l F_l                 (p_l, a_{l-1})
+#     K_l        = P_l^{-1} N_l,   Phi_l = F_l - J_l K_l   (a_l, a_{l-1})
+#     Ghat_{l-1} = G_l + F_l^T Ghat_l F_l - N_l^T K_l     (a_{l-1}, a_{l-1})
+#
+# completes the square: v^T M v = sum_l w_l^T P_l w_l, w_l = v_l + K_l t_{l-1}.
+# So M = L^T diag(P_l) L, L unit block lower triangular: M is congruent to
+# diag(P_l) (Sylvester: the same inertia), det M = prod_l det P_l, and M x = g is
+#
+#     backward  s_{l-1} = K_l^T g_l + Phi_l^T s_l   (s_{L-1} = 0),   y_l = g_l - J_l^T s_l
+#     middle    z_l = P_l^{-1} y_l
+#     forward   t_l = J_l z_l + Phi_l t_{l-1},                        x_l = z_l - K_l t_{l-1}
+#
+# Only the two sweeps' one (a_l x a_{l-1}) product per layer is sequential; the rest
+# is batched over runs of same-shape layers.  Nothing pivots across layers: a
+# singular P_l stops the recursion even where M is invertible, and a nearly singular
+# one loses accuracy (the accuracy contract catches it; 'auto' then hands over to a
+# pivoted route).
+
+
+#: How the pivot blocks P_l are factored: LU (any nonsingular P_l: the Hessian's
+#: solves), Cholesky (positive definite P_l: the damped GGN, definiteness tests), or
+#: Bunch-Kaufman LDL^T (symmetric indefinite, whose D shows the inertia).
+PIVOT_FACTORS = ("lu", "cholesky", "ldl")
+
+
+class PivotFactor:
+    """Factorisations of a stack of symmetric pivot blocks P (G, n, n), of kind ``kind``.
+
+    ``solve(X)`` is P^{-1} X for X (G, n, k); ``info`` (G,) is nonzero where a
+    factorisation broke down (an exact zero pivot, a failed Cholesky; see
+    :meth:`check`).  ``values()``
+    (Cholesky, LDL^T): (G, n) numbers with the inertia of each P whose product is
+    det P: the squared Cholesky diagonal, or the eigenvalues of the LDL^T's 1 x 1 and
+    2 x 2 diagonal blocks.
+    """
+
+    def __init__(self, kind: str, factors: tuple, info: torch.Tensor):
+        self.kind, self.factors, self.info = kind, factors, info
+
+    @classmethod
+    def of(cls, P: torch.Tensor, kind: str) -> "PivotFactor":
+        if kind == "cholesky":
+            L, info = torch.linalg.cholesky_ex(P)
+            return cls(kind, (L,), info)
+        if kind == "ldl":
+            LD, pivots, info = torch.linalg.ldl_factor_ex(P)
+            return cls(kind, (LD, pivots), info)
+        LU, pivots, info = torch.linalg.lu_factor_ex(P)
+        return cls(kind, (LU, pivots), info)
+
+    def factor_into(self, P: torch.Tensor, g: int) -> None:
+        """Factor one block P (n, n) into slot g of this stack's storage."""
+        out = tuple(f[g] for f in self.factors) + (self.info[g],)
+        if self.kind == "cholesky":
+            torch.linalg.cholesky_ex(P, out=out)
+        elif self.kind == "ldl":
+            torch.linalg.ldl_factor_ex(P, out=out)
+        else:
+            torch.linalg.lu_factor_ex(P, out=out)
+
+    def solve_one(self, g: int, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """P_g^{-1} X for the block in slot g, written into ``out``."""
+        factors = tuple(f[g] for f in self.factors)
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(X, factors[0], out=out)
+        if self.kind == "ldl":
+            return torch.linalg.ldl_solve(*factors, X, out=out)
+        return torch.linalg.lu_solve(*factors, X, out=out)
+
+    def check(self, P: torch.Tensor, scale: torch.Tensor) -> None:
+        """Flag, in ``info``, blocks singular to working precision: a pivot (an LU or
+        Cholesky diagonal entry, an eigenvalue of D) at most n u ``scale`` (G,), the size of
+        the terms summed into P, or not finite."""
+        n = P.shape[-1]
+        if not n:
+            return
+        if self.kind == "ldl":
+            pivots = self.values().abs()
+        else:
+            pivots = self.factors[0].diagonal(dim1=-2, dim2=-1).abs()
+            pivots = pivots.square() if self.kind == "cholesky" else pivots
+        tiny = ~(pivots.amin(-1) > n * torch.finfo(P.dtype).eps * scale)
+        self.info = torch.where(tiny & (self.info == 0), -1, self.info)
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        if not X.shape[-2]:
+            return X
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(X, self.factors[0])
+        if self.kind == "ldl":
+            return torch.linalg.ldl_solve(*self.factors, X)
+        return torch.linalg.lu_solve(*self.factors, X)
+
+    def values(self) -> torch.Tensor:
+        if self.kind == "cholesky":
+            return self.factors[0].diagonal(dim1=-2, dim2=-1).square()
+        if self.kind == "ldl":
+            return _ldl_block_eigenvalues(*self.factors)
+        raise HessianInverseError("an LU factorisation does not show the inertia: use kind='ldl'")
+
+
+def _ldl_block_eigenvalues(LD: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (G, n) of the block-diagonal D of Bunch-Kaufman factors (LAPACK
+    sytrf, lower) of a stack (G, n, n).
+
+    A 2 x 2 block occupies rows k, k+1 where ``pivots`` is negative; negative
+    entries come in pairs, paired from the start of each run of them.
+    """
+    n = LD.shape[-1]
+    d = LD.diagonal(dim1=-2, dim2=-1).clone()
+    if n < 2:
+        return d
+    index = torch.arange(n, device=LD.device).expand_as(pivots)
+    negative = pivots < 0
+    run_start = torch.cummax(torch.where(negative, -1, index), -1).values
+    first = negative & ((index - run_start) % 2 == 1)
+    first[..., -1] = False
+    g, k = first.nonzero(as_tuple=True)
+    a, b, c = d[g, k], LD[g, k + 1, k], d[g, k + 1]
+    mean, radius = (a + c) / 2, torch.hypot((a - c) / 2, b)
+    d[g, k], d[g, k + 1] = mean - radius, mean + radius
+    return d
+
+
+def same_shape_runs(derivs: Sequence) -> list[list[int]]:
+    """Runs of consecutive layers whose closed-form blocks have one shape (stackable);
+    every other layer is a run of its own."""
+    runs: list[list[int]] = []
+    for l, d in enumerate(derivs):
+        signature = _shape_signature(d)
+        if runs and signature is not None and signature == _shape_signature(derivs[runs[-1][0]]):
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    return runs
+
+
+def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
+    """Closed-form blocks of same-shape layers stacked along a new leading dimension."""
+    first = blocks[0]
+    return replace(first, **{name: torch.stack([getattr(b, name) for b in blocks])
+                             for name in ("inputs", "weight", "out_map", "u_gradient",
+                                          "u_hessian")})
+
+
+class DensePivots:
+    """One layer's step of the recursion with dense blocks (:class:`LayerDerivatives`),
+    in the interface of :class:`AffinePivots` (a stack of G = 1).
+
+    ``extra`` (p_l, p_l), optional, is added to P_l (the gauge projector N N^T).
+    Cost O(p_l^3 + p_l^2 a), memory O(p_l^2 + p_l a).
+    """
+
+    def __init__(self, d: LayerDerivatives, delta: float, kind: str,
+                 extra: Optional[torch.Tensor] = None):
+        self.d, self.delta, self.kind, self.extra = d, delta, kind, extra
+        self.blocks = d
+
+    def step(self, index: int, ghat: torch.Tensor) -> Optional[torch.Tensor]:
+        d = self.d
+        JG = d.J.T @ ghat
+        JGJ = JG @ d.J
+        P = d.A + JGJ + self.delta * torch.eye(d.num_params, dtype=d.A.dtype, device=d.A.device)
+        if self.extra is not None:
+            P = P + self.extra
+        self.P = ((P + P.T) / 2)[None]
+        self.factor = PivotFactor.of(self.P, self.kind)
+        scale = d.A.abs().amax() + JGJ.abs().amax() + abs(self.delta) if d.A.numel() else P.sum()
+        self.factor.check(self.P, scale[None])
+        if d.C is None:
+            self.K = self.Phi = None
+            return None
+        N = d.C + JG @ d.F
+        self.K = self.factor.solve(N[None])
+        self.Phi = (d.F - d.J @ self.K[0])[None]
+        G = d.G + d.F.T @ ghat @ d.F - N.T @ self.K[0]
+        return (G + G.T) / 2
+
+    def finish(self) -> None:
+        pass
+
+    def select(self, g: int) -> "DensePivots":
+        return self
+
+    def J(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.d.J @ x[0])[None]
+
+    def J_t(self, s: torch.Tensor) -> torch.Tensor:
+        return (self.d.J.T @ s[0])[None]
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        return self.factor.solve(y)
+
+    def gain(self, t: torch.Tensor) -> torch.Tensor:
+        return self.K @ t
+
+    def gain_t(self, y: torch.Tensor) -> torch.Tensor:
+        return self.K.mT @ y
+
+    def values(self) -> torch.Tensor:
+        return self.factor.values()
+
+    def lowest(self, index: int) -> tuple[float, torch.Tensor]:
+        """The lowest eigenpair of P_l, the vector in the layer's parameters."""
+        values, vectors = torch.linalg.eigh(self.P[0])
+        return values[0].item(), vectors[:, 0]
+
+
+class AffinePivots:
+    """The recursion's steps for a run of G same-shape closed-form affine layers, stacked.
+
+    Nothing p_l x p_l is formed.  With ``Dt = D + S^T Ghat_l S`` (B h square),
+    ``P_l = delta I + K^T Dt K`` and ``N_l = K^T Dt Wb + E`` (docs/ALGORITHM.md,
+    "Structured layers").  K sees the parameters X = [W, c] (h, q) only through
+    ``Y = X V``, V (q, r) from the thin SVD ``Zt = (U Sigma) V^T`` = ``Us V^T`` of the
+    augmented input (r = min(B, q); singular values at rounding level are zeroed, so
+    a rank-deficient input gives exact zero columns of Us): ``K X = Y Us^T``.  In the
+    rotated parameters P_l is block diagonal,
+
+        P_l = diag(P_V, M kron I_{q - r}),   P_V = delta I + (Us kron I_h)^T Dt (Us kron I_h),
+
+    P_V (r h square, rows (j, i): rotated input j, unit i) and M = delta I_h, or
+    ``delta I + 1 1^T / h`` for the loss layer gauge-fixed at damping 0 (``gauge``).
+    E's share of N in the Y_perp directions is X_E (I - V V^T), X_E = [r^T T, 0] for
+    the tangent T (B, m), so
+
+        Ghat_{l-1} = Wb^T Dt Wb - N_V^T P_V^{-1} N_V - (r M^{-1} r^T) kron Pi,
+
+    Pi = (I - V V^T) on the m weight columns.  Cost per layer O((r h)^3 +
+    (B h)^2 (r + m) + (B m)^2 r h); Y_perp costs O(p_l) in closed form.
+    """
+
+    def __init__(self, blocks: AffineLayerBlocks, delta: float, kind: str, gauge: bool = False):
+        self.blocks, self.delta, self.kind, self.gauge = blocks, float(delta), kind, gauge
+        self.layers = [replace(blocks, **{name: getattr(blocks, name)[g] for name in (
+            "inputs", "weight", "out_map", "u_gradient", "u_hessian")})
+            for g in range(blocks.weight.shape[0])]
+        self.B, (self.h, self.m) = blocks.num_examples, blocks.weight.shape[-2:]
+        Zt = blocks.augmented_inputs()
+        U, sigma, Vh = torch.linalg.svd(Zt, full_matrices=False)
+        tol = max(Zt.shape[-2:]) * torch.finfo(Zt.dtype).eps * sigma[..., :1]
+        self.kept = sigma > tol                                            # (G, r)
+        sigma = torch.where(self.kept, sigma, torch.zeros_like(sigma))
+        self.Us, self.V = U * sigma[..., None, :], Vh.mT                 # (G, B, r), (G, q, r)
+        self.q, self.r = self.V.shape[-2:]
+        self.perp = self.q - self.r
+        kw = dict(dtype=Zt.dtype, device=Zt.device)
+        B, h, m, r = self.B, self.h, self.m, self.r
+        count, rh, a = blocks.weight.shape[0], r * h, blocks.num_outputs
+        if blocks.input_derivatives and self.perp:
+            Vw = self.V[:, :m]
+            Pi = torch.eye(m, **kw) - Vw @ Vw.mT
+            rr = blocks.u_gradient @ self._perp_inverse(blocks.u_gradient.mT)
+            self.perp_schur = (rr[:, :, None, :, None], Pi[:, None, :, None, :])  # kron
+        self.P = torch.empty(count, rh, rh, **kw)
+        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw),) + (
+            (torch.empty(count, rh, dtype=torch.int32, device=Zt.device),)
+            if kind != "cholesky" else ()), torch.empty(count, dtype=torch.int32, device=Zt.device))
+        self.K = torch.empty(count, rh, B * m, **kw) if blocks.input_derivatives else None
+        self.Phi = torch.empty(count, a, B * m, **kw) if blocks.input_derivatives else None
+
+    def _perp_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        """M^{-1} X on the unit index (dimension -2) of X (..., h, k)."""
+        if not self.gauge:
+            return X / self.delta
+        mean = X.mean(dim=-2, keepdim=True)     # M = delta I + 1 1^T / h (Sherman-Morrison)
+        return (X - mean / (self.delta + 1.0)) / self.delta
+
+    def _perp_values(self) -> torch.Tensor:
+        """The eigenvalues of M (h,)."""
+        values = torch.full((self.h,), self.delta, dtype=self.V.dtype, device=self.V.device)
+        if self.gauge:
+            values[-1] += 1.0
+        return values
+
+    @property
+    def perp_ok(self) -> bool:
+        """Whether M is invertible (positive definite for kind 'cholesky'), or there is no
+        Y_perp block; decided without a device round trip."""
+        if not self.perp:
+            return True
+        if self.kind == "cholesky":
+            return self.delta > 0 or (self.gauge and self.h == 1 and self.delta > -1)
+        return self.delta != 0 and (not self.gauge or self.delta != -1)
+
+    def step(self, g: int, ghat: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer g of the run: factor P_l from Ghat_l (into the run's stacked storage);
+        returns Ghat_{l-1}, or None for the first layer."""
+        d, B, h, m, r = self.layers[g], self.B, self.h, self.m, self.r
+        Us, V, W = self.Us[g], self.V[g], d.weight
+        if d.diagonal:                                                     # Dt = D + S^T Ghat S
+            Dt = ghat * d.out_map[:, None]
+            Dt.mul_(d.out_map).diagonal().add_(d.u_hessian.view(-1))
+        else:
+            Dt = d.S_t(d.S_t(ghat).mT) + _block_diagonal(d.u_hessian)
+        # P_V = (Us kron I)^T Dt (Us kron I): contract Dt's two example indices with Us
+        right = Dt.view(B * h, B, h).transpose(1, 2).reshape(B * h * h, B) @ Us    # (n,i,k,o)
+        left = Us.T @ right.view(B, h * h * r)                                      # (j,i,k,o)
+        P = self.P[g]
+        P.view(r, h, r, h).copy_(left.view(r, h, h, r).transpose(2, 3))
+        P.diagonal().add_(self.delta)
+        if self.gauge:  # P_N = (1 1^T / h) kron I_q is the same in rotated coordinates
+            P.view(r, h, r, h).diagonal(dim1=0, dim2=2).add_(1.0 / h)
+        self.factor.factor_into(P, g)
+        if not d.input_derivatives:
+            return None
+        # N_V = (Us kron I)^T Dt Wb + E_V, E_V[(j, i), (n, k)] = r[n, i] V[k, j]
+        DtWb = Dt.view(B * h * B, h) @ W                                   # (n, i, n', k)
+        E = V[:m].T[:, None, None, :] * d.u_gradient.T[None, :, :, None]
+        N = torch.addmm(E.reshape(r, h * B * m), Us.T, DtWb.view(B, h * B * m)).view(r * h, B * m)
+        K = self.factor.solve_one(g, N, out=self.K[g])
+        WtDtWb = W.T @ DtWb.view(B, h, B * m).transpose(0, 1).reshape(h, B * B * m)
+        G = WtDtWb.view(m, B, B, m).transpose(0, 1)                       # Wb^T Dt Wb
+        if self.perp:                             # minus (r M^{-1} r^T) kron Pi, in one pass
+            rr, Pi = (factor[g] for factor in self.perp_schur)
+            G = torch.addcmul(G, rr, Pi, value=-1,
+                              out=torch.empty_like(G, memory_format=torch.contiguous_format))
+        G = G.reshape(B * m, B * m)
+        # Phi = F - J K = S (Wb - K K_l), K K_l = (Us kron I) K_V
+        T = (Us @ K.reshape(r, h * B * m)).view(B * h, B * m)
+        T.view(B, h, B, m).diagonal(dim1=0, dim2=2).sub_(W[:, :, None])   # K K_l - Wb
+        if d.diagonal:
+            torch.mul(T, d.out_map[:, None], out=self.Phi[g]).neg_()
+        else:
+            torch.neg(d.S(T), out=self.Phi[g])
+        return torch.addmm(G, N.T, K, alpha=-1)
+
+    def finish(self) -> None:
+        """After the sweep: pivots checked (:meth:`PivotFactor.check`); a Y_perp block that
+        is singular breaks every layer of the run."""
+        self.factor.check(self.P, self.P.abs().amax(dim=(-2, -1)) + abs(self.delta))
+        if not self.perp_ok:
+            self.factor.info = torch.ones_like(self.factor.info)
+
+    def J(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks.J @ x
+
+    def J_t(self, s: torch.Tensor) -> torch.Tensor:
+        return self.blocks.J.T @ s
+
+    def _rotate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters (G, p, k) -> their Y_V part (G, r h, k) and X (G, h, q, k)."""
+        w, c = self.blocks._split(y)
+        X = w if c is None else torch.cat([w, c], dim=-2)
+        Y = torch.einsum("giqk,gqj->gjik", X, self.V)
+        return Y.reshape(Y.shape[0], self.r * self.h, -1), X
+
+    def _unrotate(self, Y: torch.Tensor, X_perp: Optional[torch.Tensor],
+                  V: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Y_V (G, r h, k), plus a part X_perp (G, h, q, k) already unrotated -> (G, p, k)."""
+        V = self.V if V is None else V
+        X = torch.einsum("gjik,gqj->giqk", Y.reshape(Y.shape[0], self.r, self.h, -1), V)
+        if X_perp is not None:
+            X = X + X_perp
+        m = self.m
+        return self.blocks._join(X[..., :m, :], X[..., m, :] if self.blocks.bias else None)
+
+    def _perp(self, X: torch.Tensor) -> Optional[torch.Tensor]:
+        """M^{-1} X (I - V V^T) for X (G, h, q, k): the Y_perp block's inverse, or None."""
+        if not self.perp:
+            return None
+        X = X - torch.einsum("giqk,gqj,gsj->gisk", X, self.V, self.V)
+        return self._perp_inverse(X.flatten(-2)).view(X.shape)
+
+    def _tangent_part(self, t: torch.Tensor) -> torch.Tensor:
+        """X_E = [r^T T, 0] (G, h, q, k) for tangents t (G, B m, k)."""
+        T = t.unflatten(-2, (self.B, self.m))
+        X = torch.einsum("gni,gnqk->giqk", self.blocks.u_gradient, T)
+        return torch.cat([X, X.new_zeros(*X.shape[:2], self.q - self.m, X.shape[-1])], dim=2)
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        """P_l^{-1} y for parameters y (G, p, k)."""
+        Y, X = self._rotate(y)
+        return self._unrotate(self.factor.solve(Y), self._perp(X))
+
+    def gain(self, t: torch.Tensor) -> torch.Tensor:
+        """K_l t: (G, a_{l-1}, k) -> (G, p, k)."""
+        return self._unrotate(self.K @ t, self._perp(self._tangent_part(t)))
+
+    def gain_t(self, y: torch.Tensor) -> torch.Tensor:
+        """K_l^T y: (G, p, k) -> (G, a_{l-1}, k)."""
+        Y, X = self._rotate(y)
+        out = self.K.mT @ Y
+        if self.perp:
+            Xp = self._perp(X)[..., :self.m, :]                               # (G, h, m, k)
+            out = out + torch.einsum("gni,gimk->gnmk", self.blocks.u_gradient,
+                                     Xp).reshape(out.shape)
+        return out
+
+    def values(self) -> torch.Tensor:
+        main = self.factor.values()
+        if not self.perp:
+            return main
+        perp = self._perp_values().repeat(self.perp).expand(main.shape[0], -1)
+        return torch.cat([main, perp], dim=-1)
+
+    def select(self, g: int) -> "AffinePivots":
+        """Layer g of the run alone, as a run of one (views, nothing recomputed)."""
+        one = copy.copy(self)
+        one.layers, one.blocks = [self.layers[g]], stack_blocks([self.layers[g]])
+        for name in ("Us", "V", "kept", "P", "K", "Phi"):
+            value = getattr(self, name)
+            setattr(one, name, None if value is None else value[g:g + 1])
+        one.factor = PivotFactor(self.kind, tuple(f[g:g + 1] for f in self.factor.factors),
+                                 self.factor.info[g:g + 1])
+        return one
+
+    def _off_range(self, V: torch.Tensor) -> Optional[torch.Tensor]:
+        """X (h, q) of unit norm with X V = 0 (no tangent: K X = 0), rows summing to zero
+        for the gauge-fixed loss layer (so P_N X = 0 too); None if V spans R^q."""
+        q = V.shape[0]
+        if V.shape[1] >= q or (self.gauge and self.h == 1):
+            return None
+        k = int(V.norm(dim=1).argmin())              # e_k minus its part in range(V)
+        column = -V @ V[k]
+        column[k] += 1.0
+        unit = torch.zeros(self.h, dtype=V.dtype, device=V.device)
+        unit[0] = 1.0
+        if self.gauge:
+            unit[1] = -1.0
+        return unit[:, None] * column[None, :] / (unit.norm() * column.norm())
+
+    def _flat(self, X: torch.Tensor) -> torch.Tensor:
+        """(h, q) parameters [W, c] -> the layer's flat parameters (p,)."""
+        return self.layers[0]._join(X[:, :self.m, None], X[:, self.m, None] if self.blocks.bias
+                                    else None)[:, 0]
+
+    def null_direction(self, g: int) -> Optional[torch.Tensor]:
+        """At damping 0, a unit x_l (p_l,) with ``K x_l = 0`` (and ``P_N x_l = 0``) when
+        layer g's input is rank deficient; None otherwise."""
+        if self.delta != 0:
+            return None
+        X = self._off_range(self.V[g][:, self.kept[g]])
+        return None if X is None else self._flat(X)
+
+    def lowest(self, g: int) -> tuple[float, torch.Tensor]:
+        """The lowest eigenpair of layer g's P_l, the vector in its parameters."""
+        values, vectors = torch.linalg.eigh(self.P[g])
+        perp_values = self._perp_values()
+        if self.perp and perp_values.min() < values[0]:
+            return perp_values.min().item(), self._flat(self._off_range(self.V[g]))
+        return values[0].item(), self._unrotate(vectors[None, :, :1], None, self.V[g:g + 1])[0, :, 0]
+
+
+class RiccatiFactor:
+    """``B + delta I`` (plus N N^T with ``gauge``) factored layer by layer:
+    M = L^T diag(P_l) L (docs/ALGORITHM.md, "Layer-wise LDL^T").
+
+    ``derivs``: the operator's per-layer blocks; ``delta``: any real number;
+    ``kind``: how each P_l is factored (:data:`PIVOT_FACTORS`); ``gauge`` (p_L, k):
+    the loss layer's known null basis N, whose projector is added to P_L.  Runs of
+    same-shape closed-form layers are :class:`AffinePivots`, other layers
+    :class:`DensePivots`.  ``broken`` (L,) bool: where P_l broke down (left on the
+    device; ``ok`` synchronises once).  ``values()`` (kinds 'cholesky' and 'ldl'):
+    n numbers with the inertia of M whose product is det M.  Memory
+    O(sum_l (a_l^2 + a_l a_{l-1})) for affine layers (p_l^2 for dense ones).
+    """
+
+    def __init__(self, derivs: Sequence, delta: float, kind: str = "lu",
+                 gauge: Optional[torch.Tensor] = None):
+        if kind not in PIVOT_FACTORS:
+            raise HessianInverseError(f"kind must be one of {PIVOT_FACTORS}, got {kind!r}")
+        self.derivs, self.delta, self.kind = derivs, float(delta), kind
+        last = len(derivs) - 1
+        self.runs = same_shape_runs(derivs)
+        self.groups = []
+        for run in self.runs:
+            d, fixed = derivs[run[0]], gauge is not None and run[-1] == last
+            if isinstance(d, AffineLayerBlocks):
+                group = AffinePivots(stack_blocks([derivs[l] for l in run]), delta, kind, fixed)
+            else:
+                group = DensePivots(d, delta, kind, gauge @ gauge.T if fixed else None)
+            self.groups.append(group)
+        like = derivs[-1].J
+        ghat = torch.zeros(1, 1, dtype=like.dtype, device=like.device)  # z_L is the loss
+        for run, group in zip(reversed(self.runs), reversed(self.groups)):
+            for g in reversed(range(len(run))):
+                ghat = group.step(g, ghat)
+            group.finish()
+        self.broken = torch.cat([group.factor.info for group in self.groups]) != 0
+
+    @property
+    def ok(self) -> bool:
+        return not bool(self.broken.any())
+
+    def values(self) -> torch.Tensor:
+        return torch.cat([v.reshape(-1) for v in (group.values() for group in self.groups)])
+
+    def _stacked(self, run: list, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([blocks[l] for l in run])
+
+    def solve(self, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """M^{-1} g for per-layer blocks g_l (p_l, k): backward sweep, pivots, forward sweep."""
+        runs, groups, num_layers = self.runs, self.groups, len(self.derivs)
+        G = [self._stacked(run, g) for run in runs]
+        # backward: s_{l-1} = K_l^T g_l + Phi_l^T s_l
+        Ktg: list = [None] * num_layers
+        for run, group, Gi in zip(runs, groups, G):
+            if group.K is not None:
+                Ktg[run[0]:run[-1] + 1] = group.gain_t(Gi).unbind()
+        phi = [None] * num_layers
+        for run, group in zip(runs, groups):
+            if group.Phi is not None:
+                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        s: list = [None] * num_layers                     # s[l]: the adjoint of t_l
+        for l in reversed(range(1, num_layers)):
+            s[l - 1] = Ktg[l] if s[l] is None else torch.addmm(Ktg[l], phi[l].T, s[l])
+        # middle: z_l = P_l^{-1} (g_l - J_l^T s_l)
+        Z = []
+        for run, group, Gi in zip(runs, groups, G):
+            if s[run[-1]] is not None:
+                Gi = Gi - group.J_t(self._stacked(run, s))
+            Z.append(group.solve(Gi))
+        # forward: t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}
+        Jz: list = [None] * num_layers
+        for run, group, Zi in zip(runs, groups, Z):
+            if run[0] < num_layers - 1:
+                Jz[run[0]:run[-1] + 1] = group.J(Zi).unbind()
+        t: list = [None] * num_layers
+        for l in range(num_layers - 1):
+            t[l] = Jz[l] if l == 0 else torch.addmm(Jz[l], phi[l], t[l - 1])
+        x: list = [None] * num_layers
+        for run, group, Zi in zip(runs, groups, Z):
+            if group.K is not None:
+                Zi = Zi - group.gain(torch.stack([t[l - 1] for l in run]))
+            x[run[0]:run[-1] + 1] = Zi.unbind()
+        return x
+
+    def pivot(self, l: int):
+        """(group, index) of layer l."""
+        for run, group in zip(self.runs, self.groups):
+            if run[0] <= l <= run[-1]:
+                return group, l - run[0]
+        raise IndexError(l)
+
+
+# --------------------------------------------------------------------------
 # One memory guard (docs/ALGORITHM.md, "Cost and memory")
 # --------------------------------------------------------------------------
 
@@ -2095,7 +2643,8 @@ class LayerSizes:
     ``params`` p_l; ``inputs`` a_{l-1} (the first layer's input is data and is
     not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
     of u = W z + c for a closed-form layer, None for any other; ``u_block`` the
-    width of D's per-example blocks there (1 when D is diagonal).
+    width of D's per-example blocks there (1 when D is diagonal); ``examples`` the
+    batch B of a closed-form layer (None for any other).
     """
 
     params: list
@@ -2103,6 +2652,7 @@ class LayerSizes:
     outputs: list
     u: list
     u_block: list
+    examples: list
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
@@ -2116,8 +2666,10 @@ class LayerSizes:
         if closed[-1]:
             block[-1] = layers[-1].linear.out_features
         block[:-1] = [1 if c else None for c in closed[:-1]]
+        examples = [a_in // layer.linear.in_features if c else None
+                    for layer, a_in, c in zip(layers, inputs, closed)]
         return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                   inputs, inputs[1:] + [1], u, block)
+                   inputs, inputs[1:] + [1], u, block, examples)
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
@@ -2127,7 +2679,9 @@ class LayerSizes:
         u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
         block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
                  for d, c in zip(derivs, closed)]
-        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block)
+        examples = [d.num_examples if c else None for d, c in zip(derivs, closed)]
+        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block,
+                   examples)
 
 
 @dataclass
@@ -2224,6 +2778,38 @@ def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> Ro
     return RouteCost(setup, solve, bytes_, ops)
 
 
+def riccati_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of the layer-wise route (:class:`RiccatiSolver`), same terms.
+
+    A closed-form layer with B examples, h outputs and q = p / h parameters per output
+    pivots on n = min(B, q) h unknowns: forming P (~ 2 a_u B h (r + h)), its LU
+    (2/3 n^3), N, K = P^{-1} N and the Schur complement (~ 2 a_u a_in h + 2 n^2 a_in +
+    2 n a_in^2), Phi (2 a_u a_in); a dense layer the same with n = p plus J^T Ghat J.
+    A solve: ~ 4 a a_in + 4 n a_in + 2 n^2 + 8 B p per layer.  Bytes: P, its factors, K
+    and Phi per layer, plus one layer's temporaries.
+    """
+    setup = solve = 0.0
+    stored = peak = 0
+    for l, (p, a_in, a, a_u, B) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                  sizes.u, sizes.examples)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            h = a_u // B
+            n = min(B, p // h) * h
+            setup += 2 * a_u * B * h * (n // h + h) + 2 / 3 * n ** 3
+            solve += 8 * B * p
+        else:
+            n = p
+            setup += 2 / 3 * n ** 3 + 2 * p * a * (a + p)
+            solve += 4 * a * p
+        setup += 2 * a_u * a_in * max(a_u // B, 1) if a_u is not None else 2 * p * a * a_in
+        setup += 2 * n * n * a_in + 2 * n * a_in * a_in + 2 * a * a_in * (n + 1)
+        solve += 4 * a * a_in + 4 * n * a_in + 2 * n * n
+        stored += 2 * n * n + n * a_in + a * a_in
+        peak = max(peak, 3 * (a_u or a) ** 2 + 2 * a_in ** 2 + 2 * n * a_in)
+    return RouteCost(setup, solve, (stored + peak) * _itemsize(dtype), 20 * len(sizes.params))
+
+
 def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
     """Peak bytes of the derivative blocks alone: what ``H @ v`` needs.
 
@@ -2274,7 +2860,12 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
     :func:`estimate_structured_bytes`).
     """
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
-    if route == "output":
+    if route == "riccati":
+        l = max(range(len(p)), key=lambda l: max(p[l] if u[l] is None else u[l], a_in[l] if l else 0))
+        largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
+                   f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
+                   "layer without closed forms)")
+    elif route == "output":
         l = len(p) - 1
         largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
                    f"{u[-1] // sizes.u_block[-1] * (sizes.u_block[-1] - 1)} square; memory "
@@ -2290,9 +2881,9 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    "width); cost grows with (p + 2a)^2 per layer")
     if stage == "derivatives":
         need, what = 5 * estimate_derivative_bytes(sizes, dtype) // 4, "derivative blocks need"
-    elif route == "output":
-        need = 5 * (estimate_derivative_bytes(sizes, dtype) +
-                    output_space_cost(sizes, dtype).bytes) // 4
+    elif route in ("output", "riccati"):
+        cost = output_space_cost if route == "output" else riccati_cost
+        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost(sizes, dtype).bytes) // 4
         what = "factorisation needs"
     elif route == "structured":
         need, what = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4, "factorisation needs"
@@ -2408,25 +2999,31 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 def choose_route(path: str, damping: Optional[float], closed_forms: bool,
                  curvature: str = "hessian", sizes: Optional[LayerSizes] = None) -> str:
-    """The one place the route is decided: ``'structured'``, ``'generic'`` or ``'output'``.
+    """The one place the route is decided: ``'riccati'``, ``'structured'``,
+    ``'generic'`` or ``'output'`` (docs/ALGORITHM.md, "Choosing the route").
 
-    A forced ``path`` is kept.  ``'auto'`` takes the structured route (parameter
-    elimination) when the chain has closed-form layers and damping > 0
-    (``damping=None``: an operator whose damping is not chosen yet, so it keeps
-    the closed forms); damping 0 needs the generic route, whose pivoting copes
-    with singular A_l and the softmax gauge.  For the GGN with a known damping > 0
-    and a closed-form loss layer, ``'auto'`` takes the output-space route when its
-    setup costs no more flops than the structured route's (:func:`output_space_cost`,
-    :func:`structured_cost`) (docs/ALGORITHM.md, "Choosing the route").
+    A forced ``path`` is kept.  ``'auto'`` needs the generic route at damping 0,
+    whose pivoting copes with singular blocks and the softmax gauge;
+    ``damping=None`` (an operator whose damping is not chosen yet) keeps the closed
+    forms.  With damping > 0 it takes the cheapest setup (flops from layer sizes)
+    among the routes that apply: the layer-wise LDL^T (:func:`riccati_cost`), the
+    structured route when the chain has closed-form layers (:func:`structured_cost`),
+    and for the GGN with a closed-form loss layer the output-space route
+    (:func:`output_space_cost`).  A route that then fails hands over to the next
+    (:meth:`HessianInverse._fall_back`).
     """
     if path != "auto":
         return path
-    route = "structured" if closed_forms and (damping is None or damping > 0) else "generic"
-    if (curvature == "ggn" and damping is not None and damping > 0 and sizes is not None
-            and sizes.u[-1] is not None and sizes.u_block[-1]):
-        if output_space_cost(sizes).setup_flops <= structured_cost(sizes).setup_flops:
-            return "output"
-    return route
+    if damping is None or damping == 0:
+        return "structured" if closed_forms and damping is None else "generic"
+    if sizes is None:
+        return "riccati"
+    costs = {"riccati": riccati_cost}
+    if closed_forms:
+        costs["structured"] = structured_cost
+    if curvature == "ggn" and sizes.u[-1] is not None and sizes.u_block[-1]:
+        costs["output"] = output_space_cost
+    return min(costs, key=lambda route: costs[route](sizes).setup_flops)
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -2701,6 +3298,42 @@ class EliminatedSolver:
         return _recover_parameters(self.groups, g_blocks, reduced)
 
 
+class RiccatiSolver:
+    """The layer-wise route: ``B + eps I = L^T diag(P_l) L`` (:class:`RiccatiFactor`).
+
+    Works for any chain; damping > 0, or 0 with the gauge fixed (``gauge``: ``B +
+    N N^T``).  P_l is factored by LU for the Hessian (indefinite in general) and by
+    Cholesky for the damped GGN (positive definite; LU where Cholesky fails to
+    rounding).  A solve is two sweeps of one product per layer.  Nothing pivots
+    across layers, so a singular P_l raises :class:`EliminationError` even where
+    ``B + eps I`` is invertible, and :class:`HessianInverse` refines every solve
+    against the exact product (docs/ALGORITHM.md, "Layer-wise LDL^T").
+    """
+
+    route = "riccati"
+    rcond = None
+
+    def __init__(self, operator: HessianOperator, damping: float,
+                 gauge: Optional[torch.Tensor] = None):
+        self.operator = operator
+        kind = "cholesky" if operator.curvature == "ggn" and damping > 0 else "lu"
+        self.factor = RiccatiFactor(operator.derivs, damping, kind, gauge)
+        if kind == "cholesky" and not self.factor.ok:
+            self.factor = RiccatiFactor(operator.derivs, damping, "lu", gauge)
+        if not self.factor.ok:
+            layer = int(self.factor.broken.nonzero()[-1]) + 1
+            raise EliminationError(
+                f"layer {layer}: the layer-wise factorisation of {operator.symbol} + "
+                f"{damping:g} I broke down (its pivot block P_l = A_l + damping I + "
+                "J_l^T Ghat_l J_l is singular to working precision). The route does not "
+                "pivot across layers: path='structured' or 'generic' does, or use another "
+                "damping.")
+
+    def solve_once(self, blocks: list) -> list:
+        """Both sweeps: per-layer (p_l, k) right-hand sides -> (p_l, k) solutions."""
+        return self.factor.solve(blocks)
+
+
 class OutputSpaceSolver:
     """The output-space route: (GGN + eps I)^{-1} by Woodbury in the logits, damping > 0.
 
@@ -2776,9 +3409,13 @@ class _CastSolver:
 
 
 def _largest_block(operator: HessianOperator, route: str) -> int:
-    """The block size of the system ``route`` factors (a_l, or p_l + 2 a_l)."""
+    """The block size of the system ``route`` factors (a_l, the pivot size, or p_l + 2 a_l)."""
     if route == "structured":
         return max(d.num_outputs for d in operator.derivs)
+    if route == "riccati":
+        return max(min(d.num_examples, d.num_params // d.weight.shape[0]) * d.weight.shape[0]
+                   if isinstance(d, AffineLayerBlocks) else d.num_params
+                   for d in operator.derivs)
     return max(d.num_params + 2 * d.num_outputs for d in operator.derivs)
 
 
@@ -2890,14 +3527,14 @@ class HessianInverse:
         try:
             return self._build(route, probe)
         except SingularHessianError as err:
-            if self.factorization == "cyclic" and route != "output":
+            if self.factorization == "cyclic" and route in ("structured", "generic"):
                 self.factorization = "banded"
                 return self._first_solver(route, probe)
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
                 return self._first_solver(route, probe)
             if route != "generic":
-                return self._fall_back(err, route)
+                return self._fall_back(err, route, probe)
             raise
 
     def _build(self, route: str, probe: bool):
@@ -2911,13 +3548,17 @@ class HessianInverse:
             check_memory(LayerSizes.of_derivatives(op.derivs), "output", "factorization",
                          low, op.device, op.memory_limit)
             solver = OutputSpaceSolver(op, self.damping)
+        elif route == "riccati":
+            check_memory(LayerSizes.of_derivatives(op.derivs), "riccati", "factorization",
+                         low, op.device, op.memory_limit)
+            solver = RiccatiSolver(op.to(low), self.damping, gauge)
         else:
             check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
                          low, op.device, op.memory_limit)
             solver = EliminatedSolver(op.to(low), self.damping, self.factorization)
         if low != op.dtype:
             solver = _CastSolver(solver, op.dtype)
-        if route == "structured" and self.check_condition and probe:
+        if route in ("structured", "riccati") and self.check_condition and probe:
             generator = torch.Generator(device=op.device).manual_seed(0)
             g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
                             device=op.device)
@@ -2926,21 +3567,25 @@ class HessianInverse:
             if not self.probe_error <= self.rtol:
                 raise EliminationError(
                     "acceptance probe (a random right-hand side): "
-                    + self._inaccurate_message(self.probe_error, "structured")
-                    + " Eliminating the parameters can also make the reduced system too "
-                    "ill-conditioned: path='generic' (pivoted on the full lifted system) "
-                    "tells the two apart.")
+                    + self._inaccurate_message(self.probe_error, route)
+                    + " Eliminating without pivoting across layers can also lose accuracy "
+                    "on its own: path='generic' (pivoted on the full lifted system) tells "
+                    "the two apart.")
         return solver
 
-    def _fall_back(self, err: SingularHessianError, failed: str):
+    def _fall_back(self, err: SingularHessianError, failed: str, probe: bool = False):
         """``path='auto'`` after the ``failed`` route failed: warn, then the next route
-        (output, then structured, then generic)."""
+        of output, riccati, structured (with closed forms), generic (probed like the
+        first, if ``probe``)."""
         if self.path != "auto":
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
-        if failed == "output" and self.operator.has_closed_forms:
-            warnings.warn(f"{err} Falling back to the structured path.", RuntimeWarning)
-            return self._first_solver("structured", probe=False)
+        following = {"output": "riccati", "riccati": "structured"}.get(failed)
+        if following == "structured" and not (self.operator.has_closed_forms and self.damping):
+            following = None
+        if following is not None:
+            warnings.warn(f"{err} Falling back to the {following} path.", RuntimeWarning)
+            return self._first_solver(following, probe)
         try:
             dense = self.operator.densified()
         except InsufficientMemoryError:
@@ -3038,7 +3683,7 @@ class HessianInverse:
         factored, float64 factors if they were lower, else ``'auto'``'s next route;
         None when nothing is left to try."""
         try:
-            if self.factorization == "cyclic" and self.route != "output":
+            if self.factorization == "cyclic" and self.route in ("structured", "generic"):
                 self.factorization = "banded"
                 return self._first_solver(self.route, probe=False)
             if self.factor_dtype != self.operator.dtype:

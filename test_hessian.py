@@ -160,7 +160,7 @@ def test_factor_storage_grows_linearly_with_depth():
     counts, largest = {}, {}
     for depth in (8, 16, 32):
         model, x, t, loss = make_mlp(0, depth, 4, 3, "tanh")
-        inverse = hi.factorize(model, loss, damping=1e-3)
+        inverse = hi.factorize(model, loss, damping=1e-3, path="structured")
         counts[depth] = _factor_elements(inverse)
         largest[depth] = max(max(b.numel() for b in (f.lower, f.upper)) for f in inverse.solver.lu.panels)
     # Interior layers are identical in size, so the increments are exactly equal.
