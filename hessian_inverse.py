@@ -1677,8 +1677,9 @@ def _shape_signature(d) -> Optional[tuple]:
             d.diagonal, d.input_derivatives)
 
 
-def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
-    """Every layer's parameters eliminated, runs of same-shape closed-form layers at once."""
+def same_shape_runs(derivs: Sequence) -> list[list[int]]:
+    """Runs of consecutive layers whose closed-form blocks have one shape (stackable);
+    every other layer is a run of its own."""
     runs: list[list[int]] = []
     for l, d in enumerate(derivs):
         signature = _shape_signature(d)
@@ -1686,14 +1687,24 @@ def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
             runs[-1].append(l)
         else:
             runs.append([l])
+    return runs
+
+
+def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
+    """Closed-form blocks of same-shape layers stacked along a new leading dimension."""
+    first = blocks[0]
+    return replace(first, **{name: torch.stack([getattr(b, name) for b in blocks])
+                             for name in ("inputs", "weight", "out_map", "u_gradient",
+                                          "u_hessian")})
+
+
+def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
+    """Every layer's parameters eliminated, runs of same-shape closed-form layers at once."""
     groups = []
-    for run in runs:
+    for run in same_shape_runs(derivs):
         numbers = [l + 1 for l in run]
         if isinstance(derivs[run[0]], AffineLayerBlocks):
-            first = derivs[run[0]]
-            stacked = replace(first, **{name: torch.stack([getattr(derivs[l], name) for l in run])
-                                        for name in ("inputs", "weight", "out_map", "u_gradient",
-                                                     "u_hessian")})
+            stacked = stack_blocks([derivs[l] for l in run])
             groups.append(EliminatedGroup(run, stacked,
                                           eliminate_affine_layer(stacked, damping, numbers)))
         else:
@@ -2163,27 +2174,6 @@ def _ldl_block_eigenvalues(LD: torch.Tensor, pivots: torch.Tensor) -> torch.Tens
     mean, radius = (a + c) / 2, torch.hypot((a - c) / 2, b)
     d[g, k], d[g, k + 1] = mean - radius, mean + radius
     return d
-
-
-def same_shape_runs(derivs: Sequence) -> list[list[int]]:
-    """Runs of consecutive layers whose closed-form blocks have one shape (stackable);
-    every other layer is a run of its own."""
-    runs: list[list[int]] = []
-    for l, d in enumerate(derivs):
-        signature = _shape_signature(d)
-        if runs and signature is not None and signature == _shape_signature(derivs[runs[-1][0]]):
-            runs[-1].append(l)
-        else:
-            runs.append([l])
-    return runs
-
-
-def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
-    """Closed-form blocks of same-shape layers stacked along a new leading dimension."""
-    first = blocks[0]
-    return replace(first, **{name: torch.stack([getattr(b, name) for b in blocks])
-                             for name in ("inputs", "weight", "out_map", "u_gradient",
-                                          "u_hessian")})
 
 
 class DensePivots:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import hessian_inverse as hi
 from conftest import (SquaredErrorLoss, cross_entropy_in_logits, dense_ggn, dense_hessian,
                       make_mlp, relative_error)
-from test_structured import CurvedShift, Flatten, SineGate, dense_solve_and_cond
+from test_structured import Flatten, SineGate, curved_shift_chain, dense_solve_and_cond
 
 F64 = torch.float64
 U64 = torch.finfo(F64).eps
@@ -158,13 +158,8 @@ def test_a_singular_pivot_is_refused_and_auto_falls_back():
     """P_2 = A_2 + eps I + J_2^T Ghat_2 J_2 made zero (a scalar parameter whose curvature
     c (b . u) is tuned) while H + eps I stays invertible: path='riccati' refuses with
     EliminationError, 'auto' warns and hands over to the structured route, exactly."""
-    torch.manual_seed(9)
     damping = 1e-2
-    gate = CurvedShift(3)
-    chain = hi.TrackedChain([hi.AffineActivation(3, 3, "tanh"), gate],
-                            hi.AffineCrossEntropy(3, 3)).to(F64)
-    x, t = torch.randn(4, 3, dtype=F64), torch.randint(0, 3, (4,))
-    loss = chain(x, t, track_activations=True)
+    chain, gate, x, t, loss = curved_shift_chain()
     operator = hi.hessian_operator(chain, loss)
     a = operator.derivs[1].A.item()                     # c (b . u) at c = 1
     group, g = hi.RiccatiFactor(operator.derivs, damping).pivot(1)

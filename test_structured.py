@@ -251,14 +251,19 @@ class CurvedShift(nn.Module):
         return z + self.theta * self.w + 0.5 * self.c * self.theta ** 2 * self.u
 
 
-def test_singular_elimination_falls_back_or_raises():
+def curved_shift_chain():
+    """tanh layer, :class:`CurvedShift`, cross-entropy; returns (chain, gate, x, t, loss)."""
     torch.manual_seed(9)
-    damping = 1e-2
     gate = CurvedShift(3)
     chain = hi.TrackedChain([hi.AffineActivation(3, 3, "tanh"), gate],
                             hi.AffineCrossEntropy(3, 3)).to(F64)
     x, t = torch.randn(4, 3, dtype=F64), torch.randint(0, 3, (4,))
-    loss = chain(x, t, track_activations=True)
+    return chain, gate, x, t, chain(x, t, track_activations=True)
+
+
+def test_singular_elimination_falls_back_or_raises():
+    damping = 1e-2
+    chain, gate, x, t, loss = curved_shift_chain()
     a = hi.hessian_operator(chain, loss).derivs[1].A.item()  # = c (b . u) with c = 1
     gate.c = -damping / a
     loss = chain(x, t, track_activations=True)
