@@ -67,7 +67,7 @@ __all__ = [
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn")
 #: Values of the ``path`` keyword: which solver runs (see :func:`choose_route`).
-PATHS = ("auto", "riccati", "structured", "generic", "output")
+PATHS = ("auto", "riccati", "structured", "generic", "output", "parameter")
 
 
 # --------------------------------------------------------------------------
@@ -150,7 +150,8 @@ class AffineCrossEntropy(nn.Module):
     """Output layer fused with the loss: ``mean_n CE(W z_n + c, target_n)``.
 
     ``logits`` and ``loss`` are exposed separately so that curvature variants
-    (Gauss-Newton) can split the layer.
+    (Gauss-Newton) can split the layer.  Inputs of more than two dimensions (a
+    convolutional stage's (B, C, H, W)) are flattened to (B, in_features).
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True):
@@ -158,7 +159,9 @@ class AffineCrossEntropy(nn.Module):
         self.linear = nn.Linear(in_features, num_classes, bias=bias)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(z)
+        """(B, C) logits of a batch of (B, in_features) inputs, or of (B, ...) inputs
+        flattened row-major (a convolutional stage's output)."""
+        return self.linear(z.flatten(1) if z.dim() > 2 else z)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
@@ -355,6 +358,137 @@ class DeepMLPWithTracking(TrackedChain):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+
+# --------------------------------------------------------------------------
+# Convolutional networks (docs/ALGORITHM.md, "Convolutional layers")
+# --------------------------------------------------------------------------
+
+
+def _checked_size(value, what: str, layer: str):
+    """An int or a tuple of ints (as Conv1d/Conv2d take them), checked non-negative."""
+    values = (value,) if isinstance(value, int) else tuple(value)
+    if not values or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise HessianInverseError(f"{layer}: {what} must be a non-negative int or a tuple of "
+                                  f"them, got {value!r}")
+    return value if isinstance(value, int) else values
+
+
+class ConvActivation(nn.Module):
+    """Hidden layer ``z -> sigma(conv(z, W) + c)``: a Conv1d on (B, C_in, L) inputs
+    (``dim=1``) or a Conv2d on (B, C_in, H, W) inputs (``dim=2``), then a pointwise
+    activation from :data:`ACTIVATIONS`.
+
+    Any kernel size, stride and zero padding.  Options without closed forms are
+    refused with :class:`HessianInverseError` (here and, if changed on ``self.conv``
+    later, at the forward pass): ``groups`` other than 1, ``dilation`` other than 1,
+    a ``padding_mode`` other than ``'zeros'``, string paddings ('same').  A plain
+    ``nn.Sequential(nn.Conv2d(...), nn.Tanh())`` with any options is differentiated
+    exactly by autograd products instead (docs/ALGORITHM.md, "Matrix-free layers").
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding=0, activation: str = "tanh", bias: bool = True, dim: int = 2,
+                 groups: int = 1, dilation=1, padding_mode: str = "zeros"):
+        super().__init__()
+        name = f"ConvActivation({in_channels}, {out_channels})"
+        if dim not in (1, 2):
+            raise HessianInverseError(f"{name}: dim must be 1 (Conv1d) or 2 (Conv2d), got {dim!r}")
+        if isinstance(padding, str):
+            raise HessianInverseError(
+                f"{name}: padding={padding!r} is not supported; give the zero padding as an "
+                "int or a tuple of ints (padding=k // 2 keeps the size for an odd kernel k at "
+                "stride 1)")
+        conv = nn.Conv1d if dim == 1 else nn.Conv2d
+        self.conv = conv(in_channels, out_channels, _checked_size(kernel_size, "kernel_size", name),
+                         _checked_size(stride, "stride", name),
+                         _checked_size(padding, "padding", name),
+                         _checked_size(dilation, "dilation", name), groups, bias, padding_mode)
+        self.activation = activation
+        self._sigma = _activation(activation)
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Refuse options the closed forms do not cover, naming the layer and the option."""
+        conv, name = self.conv, f"ConvActivation({self.conv.in_channels}, {self.conv.out_channels})"
+        unsupported = [f"{option}={value!r}" for option, value, ok in (
+            ("groups", conv.groups, conv.groups == 1),
+            ("dilation", conv.dilation, all(d == 1 for d in conv.dilation)),
+            ("padding_mode", conv.padding_mode, conv.padding_mode == "zeros"),
+            ("padding", conv.padding, not isinstance(conv.padding, str))) if not ok]
+        if unsupported:
+            raise HessianInverseError(
+                f"{name}: {', '.join(unsupported)} is not supported by the closed-form "
+                "convolution (groups=1, dilation=1, zero padding only). Wrap the convolution "
+                "as a plain module instead, e.g. nn.Sequential(nn.Conv2d(...), nn.Tanh()), "
+                "which the Hessian routines differentiate exactly by autograd products.")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_options()
+        return self._sigma(self.conv(z))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+#: Parameter-free pooling between stages of :class:`ConvNetWithTracking`, by name.
+POOLS = {"avg": (nn.AvgPool1d, nn.AvgPool2d), "max": (nn.MaxPool1d, nn.MaxPool2d)}
+
+
+class ConvNetWithTracking(TrackedChain):
+    """A small CNN as a chain: convolutional stages, then the classifier.
+
+    ``input_shape`` (C, L) gives Conv1d stages, (C, H, W) Conv2d ones.  Stage i is
+    ``ConvActivation(channels[i-1], channels[i], kernel_size, strides[i], padding,
+    activation)``, followed by ``pool`` ('avg' or 'max', kernel and stride 2) if given;
+    then ``nn.Flatten()`` and :class:`AffineCrossEntropy` over the flattened features.
+    ``strides`` is an int (all stages) or one per stage.  Inputs of any shape
+    ``(B, ...)`` with ``prod(input_shape)`` numbers per example (e.g. flattened
+    images) are reshaped to ``(B, *input_shape)``.  Every layer has closed forms
+    (docs/ALGORITHM.md, "Convolutional layers").
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int],
+                 kernel_size: int = 3, strides=1, padding: int = 1, activation: str = "tanh",
+                 pool: Optional[str] = None, bias: bool = True):
+        _activation(activation)
+        input_shape = tuple(int(s) for s in input_shape)
+        channels = [int(c) for c in channels]
+        strides = [int(strides)] * len(channels) if isinstance(strides, int) else list(strides)
+        if len(input_shape) not in (2, 3) or min(input_shape) < 1:
+            raise HessianInverseError(
+                f"input_shape must be (channels, length) or (channels, height, width), got "
+                f"{input_shape}")
+        if not channels or min(channels) < 1 or len(strides) != len(channels) or num_classes < 1:
+            raise HessianInverseError(
+                f"expected at least one stage, channels >= 1, one stride per stage and "
+                f"num_classes >= 1; got channels={channels}, strides={strides}, "
+                f"num_classes={num_classes}")
+        if pool is not None and pool not in POOLS:
+            raise HessianInverseError(f"pool must be None or one of {sorted(POOLS)}, got {pool!r}")
+        dim = len(input_shape) - 1
+        stages: list = []
+        widths = [input_shape[0]] + channels
+        for i, stride in enumerate(strides):
+            stages.append(ConvActivation(widths[i], widths[i + 1], kernel_size, stride, padding,
+                                         activation, bias, dim))
+            if pool is not None:
+                stages.append(POOLS[pool][dim - 1](2))
+        z = torch.zeros(1, *input_shape)
+        for i, stage in enumerate(stages):
+            try:
+                with torch.no_grad():
+                    z = stage(z)
+            except RuntimeError as err:
+                raise HessianInverseError(
+                    f"stage {i + 1} ({type(stage).__name__}) does not fit its input of shape "
+                    f"{tuple(z.shape[1:])} (from input_shape {input_shape}): {err}. Use fewer "
+                    "stages, stride 1, more padding or a larger input") from None
+        super().__init__(stages + [nn.Flatten()], AffineCrossEntropy(z.numel(), num_classes, bias))
+        self.input_shape, self.activation = input_shape, activation
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.input_shape)
 
 # --------------------------------------------------------------------------
 # The derivative oracle (docs/ALGORITHM.md, "The derivative oracle")
@@ -587,8 +721,111 @@ class LinearMap:
         return self @ torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
 
 
+class LayerBlocks:
+    """The protocol of per-layer blocks known by their action (docs/ALGORITHM.md,
+    "Structured layers" and "Convolutional layers").
+
+    A subclass gives ``J``, ``F``, ``A``, ``C``, ``G`` as :class:`LinearMap` (``F``,
+    ``C``, ``G`` None for the first layer, whose input is data), ``num_params``,
+    ``num_outputs`` and ``_like`` (a tensor of its dtype and device); it may override
+    ``gauss_newton``.  Everything that only multiplies by the blocks (the
+    Hessian-vector product, the output-space and parameter-space routes) takes any
+    of them; ``densify`` writes them out as :class:`LayerDerivatives` for the routes
+    that factor dense blocks.  Tensors are dataclass fields, so that
+    ``HessianOperator.to`` can cast them.
+    """
+
+    def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
+        return LinearMap((rows, cols), apply, apply_t, self._like)
+
+    def _zero_map(self, rows: int, cols: int) -> LinearMap:
+        def zero(x):
+            return x.new_zeros(rows, x.shape[-1])
+
+        def zero_t(x):
+            return x.new_zeros(cols, x.shape[-1])
+        return self._map(rows, cols, zero, zero_t)
+
+    def gauss_newton(self, is_loss_layer: bool) -> "LayerBlocks":
+        """The blocks of the Gauss-Newton matrix ("Gauss-Newton"): a parameter-free
+        linear layer has no curvature of its own, so by default the blocks themselves."""
+        return self
+
+    def densify(self) -> LayerDerivatives:
+        """The same blocks as dense tensors (what the generic oracle computes)."""
+        dense = {name: getattr(self, name) for name in ("J", "A", "F", "C", "G")}
+        return LayerDerivatives(**{name: block.dense() if block is not None else None
+                                   for name, block in dense.items()})
+
+
+class ChainRuleBlocks(LayerBlocks):
+    """The blocks of ``z_l = s(u)``, ``u = K x + Wb z`` (affine in the parameters x and
+    in the input z) by the chain rule ("Structured layers"):
+
+        J = S K,   F = S Wb,   A = K^T D K,   C = K^T D Wb + E,   G = Wb^T D Wb.
+
+    A subclass provides the primitives ``K``, ``K_t``, ``Wb``, ``Wb_t``, ``S``,
+    ``S_t``, ``D``, ``E``, ``E_t`` on (rows, k) matrices, ``num_inputs``,
+    ``input_derivatives`` and the fields ``u_gradient`` (r) and ``u_hessian`` (D's
+    entries).  ``curved`` False (a hidden layer under Gauss-Newton: r = 0, D = 0)
+    makes A, C, G zero maps, computed without products.
+    """
+
+    curved = True
+
+    @property
+    def J(self) -> LinearMap:
+        return self._map(self.num_outputs, self.num_params,
+                         lambda x: self.S(self.K(x)), lambda w: self.K_t(self.S_t(w)))
+
+    @property
+    def A(self) -> LinearMap:
+        if not self.curved:
+            return self._zero_map(self.num_params, self.num_params)
+
+        def apply(x):
+            return self.K_t(self.D(self.K(x)))
+        return self._map(self.num_params, self.num_params, apply, apply)
+
+    @property
+    def F(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        return self._map(self.num_outputs, self.num_inputs,
+                         lambda t: self.S(self.Wb(t)), lambda w: self.Wb_t(self.S_t(w)))
+
+    @property
+    def C(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        if not self.curved:
+            return self._zero_map(self.num_params, self.num_inputs)
+        return self._map(self.num_params, self.num_inputs,
+                         lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
+                         lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
+
+    @property
+    def G(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        if not self.curved:
+            return self._zero_map(self.num_inputs, self.num_inputs)
+
+        def apply(t):
+            return self.Wb_t(self.D(self.Wb(t)))
+        return self._map(self.num_inputs, self.num_inputs, apply, apply)
+
+    def gauss_newton(self, is_loss_layer: bool) -> "ChainRuleBlocks":
+        """GGN keeps only the loss's curvature in the logits ("Gauss-Newton"): every
+        layer loses the E term (r = 0: d2u/dx dz contracted with the backprop
+        gradient), hidden layers lose the activation curvature (D = 0).  The fused
+        loss layer keeps its D, the softmax Hessian in its logits (affine in x and z)."""
+        kept = self.u_hessian if is_loss_layer else torch.zeros_like(self.u_hessian)
+        return replace(self, u_gradient=torch.zeros_like(self.u_gradient), u_hessian=kept)
+
+
 @dataclass
-class AffineLayerBlocks:
+class AffineLayerBlocks(ChainRuleBlocks):
     """Closed-form derivatives of ``z_l = phi(u)``, ``u = W z + c`` per example.
 
     B examples (every leading position of the input), m inputs and h outputs each;
@@ -729,62 +966,15 @@ class AffineLayerBlocks:
         k = x.shape[-1]
         return (self.u_gradient @ x_w.flatten(-2, -1)).unflatten(-1, (-1, k)).flatten(-3, -2)
 
-    def _map(self, rows: int, cols: int, apply: Callable, apply_t: Callable) -> LinearMap:
-        return LinearMap((rows, cols), apply, apply_t, self.weight)
-
     @property
-    def J(self) -> LinearMap:
-        return self._map(self.num_outputs, self.num_params,
-                         lambda x: self.S(self.K(x)), lambda w: self.K_t(self.S_t(w)))
-
-    @property
-    def A(self) -> LinearMap:
-        def apply(x):
-            return self.K_t(self.D(self.K(x)))
-        return self._map(self.num_params, self.num_params, apply, apply)
-
-    @property
-    def F(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-        return self._map(self.num_outputs, self.num_inputs,
-                         lambda t: self.S(self.Wb(t)), lambda w: self.Wb_t(self.S_t(w)))
-
-    @property
-    def C(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-        return self._map(self.num_params, self.num_inputs,
-                         lambda t: self.K_t(self.D(self.Wb(t))) + self.E(t),
-                         lambda x: self.Wb_t(self.D(self.K(x))) + self.E_t(x))
-
-    @property
-    def G(self) -> Optional[LinearMap]:
-        if not self.input_derivatives:
-            return None
-
-        def apply(t):
-            return self.Wb_t(self.D(self.Wb(t)))
-        return self._map(self.num_inputs, self.num_inputs, apply, apply)
-
-    def densify(self) -> LayerDerivatives:
-        """The same blocks as dense tensors (what the generic oracle computes)."""
-        dense = {name: getattr(self, name) for name in ("J", "A", "F", "C", "G")}
-        return LayerDerivatives(**{name: block.dense() if block is not None else None
-                                   for name, block in dense.items()})
+    def _like(self) -> torch.Tensor:
+        return self.weight
 
 
-def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> AffineLayerBlocks:
-    """The closed-form blocks of the Gauss-Newton matrix (docs/ALGORITHM.md, "Gauss-Newton").
-
-    GGN keeps only the loss's curvature in the logits: every layer loses the
-    E term (r = 0, it is d2u/dW dz contracted with the backprop gradient), and
-    hidden layers lose the activation curvature (D = 0).  The fused loss
-    layer's D is the softmax Hessian in its logits, which GGN keeps: its logits
-    are affine in (W, c, z).
-    """
-    kept = blocks.u_hessian if is_loss_layer else torch.zeros_like(blocks.u_hessian)
-    return replace(blocks, u_gradient=torch.zeros_like(blocks.u_gradient), u_hessian=kept)
+def gauss_newton_blocks(blocks: LayerBlocks, is_loss_layer: bool) -> LayerBlocks:
+    """The closed-form blocks of the Gauss-Newton matrix (docs/ALGORITHM.md, "Gauss-Newton"):
+    :meth:`LayerBlocks.gauss_newton`."""
+    return blocks.gauss_newton(is_loss_layer)
 
 
 def _tanh_derivatives(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -871,15 +1061,19 @@ def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
 
 def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
                     targets: Optional[torch.Tensor] = None) -> bool:
-    """Whether the closed forms of "Structured layers" describe this layer exactly.
+    """Whether closed forms describe this layer exactly.
 
-    Exact types only (a subclass may change ``forward``): ``AffineActivation``
-    as a hidden layer; ``AffineCrossEntropy`` as the loss layer on (B, m)
-    inputs with class-index targets in range or (B, C) probability targets.
+    Exact types only (a subclass may change ``forward``): a hidden layer whose type
+    is in :data:`HIDDEN_CLOSED_FORMS` (``AffineActivation``, ``ConvActivation``,
+    flattening and pooling) and that accepts ``z_prev``; ``AffineCrossEntropy`` as
+    the loss layer on (B, m) inputs (or (B, ...) flattened to m) with class-index
+    targets in range or (B, C) probability targets.
     """
     if not is_loss_layer:
-        return type(layer) is AffineActivation
-    if type(layer) is not AffineCrossEntropy or z_prev.dim() != 2 or targets is None:
+        form = HIDDEN_CLOSED_FORMS.get(type(layer))
+        return form is not None and form.applies(layer, z_prev)
+    if (type(layer) is not AffineCrossEntropy or z_prev.dim() < 2 or targets is None
+            or z_prev[0].numel() != layer.linear.in_features):
         return False
     num_classes = layer.linear.out_features
     if targets.is_floating_point():
@@ -895,18 +1089,538 @@ def closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool
             for l, layer in enumerate(layers)]
 
 # --------------------------------------------------------------------------
+# Convolutional layers in closed form (docs/ALGORITHM.md, "Convolutional layers")
+# --------------------------------------------------------------------------
+#
+# A convolution is an affine layer whose examples are (batch, output position)
+# pairs: with Zh the im2col patches of the input plus a ones column, K = Zh kron
+# I_C_out, so ConvLayerBlocks only replaces ChainRuleBlocks' primitives by
+# convolutions: K x = conv(z, dW) + dc, K^T by conv2d_weight, Wb t = conv(t, W),
+# Wb^T by conv2d_input, E t = conv2d_weight(t, r), E^T by conv2d_input.  k right-
+# hand sides ride along as extra channels or extra examples: one call each.
+# Conv1d runs as a Conv2d of height 1 (same flattening, same parameter order).
+
+
+def _columns_in(x: torch.Tensor, shape: Sequence[int], dim: int) -> torch.Tensor:
+    """(prod(shape), k) columns -> one tensor of ``shape`` with the k columns folded
+    into dimension ``dim`` (0: more examples, k B; 1: more channels, k C)."""
+    k = x.shape[-1]
+    t = x.reshape(*shape, k).movedim(-1, dim)
+    return t.reshape(*shape[:dim], k * shape[dim], *shape[dim + 1:])
+
+
+def _columns_out(y: torch.Tensor, shape: Sequence[int], k: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`_columns_in`: ``shape`` with k folded into ``dim`` -> (prod(shape), k)."""
+    t = y.reshape(*shape[:dim], k, *shape[dim:]).movedim(dim, -1)
+    return t.reshape(-1, k)
+
+
+@dataclass
+class ConvLayerBlocks(ChainRuleBlocks):
+    """Closed-form derivatives of ``z_l = sigma(u)``, ``u = conv(z, W) + c``.
+
+    - ``inputs`` z (B, C_in, H, W) (height 1 for a Conv1d), ``weight`` W (C_out, C_in,
+      kh, kw) (a copy), ``bias``, ``stride`` and ``padding`` (2-tuples).
+    - ``out_map`` sigma'(u), ``u_gradient`` r = b sigma'(u), ``u_hessian`` b sigma''(u):
+      (B, C_out, H', W') each: S and D are diagonal.
+    - ``input_derivatives``: False for the first layer; ``curved``: False under
+      Gauss-Newton for a hidden layer (A, C, G are then zero).
+
+    Parameters are W row-major, then c; activations (B, C, H, W) row-major.  Storage
+    O(a_in + a_out + p): nothing of size activations squared.
+    """
+
+    inputs: torch.Tensor
+    weight: torch.Tensor
+    bias: bool
+    stride: tuple
+    padding: tuple
+    out_map: torch.Tensor
+    u_gradient: torch.Tensor
+    u_hessian: torch.Tensor
+    input_derivatives: bool = True
+    curved: bool = True
+
+    kind = "conv"
+
+    @property
+    def num_params(self) -> int:
+        return self.weight.numel() + (self.weight.shape[0] if self.bias else 0)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.out_map.numel()
+
+    @property
+    def num_inputs(self) -> int:
+        return self.inputs.numel()
+
+    def _conv(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, weight, None, self.stride, self.padding)
+
+    def _weight_grad(self, z: torch.Tensor, weight_shape, u: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(z, weight_shape, u, self.stride, self.padding)
+
+    def _input_grad(self, z_shape, weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_input(z_shape, weight, u, self.stride, self.padding)
+
+    def _split_params(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(p, k) -> the W part (C_out, C_in, kh, kw, k) and the c part (C_out, k) or None."""
+        n_w, k = self.weight.numel(), x.shape[-1]
+        w = x[:n_w].reshape(*self.weight.shape, k)
+        return w, x[n_w:] if self.bias else None
+
+    def _join_params(self, w: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+        flat = w.reshape(self.weight.numel(), -1)
+        return torch.cat([flat, c]) if c is not None else flat
+
+    def K(self, x: torch.Tensor) -> torch.Tensor:
+        """du/d(W, c) x = conv(z, dW) + dc: (p, k) -> (a_out, k); the k directions are
+        k C_out output channels of one convolution."""
+        w, c = self._split_params(x)
+        k = x.shape[-1]
+        u = self._conv(self.inputs, w.movedim(-1, 0).flatten(0, 1))
+        out = _columns_out(u, self.out_map.shape, k, 1)
+        if c is not None:
+            B, C_out = self.out_map.shape[:2]
+            out = (out.view(B, C_out, -1, k) + c[None, :, None, :]).view(-1, k)
+        return out
+
+    def K_t(self, u: torch.Tensor) -> torch.Tensor:
+        """K^T u: (a_out, k) -> (p, k): dW = conv2d_weight(z, u), dc = u summed over
+        examples and positions."""
+        k = u.shape[-1]
+        w = self._weight_grad(self.inputs, (k * self.weight.shape[0], *self.weight.shape[1:]),
+                              _columns_in(u, self.out_map.shape, 1))
+        w = w.unflatten(0, (k, self.weight.shape[0])).movedim(0, -1)
+        c = (u.view(*self.out_map.shape[:2], -1, k).sum((0, 2)) if self.bias else None)
+        return self._join_params(w, c)
+
+    def Wb(self, t: torch.Tensor) -> torch.Tensor:
+        """du/dz t = conv(t, W): (a_in, k) -> (a_out, k); the k tangents as k B examples."""
+        k = t.shape[-1]
+        u = self._conv(_columns_in(t, self.inputs.shape, 0), self.weight)
+        return _columns_out(u, self.out_map.shape, k, 0)
+
+    def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
+        """Wb^T u = conv2d_input(u, W): (a_out, k) -> (a_in, k)."""
+        k = u.shape[-1]
+        shape = (k * self.inputs.shape[0], *self.inputs.shape[1:])
+        t = self._input_grad(shape, self.weight, _columns_in(u, self.out_map.shape, 0))
+        return _columns_out(t, self.inputs.shape, k, 0)
+
+    def S(self, u: torch.Tensor) -> torch.Tensor:
+        return self.out_map.reshape(-1, 1) * u
+
+    S_t = S
+
+    def D(self, u: torch.Tensor) -> torch.Tensor:
+        return self.u_hessian.reshape(-1, 1) * u
+
+    def E(self, t: torch.Tensor) -> torch.Tensor:
+        """d2(r . u)/d(W, c) dz t = conv2d_weight(t, r): (a_in, k) -> (p, k), zero in the
+        c rows; the k tangents as k C_in input channels."""
+        k = t.shape[-1]
+        C_out, C_in = self.weight.shape[:2]
+        w = self._weight_grad(_columns_in(t, self.inputs.shape, 1),
+                              (C_out, k * C_in, *self.weight.shape[2:]), self.u_gradient)
+        w = w.unflatten(1, (k, C_in)).movedim(1, -1)
+        return self._join_params(w, w.new_zeros(C_out, k) if self.bias else None)
+
+    def E_t(self, x: torch.Tensor) -> torch.Tensor:
+        """E^T x = conv2d_input(r, dW): (p, k) -> (a_in, k)."""
+        w, _ = self._split_params(x)
+        k = x.shape[-1]
+        C_out, C_in = self.weight.shape[:2]
+        shape = (self.inputs.shape[0], k * C_in, *self.inputs.shape[2:])
+        t = self._input_grad(shape, w.movedim(-1, 1).flatten(1, 2), self.u_gradient)
+        return _columns_out(t, self.inputs.shape, k, 1)
+
+    @property
+    def _like(self) -> torch.Tensor:
+        return self.weight
+
+    def gauss_newton(self, is_loss_layer: bool) -> "ConvLayerBlocks":
+        return replace(super().gauss_newton(is_loss_layer), curved=is_loss_layer)
+
+    def example_gram(self, phi: torch.Tensor):
+        """The output route's step under example-blocked Phi_l (B, r, C_out H' W')
+        (docs/ALGORITHM.md, "Convolutional layers"): with psi = Phi_l S_l, the rows of
+        U_l = psi K are per-example weight gradients, Y = psi_n Zh_n (m = B r rows, p_l
+        columns), so U_l U_l^T = Y Y^T; Phi_{l-1} = psi Wb per example (conv2d_input of
+        the B r rows as examples).  Cost O(m P q C_out + m^2 p_l), P positions, q = C_in
+        kh kw."""
+        B, r = phi.shape[:2]
+        if B != self.inputs.shape[0]:
+            return None
+        C_out, C_in = self.weight.shape[:2]
+        psi = phi.view(B, r, C_out, -1) * self.out_map.view(B, 1, C_out, -1)
+        patches = F.unfold(self.inputs, self.weight.shape[2:], padding=self.padding,
+                           stride=self.stride)                                  # (B, q, P)
+        Y = torch.bmm(psi.reshape(B, r * C_out, -1), patches.mT).reshape(B * r, -1)  # (n, i, o, j)
+        if self.bias:
+            Y = torch.cat([Y, psi.sum(-1).reshape(B * r, C_out)], dim=1)
+        if not self.input_derivatives:
+            return Y @ Y.T, None
+        rows = psi.reshape(B * r, *self.out_map.shape[1:])
+        prev = self._input_grad((B * r, *self.inputs.shape[1:]), self.weight, rows)
+        return Y @ Y.T, prev.reshape(B, r, -1)
+
+
+def conv_activation_blocks(layer: ConvActivation, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                           input_derivatives: bool = True) -> ConvLayerBlocks:
+    """Closed forms for ``sigma(conv(z, W) + c)``: S = diag(sigma'(u)), r = b sigma'(u),
+    D = diag(b sigma''(u)), as for an affine layer ("Structured layers")."""
+    conv = layer.conv
+    weight = conv.weight.detach().clone()
+    z = z_prev.detach()
+    stride, padding = tuple(conv.stride), tuple(conv.padding)
+    if weight.dim() == 3:  # Conv1d as a Conv2d of height 1
+        weight, z = weight.unsqueeze(2), z.unsqueeze(2)
+        stride, padding = (1,) + stride, (0,) + padding
+    bias = conv.bias.detach() if conv.bias is not None else None
+    u = F.conv2d(z, weight, bias, stride, padding)
+    first, second = _pointwise_derivatives(layer.activation, u)
+    b = adjoint.detach().reshape(u.shape)
+    return ConvLayerBlocks(z, weight, bias is not None, stride, padding, first, b * first,
+                           b * second, input_derivatives)
+
+# --------------------------------------------------------------------------
+# Parameter-free linear layers: flattening and pooling (docs/ALGORITHM.md,
+# "Convolutional layers")
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class LinearLayerBlocks(LayerBlocks):
+    """A parameter-free layer linear in its input, applied to each example alike
+    (``nn.Flatten``, average pooling): ``F t = f(t)``, ``F^T`` by one vector-Jacobian
+    product (exact: f is linear), J and A empty, C empty, G = 0.  Never densified by
+    the routes that only multiply.
+
+    ``module``: the layer; ``in_shape``, ``out_shape``: its input and output shapes,
+    batch first; ``like``: an empty tensor of the dtype and device.
+    """
+
+    module: nn.Module
+    in_shape: tuple
+    out_shape: tuple
+    like: torch.Tensor
+    input_derivatives: bool = True
+
+    kind = "linear"
+    num_params = 0
+
+    @property
+    def _like(self) -> torch.Tensor:
+        return self.like
+
+    @property
+    def num_outputs(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def num_inputs(self) -> int:
+        return math.prod(self.in_shape)
+
+    def forward_map(self, t: torch.Tensor) -> torch.Tensor:
+        """f on a batch of inputs (N, *in_shape[1:]) -> (N, *out_shape[1:])."""
+        return self.module(t)
+
+    def adjoint_map(self, w: torch.Tensor) -> torch.Tensor:
+        """f^T on a batch of output cotangents (N, *out_shape[1:]) -> (N, *in_shape[1:])."""
+        zeros = w.new_zeros(w.shape[0], *self.in_shape[1:])
+        return torch.func.vjp(self.module, zeros)[1](w)[0]
+
+    @property
+    def J(self) -> LinearMap:
+        return self._zero_map(self.num_outputs, 0)
+
+    @property
+    def A(self) -> LinearMap:
+        return self._zero_map(0, 0)
+
+    @property
+    def F(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+
+        def apply(t):
+            y = self.forward_map(_columns_in(t, self.in_shape, 0))
+            return _columns_out(y, self.out_shape, t.shape[-1], 0)
+
+        def apply_t(w):
+            y = self.adjoint_map(_columns_in(w, self.out_shape, 0))
+            return _columns_out(y, self.in_shape, w.shape[-1], 0)
+        return self._map(self.num_outputs, self.num_inputs, apply, apply_t)
+
+    @property
+    def C(self) -> Optional[LinearMap]:
+        return self._zero_map(0, self.num_inputs) if self.input_derivatives else None
+
+    @property
+    def G(self) -> Optional[LinearMap]:
+        return (self._zero_map(self.num_inputs, self.num_inputs) if self.input_derivatives
+                else None)
+
+    def example_gram(self, phi: torch.Tensor):
+        """The output route's step ("Convolutional layers"): no parameters, and
+        Phi_{l-1} = Phi_l F per example, the B r rows as examples of f^T."""
+        B, r = phi.shape[:2]
+        if not self.input_derivatives:
+            return None, None
+        prev = self.adjoint_map(phi.reshape(B * r, *self.out_shape[1:]))
+        return None, prev.reshape(B, r, -1)
+
+
+@dataclass
+class MaxPoolBlocks(LinearLayerBlocks):
+    """Max-pooling at the tracked point: F picks, per example and channel, the input
+    position of each window's maximum (``indices`` (B, C, out positions) into the
+    flattened input positions), so ``F t`` gathers and ``F^T w`` scatter-adds.  Exact
+    almost everywhere (off ties); the layer has no curvature of its own."""
+
+    indices: torch.Tensor = None
+
+    def forward_map(self, t: torch.Tensor) -> torch.Tensor:
+        n, C = t.shape[:2]
+        index = self.indices.repeat(n // self.indices.shape[0], 1, 1)
+        return t.reshape(n, C, -1).gather(2, index).reshape(n, *self.out_shape[1:])
+
+    def adjoint_map(self, w: torch.Tensor) -> torch.Tensor:
+        n, C = w.shape[:2]
+        index = self.indices.repeat(n // self.indices.shape[0], 1, 1)
+        out = w.new_zeros(n, C, math.prod(self.in_shape[2:]))
+        return out.scatter_add_(2, index, w.reshape(n, C, -1)).reshape(n, *self.in_shape[1:])
+
+    def example_gram(self, phi: torch.Tensor):
+        """Per example's own indices: the B r rows are r rows of each of B examples."""
+        B, r = phi.shape[:2]
+        if not self.input_derivatives:
+            return None, None
+        rows = phi.reshape(B, r, self.out_shape[1], -1).transpose(0, 1).reshape(
+            B * r, *self.out_shape[1:])
+        prev = self.adjoint_map(rows).reshape(r, B, -1).transpose(0, 1)
+        return None, prev.reshape(B, r, -1)
+
+
+def linear_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                        input_derivatives: bool = True) -> LinearLayerBlocks:
+    z = z_prev.detach()
+    with torch.no_grad():
+        out_shape = tuple(layer(z[:1]).shape[1:])
+    return LinearLayerBlocks(layer, tuple(z.shape), (z.shape[0],) + out_shape, z.new_zeros(0),
+                             input_derivatives)
+
+
+def max_pool_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                    input_derivatives: bool = True) -> MaxPoolBlocks:
+    z = z_prev.detach()
+    pool = copy.copy(layer)
+    pool.return_indices = True
+    with torch.no_grad():
+        out, indices = pool(z)
+    return MaxPoolBlocks(layer, tuple(z.shape), tuple(out.shape), z.new_zeros(0),
+                         input_derivatives, indices.reshape(*out.shape[:2], -1))
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """How a hidden layer of one exact type gets its blocks: ``blocks(layer, z_prev,
+    adjoint, input_derivatives)``, when ``applies(layer, z_prev)``."""
+
+    blocks: Callable
+    applies: Callable = lambda layer, z_prev: True
+
+
+def _flattens_examples(layer: nn.Flatten, z_prev: torch.Tensor) -> bool:
+    """nn.Flatten acts on each example alike unless it also flattens the batch."""
+    return z_prev.dim() >= 2 and layer.start_dim % z_prev.dim() >= 1
+
+
+def _pools_batch(layer: nn.Module, z_prev: torch.Tensor) -> bool:
+    """Pooling of a batched input: (B, C, L) for the 1d kinds, (B, C, H, W) for 2d."""
+    return z_prev.dim() == (3 if "1d" in type(layer).__name__ else 4)
+
+
+#: Hidden layers with closed forms, by exact type (:func:`has_closed_form`).
+HIDDEN_CLOSED_FORMS: dict = {
+    AffineActivation: ClosedForm(affine_activation_blocks),
+    ConvActivation: ClosedForm(conv_activation_blocks),
+    nn.Flatten: ClosedForm(linear_layer_blocks, _flattens_examples),
+    nn.Identity: ClosedForm(linear_layer_blocks),
+    **{pool: ClosedForm(linear_layer_blocks, _pools_batch) for pool in (
+        nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)},
+    **{pool: ClosedForm(max_pool_blocks, _pools_batch) for pool in (
+        nn.MaxPool1d, nn.MaxPool2d)},
+}
+
+# --------------------------------------------------------------------------
+# Matrix-free layers: any module by autograd products (docs/ALGORITHM.md,
+# "Matrix-free layers")
+# --------------------------------------------------------------------------
+
+
+def _jvp_columns(fn: Callable, primal: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """(d fn / d primal) X for the k columns of X (n, k): forward mode, vmapped."""
+    return vmap(lambda v: jvp(fn, (primal,), (v,))[1], in_dims=1, out_dims=1)(X)
+
+
+def _vjp_columns(fn: Callable, primal: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """(d fn / d primal)^T W for the k columns of W (m, k): reverse mode, vmapped."""
+    pull = torch.func.vjp(fn, primal)[1]
+    return vmap(lambda w: pull(w)[0], in_dims=1, out_dims=1)(W)
+
+
+@dataclass
+class AutogradLayerBlocks(LayerBlocks):
+    """The blocks of any smooth layer as autograd products, never formed.
+
+    With ``f(x, z)`` the layer on flat parameters and input, and ``s = b . f``
+    (``adjoint`` b = b_l): ``J``, ``F`` by forward mode, their transposes by reverse
+    mode, and ``A``, ``C``, ``G`` as forward-over-reverse products of s (the
+    Hessian-vector product of the layer alone), vmapped over the k columns: memory
+    O(k (a_in + a_out) + p), nothing of size activations squared.  ``curvature``:
+    'hessian'; 'ggn' for a hidden layer under Gauss-Newton (A, C, G zero); or, for a
+    loss layer under Gauss-Newton, 'ggn-loss': with logits ``o = logits(x, z)`` and
+    ``H_o`` the loss's Hessian in them, ``A = J_x^T H_o J_x``, ``C = J_x^T H_o J_z``,
+    ``G = J_z^T H_o J_z`` ("Gauss-Newton").
+
+    ``theta`` (p,), ``inputs`` z_{l-1} (any shape), ``adjoint`` (a_out,); ``function``,
+    ``logits``, ``loss`` are the flat-parameter functions (:func:`_flat_function`).
+    """
+
+    theta: torch.Tensor
+    inputs: torch.Tensor
+    adjoint: torch.Tensor
+    function: Callable
+    num_outputs: int
+    input_derivatives: bool = True
+    curvature: str = "hessian"
+    logits: Optional[Callable] = None
+    loss: Optional[Callable] = None
+
+    kind = "autograd"
+
+    @property
+    def _like(self) -> torch.Tensor:
+        return self.inputs
+
+    @property
+    def num_params(self) -> int:
+        return self.theta.numel()
+
+    @property
+    def num_inputs(self) -> int:
+        return self.inputs.numel()
+
+    def _in_theta(self, fn: Callable) -> Callable:
+        z = self.inputs.reshape(-1)
+        return lambda th: fn(th, z)
+
+    def _in_z(self, fn: Callable) -> Callable:
+        return lambda z: fn(self.theta, z)
+
+    def _first_order(self, fn: Callable, wrt: str, rows: int) -> LinearMap:
+        """d fn / d(theta or z) (rows outputs) as a map."""
+        f, primal = ((self._in_theta(fn), self.theta) if wrt == "theta"
+                     else (self._in_z(fn), self.inputs.reshape(-1)))
+        return self._map(rows, primal.numel(), lambda x: _jvp_columns(f, primal, x),
+                         lambda w: _vjp_columns(f, primal, w))
+
+    @property
+    def J(self) -> LinearMap:
+        return self._first_order(self.function, "theta", self.num_outputs)
+
+    @property
+    def F(self) -> Optional[LinearMap]:
+        if not self.input_derivatives:
+            return None
+        return self._first_order(self.function, "z", self.num_outputs)
+
+    def _second(self, rows: str, cols: str) -> LinearMap:
+        """The block d2 s / d rows d cols (rows, cols in 'theta', 'z') as a map."""
+        sizes = {"theta": self.num_params, "z": self.num_inputs}
+        if self.curvature == "ggn":
+            return self._zero_map(sizes[rows], sizes[cols])
+        if self.curvature == "ggn-loss":
+            return self._gauss_newton_block(rows, cols)
+        b, f, z = self.adjoint.reshape(-1), self.function, self.inputs.reshape(-1)
+
+        def gradient(wrt: str) -> Callable:  # (theta, z) -> d s / d wrt
+            if wrt == "theta":
+                return lambda th, zz: grad(lambda t: b @ f(t, zz))(th)
+            return lambda th, zz: grad(lambda y: b @ f(th, y))(zz)
+
+        def along(outer: str, inner: str) -> Callable:  # X -> d/d inner (d s / d outer) X
+            g = gradient(outer)
+            if inner == "theta":
+                return lambda X: _jvp_columns(lambda th: g(th, z), self.theta, X)
+            return lambda X: _jvp_columns(lambda y: g(self.theta, y), z, X)
+        return self._map(sizes[rows], sizes[cols], along(rows, cols), along(cols, rows))
+
+    def _gauss_newton_block(self, rows: str, cols: str) -> LinearMap:
+        """J_rows^T H_o J_cols for the loss layer split into logits and loss."""
+        o = self.logits(self.theta, self.inputs.reshape(-1)).detach()
+        logits = {wrt: self._first_order(self.logits, wrt, o.numel()) for wrt in ("theta", "z")}
+
+        def h_o(y):
+            return _jvp_columns(torch.func.grad(self.loss), o, y)
+
+        sizes = {"theta": self.num_params, "z": self.num_inputs}
+        return self._map(sizes[rows], sizes[cols],
+                         lambda x: logits[rows].T @ h_o(logits[cols] @ x),
+                         lambda x: logits[cols].T @ h_o(logits[rows] @ x))
+
+    @property
+    def A(self) -> LinearMap:
+        return self._second("theta", "theta")
+
+    @property
+    def C(self) -> Optional[LinearMap]:
+        return self._second("theta", "z") if self.input_derivatives else None
+
+    @property
+    def G(self) -> Optional[LinearMap]:
+        return self._second("z", "z") if self.input_derivatives else None
+
+
+def autograd_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+                          targets: torch.Tensor, is_loss_layer: bool, input_derivatives: bool,
+                          curvature: str) -> AutogradLayerBlocks:
+    """:class:`AutogradLayerBlocks` of one layer at the tracked point."""
+    z = z_prev.detach()
+    extra = (targets.detach(),) if is_loss_layer else ()
+    function = _flat_function(layer, z.shape, extra)
+    theta = _flat_parameters(layer, z)
+    kind, logits, loss = curvature, None, None
+    if curvature == "ggn" and is_loss_layer:
+        kind = "ggn-loss"
+        logits = _flat_function(_LogitsView(layer), z.shape, ())
+        with torch.no_grad():
+            shape = layer.logits(z).shape
+        loss = lambda o: layer.loss(o.view(shape), extra[0])  # noqa: E731
+    b = adjoint.detach().reshape(-1)
+    return AutogradLayerBlocks(theta, z, b, function, b.numel() if not is_loss_layer else 1,
+                               input_derivatives, kind, logits, loss)
+
+# --------------------------------------------------------------------------
 # All layers in one backward sweep
 # --------------------------------------------------------------------------
 
 
 def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
                        targets: torch.Tensor, is_loss: bool, first: bool, curvature: str,
-                       closed_form: bool):
-    """One layer's blocks: closed forms where ``closed_form``, else autograd."""
+                       closed_form: bool, matrix_free: bool = False):
+    """One layer's blocks: closed forms where ``closed_form``, autograd products where
+    ``matrix_free`` (:class:`AutogradLayerBlocks`), else dense autograd blocks."""
     if closed_form:
         d = (affine_cross_entropy_blocks(layer, z_prev, targets, not first) if is_loss
-             else affine_activation_blocks(layer, z_prev, adjoint, not first))
+             else HIDDEN_CLOSED_FORMS[type(layer)].blocks(layer, z_prev, adjoint, not first))
         return gauss_newton_blocks(d, is_loss) if curvature == "ggn" else d
+    if matrix_free:
+        return autograd_layer_blocks(layer, z_prev, adjoint, targets, is_loss, not first,
+                                     curvature)
     if curvature == "ggn":
         return (compute_loss_layer_ggn_derivatives(layer, z_prev, targets, not first)
                 if is_loss else compute_layer_jacobians(layer, z_prev, not first))
@@ -915,7 +1629,8 @@ def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Te
 
 
 def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: str = "hessian",
-                      closed: Optional[Sequence[bool]] = None) -> list:
+                      closed: Optional[Sequence[bool]] = None,
+                      matrix_free: Optional[Sequence[bool]] = None) -> list:
     """All layers' derivatives in one backward sweep (l = L..1).
 
     The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
@@ -923,25 +1638,29 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
     instead: first order only for hidden layers, and the loss layer's curvature
     restricted to its logits (docs/ALGORITHM.md, "Gauss-Newton").  Layers
-    flagged in ``closed`` (from :func:`closed_form_flags`) get
-    :class:`AffineLayerBlocks`; the others get dense :class:`LayerDerivatives`.
+    flagged in ``closed`` (from :func:`closed_form_flags`) get closed-form
+    blocks (:data:`HIDDEN_CLOSED_FORMS`), those flagged in ``matrix_free``
+    :class:`AutogradLayerBlocks`; the others get dense :class:`LayerDerivatives`.
     ``tracked`` is the model's checked tracked forward pass.
     """
     layers = list(model.layers)
     last = len(layers) - 1
     closed = [False] * len(layers) if closed is None else closed
+    matrix_free = [False] * len(layers) if matrix_free is None else matrix_free
     z_last = tracked.inputs[-1]
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
     derivs: list = [None] * len(layers)
     for l in reversed(range(len(layers))):
         checked = (contextlib.nullcontext() if closed[l]  # closed forms are deterministic
                    else _deterministic(layers[l], l, z_last.device))
-        with checked:
+        with checked:  # products of matrix-free blocks run the layer: inside the check too
             d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
-                                   l == last, l == 0, curvature, closed[l])
+                                   l == last, l == 0, curvature, closed[l], matrix_free[l])
+            if l > 0:
+                adjoint = d.F.T @ adjoint
+            elif matrix_free[l]:
+                d.J.T @ adjoint
         derivs[l] = d
-        if l > 0:
-            adjoint = d.F.T @ adjoint
     _check_finite_blocks(derivs)
     return derivs
 
@@ -990,28 +1709,48 @@ def _check_finite_blocks(derivs: Sequence) -> None:
 # --------------------------------------------------------------------------
 
 
+def _sum(*terms: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of the terms that are not None (None standing for zero); None if none is."""
+    present = [t for t in terms if t is not None]
+    total = present[0] if present else None
+    for t in present[1:]:
+        total = total + t
+    return total
+
+
+def _times(block, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``block @ x``, with None for a zero x (nothing computed)."""
+    return None if x is None else block @ x
+
+
 def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
-                                      v_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                                      v_blocks: Sequence[Optional[torch.Tensor]]
+                                      ) -> list[torch.Tensor]:
     """``(H v)_l`` for every layer (docs/ALGORITHM.md, "The Hessian-vector product").
 
-    ``v_blocks[l]`` is (p_l, k).  Forward tangent ``t_l = J_l v_l + F_l t_{l-1}``,
-    backward adjoint ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}``
-    (u_L = 0), then ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.
+    ``v_blocks[l]`` is (p_l, k), or None for a zero block (its products are skipped:
+    the parameter-space route forms Hessian columns of one layer at a time).  Forward
+    tangent ``t_l = J_l v_l + F_l t_{l-1}``, backward adjoint
+    ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}`` (u_L = 0), then
+    ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.
     """
     num_layers = len(derivs)
-    tangents = []
+    tangents: list = []
     t = None
-    for l, d in enumerate(derivs):
-        t = d.J @ v_blocks[l] + (d.F @ t if l > 0 else 0)
+    for l, d in enumerate(derivs[:-1]):  # the loss layer's tangent is never needed
+        t = _sum(_times(d.J, v_blocks[l]), _times(d.F, t) if l > 0 else None)
         tangents.append(t)
+    like = next(v for v in v_blocks if v is not None)
     out: list[Optional[torch.Tensor]] = [None] * num_layers
-    u = torch.zeros_like(tangents[-1])
+    u = None
     for l in reversed(range(num_layers)):
-        d = derivs[l]
-        out[l] = d.A @ v_blocks[l] + d.J.T @ u
+        d, v = derivs[l], v_blocks[l]
+        t_prev = tangents[l - 1] if l > 0 else None
+        out[l] = _sum(_times(d.A, v), _times(d.J.T, u), _times(d.C, t_prev) if l > 0 else None)
+        if out[l] is None:
+            out[l] = like.new_zeros(d.num_params, like.shape[1])
         if l > 0:
-            out[l] = out[l] + d.C @ tangents[l - 1]
-            u = d.C.T @ v_blocks[l] + d.G @ tangents[l - 1] + d.F.T @ u
+            u = _sum(_times(d.C.T, v), _times(d.G, t_prev), _times(d.F.T, u))
     return out
 
 # --------------------------------------------------------------------------
@@ -1934,10 +2673,39 @@ def dense_output_factor(d: LayerDerivatives) -> OutputFactor:
                         R_z if d.C is not None else None, False)
 
 
+def autograd_output_factor(d: "AutogradLayerBlocks") -> OutputFactor:
+    """:class:`OutputFactor` of a matrix-free GGN loss layer (``curvature='ggn-loss'``).
+
+    Its GGN block is J_o^T H_o J_o with J_o = [do/dx, do/dz] (o the layer's logits), so
+    R = R_o J_o, R_o^T R_o = H_o (the eigen-root of the loss's Hessian in the logits,
+    rows above rounding as in :func:`dense_output_factor`), applied by products: m =
+    the root's rows (at most the number of logits); phi = R_o do/dz dense (m, a_{L-1}).
+    """
+    o = d.logits(d.theta, d.inputs.reshape(-1)).detach()
+    H_o = jacrev(torch.func.grad(d.loss))(o)
+    lam, V = torch.linalg.eigh((H_o + H_o.T) / 2)
+    keep = lam > H_o.shape[0] * torch.finfo(H_o.dtype).eps * lam.abs().max()
+    R = lam[keep].sqrt()[:, None] * V[:, keep].T
+    J_x, J_z = (d._first_order(d.logits, wrt, o.numel()) for wrt in ("theta", "z"))
+
+    def apply(v, t):
+        return R @ (J_x @ v if t is None else J_x @ v + J_z @ t)
+
+    def apply_t(y):
+        w = R.T @ y
+        return J_x.T @ w, J_z.T @ w if d.input_derivatives else None
+
+    Y = (J_x.T @ R.T).T
+    phi = (J_z.T @ R.T).T if d.input_derivatives else None
+    return OutputFactor(apply, apply_t, Y @ Y.T, phi, False)
+
+
 def output_factor(d) -> OutputFactor:
     if isinstance(d, AffineLayerBlocks):
         return closed_form_output_factor(d)
-    return dense_output_factor(d)
+    if isinstance(d, AutogradLayerBlocks) and d.curvature == "ggn-loss":
+        return autograd_output_factor(d)
+    return dense_output_factor(d.densify() if isinstance(d, LayerBlocks) else d)
 
 
 def _block_diagonal(phi: torch.Tensor) -> torch.Tensor:
@@ -1976,32 +2744,46 @@ def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
     return gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None
 
 
-def _dense_layer_gram(phi: torch.Tensor, d: LayerDerivatives):
-    """A dense hidden layer: Y = Phi_l J_l (m, p_l), U_l U_l^T = Y Y^T, Phi_{l-1} = Phi_l F_l."""
-    Y = phi @ d.J
-    return Y @ Y.T, phi @ d.F if d.F is not None else None
+def _dense_layer_gram(phi: torch.Tensor, d):
+    """A hidden layer under dense Phi_l (m, a_l), its blocks dense or known by their
+    action: Y = Phi_l J_l (m, p_l), U_l U_l^T = Y Y^T, Phi_{l-1} = Phi_l F_l (the m rows
+    as m columns of J^T and F^T)."""
+    Y = (d.J.T @ phi.T).T
+    return Y @ Y.T, (d.F.T @ phi.T).T if d.F is not None else None
+
+
+def _example_gram(phi: torch.Tensor, d):
+    """A hidden layer's step under example-blocked Phi_l (B, r, w): (U_l U_l^T or None,
+    Phi_{l-1} blocked), or None where the layer cannot keep the blocks (its examples
+    are not the loss layer's, or it has no per-example closed form)."""
+    if isinstance(d, AffineLayerBlocks):
+        return _blocked_layer_gram(phi, d) if d.num_examples == phi.shape[0] else None
+    step = getattr(d, "example_gram", None)
+    return step(phi) if step is not None else None
 
 
 def logit_gram(derivs: Sequence, factor: OutputFactor) -> torch.Tensor:
     """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l.
 
     Example-blocked Phi_l (B, r, h_l) while every layer from l up is closed form with the
-    loss's B examples, dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l)
+    loss's B examples (affine, convolutional, flattening, pooling: ``example_gram``),
+    dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l)
     at most (O(m^2 + B r h_l) when blocked); U (m x n) is never formed.  Cost per
     closed-form layer O(m^2 h_l + m h_l h_{l-1}) blocked; symmetrised at the end.
     """
     gram, phi, blocked = factor.gram, factor.phi, factor.blocked
     for d in reversed(derivs[:-1]):
-        closed = isinstance(d, AffineLayerBlocks)
-        if blocked and not (closed and d.num_examples == phi.shape[0]):
+        step = _example_gram(phi, d) if blocked else None
+        if blocked and step is None:
             phi, blocked = _block_diagonal(phi), False
-        if blocked:
-            share, phi = _blocked_layer_gram(phi, d)
-        elif closed:
+        if step is not None:
+            share, phi = step
+        elif isinstance(d, AffineLayerBlocks):
             share, phi = _dense_closed_form_layer_gram(phi, d)
         else:
             share, phi = _dense_layer_gram(phi, d)
-        gram = gram + share
+        if share is not None:
+            gram = gram + share
     return (gram + gram.T) / 2
 
 
@@ -2568,6 +3350,178 @@ class RiccatiFactor:
 
 
 # --------------------------------------------------------------------------
+# The parameter-space route (docs/ALGORITHM.md, "The parameter-space route")
+# --------------------------------------------------------------------------
+#
+# A convolutional network is the reverse of a tall-skinny one: huge states, few
+# parameters.  So eliminate the states instead of the parameters: form the Hessian
+# columns of the hidden layers' parameters (layer k's columns need only layers
+# k..L, by forward-over-reverse sweeps on that sub-chain), eliminate the output
+# layer's parameters by the push-through identity (its block A_L + eps I = K^T D K +
+# eps I), and factor the n_c x n_c Schur complement of the rest,
+#
+#     S = H_cc + eps I - H_cL (A_L + eps I)^{-1} H_Lc,
+#
+# by a symmetric indefinite LDL^T (Bunch-Kaufman; Cholesky for the damped GGN).
+# A solve: x_c = S^{-1} (g_c - H_cL y), y = (A_L + eps I)^{-1} g_L, then
+# x_L = (A_L + eps I)^{-1} (g_L - H_Lc x_c), where H_cL y and H_Lc x_c are exact
+# products (block sweeps), so the n_c x p_L columns are not kept.
+
+#: Numbers the column sweeps of the parameter-space route may hold at once (tangents,
+#: adjoints and products for a chunk of columns).
+COLUMN_CHUNK_NUMBERS = 2 ** 24
+
+
+def _columns_per_chunk(num_columns: int, per_column: int) -> int:
+    return max(1, min(num_columns, COLUMN_CHUNK_NUMBERS // max(per_column, 1)))
+
+
+def _parameter_split(sizes: LayerSizes) -> tuple[list, bool]:
+    """(layers whose parameters the Schur complement holds, whether the loss layer's
+    are eliminated in closed form)."""
+    eliminated = sizes.kinds[-1] == "affine" and len(sizes.params) > 1
+    last = len(sizes.params) - 1 if eliminated else len(sizes.params)
+    return list(range(last)), eliminated
+
+
+def parameter_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of :class:`ParameterSpaceSolver` from layer sizes.
+
+    With f_l the flops of one product with layer l's J (:func:`_forward_flops`): layer
+    k's p_k columns cost ~ p_k (4 f_k + 8 sum_{l>k} f_l) (a sweep up and down the
+    sub-chain k..L); eliminating a closed-form loss layer (p_L parameters, B C logits)
+    ~ 2 p_L n^2 + 8 B C p_L n (n = the Schur complement's size); its LDL^T n^3 / 3.
+    A solve: three sweeps (~ 24 sum_l f_l) and 2 n^2.  Bytes: the Schur complement and
+    its factor (2 n^2), the loss layer's columns (p_L n), a chunk of column sweeps
+    (:data:`COLUMN_CHUNK_NUMBERS`).
+    """
+    kept, eliminated = _parameter_split(sizes)
+    params, num_layers = sizes.params, len(sizes.params)
+    n = sum(params[l] for l in kept)
+    forward = [_forward_flops(sizes, l) for l in range(num_layers)]
+    setup, ops = 0.0, 20
+    for k in kept:
+        setup += params[k] * (4 * forward[k] + 8 * sum(forward[k + 1:]))
+        per_column = 4 * sum(sizes.outputs[l] + sizes.inputs[l] for l in range(k, num_layers))
+        chunks = math.ceil(params[k] / _columns_per_chunk(params[k], per_column))
+        ops += chunks * 12 * (num_layers - k)
+    stored = 2 * n * n + min(COLUMN_CHUNK_NUMBERS, 4 * n * sum(sizes.outputs))
+    if eliminated:
+        rows = sizes.u[-1]
+        setup += 2 * params[-1] * n * n + 8 * rows * params[-1] * n
+        stored += params[-1] * n + rows * rows
+    setup += n ** 3 / 3
+    solve = 2 * n * n + 24 * sum(forward)
+    return RouteCost(setup, solve, stored * _itemsize(dtype), ops)
+
+
+class ParameterSpaceSolver:
+    """The parameter-space route: Hessian columns of the hidden layers' parameters, the
+    output layer eliminated, an LDL^T of the Schur complement; damping > 0
+    (docs/ALGORITHM.md, "The parameter-space route").
+
+    Serves any chain, with any blocks that multiply (closed-form affine, convolutional
+    and pooling layers, matrix-free autograd layers, dense blocks): it only needs
+    the exact product.  A closed-form loss layer (``AffineLayerBlocks``) is eliminated
+    by the push-through identity (``inverse``: (A_L + eps I)^{-1}); any other is kept
+    in the Schur complement.  Time ~ n_c (one Hessian-vector product on the layer's
+    sub-chain per column) + p_L n_c^2 + n_c^3 / 3, memory O(n_c^2 + p_L n_c): for
+    networks with few parameters and huge states (a CNN), not tall-skinny MLPs.
+    ``kind``: 'ldl' (Bunch-Kaufman, the Hessian's indefinite S) or 'cholesky' (the
+    damped GGN's positive definite S; LDL^T where Cholesky fails to rounding).
+    """
+
+    route = "parameter"
+    rcond = None
+
+    def __init__(self, operator: "HessianOperator", damping: float):
+        if not (math.isfinite(damping) and damping > 0):
+            raise HessianInverseError(
+                f"the parameter-space path needs a finite damping > 0 (it inverts the output "
+                f"layer's A_L + damping I); got {damping}. Use path='generic' or path='auto' "
+                "for damping 0")
+        self.operator, self.damping = operator, float(damping)
+        derivs = operator.derivs
+        self.kept, self.eliminated = _parameter_split(LayerSizes.of_derivatives(derivs))
+        self.inverse = None
+        if self.eliminated:
+            loss = replace(derivs[-1], input_derivatives=False)
+            self.inverse = eliminate_affine_layer(loss, self.damping, [len(derivs)]).inverse
+        self.sizes = [derivs[l].num_params for l in self.kept]
+        schur = self._schur_complement()
+        kind = "cholesky" if operator.curvature == "ggn" else "ldl"
+        scale = schur.abs().amax()[None]
+        self.factor = PivotFactor.of(schur[None], kind)
+        if kind == "cholesky" and int(self.factor.info[0]) != 0:
+            self.factor = PivotFactor.of(schur[None], "ldl")
+        self.factor.check(schur[None], scale)
+        if int(self.factor.info[0]) != 0:
+            raise EliminationError(
+                f"the Schur complement of the parameters of layers {self.kept[0] + 1}.."
+                f"{self.kept[-1] + 1} in {operator.symbol} + {damping:g} I is singular to "
+                "working precision (parameter-space route): the damping is at an "
+                "eigenvalue of -H, or the curvature batch is too small; use another damping")
+
+    def _columns(self, k: int, cols: slice) -> list:
+        """H[l, k][:, cols] for l = k..L: one sweep of the sub-chain k..L."""
+        derivs = self.operator.derivs
+        units = torch.zeros(derivs[k].num_params, cols.stop - cols.start,
+                            dtype=self.operator.dtype, device=self.operator.device)
+        units[cols].fill_diagonal_(1.0)
+        return structured_hessian_vector_product(
+            derivs[k:], [units] + [None] * (len(derivs) - k - 1))
+
+    def _schur_complement(self) -> torch.Tensor:
+        """S = H_cc + eps I - H_cL (A_L + eps I)^{-1} H_Lc, assembled column chunk by chunk
+        (lower block triangle from the sweeps, the upper one by symmetry)."""
+        derivs, kept, last = self.operator.derivs, self.kept, len(self.operator.derivs) - 1
+        n = sum(self.sizes)
+        offsets = [0, *accumulate(self.sizes)]
+        kw = dict(dtype=self.operator.dtype, device=self.operator.device)
+        S = torch.zeros(n, n, **kw)
+        loss_columns = torch.zeros(derivs[-1].num_params, n, **kw) if self.eliminated else None
+        for i, k in enumerate(kept):
+            p = self.sizes[i]
+            per_column = 4 * sum(d.num_outputs + getattr(d, "num_inputs", 0) for d in derivs[k:])
+            step = _columns_per_chunk(p, per_column)
+            for start in range(0, p, step):
+                cols = slice(start, min(start + step, p))
+                at = slice(offsets[i] + cols.start, offsets[i] + cols.stop)
+                for j, block in enumerate(self._columns(k, cols)):
+                    l = k + j
+                    if self.eliminated and l == last:
+                        loss_columns[:, at] = block
+                        continue
+                    rows = slice(offsets[i + j], offsets[i + j + 1])
+                    S[rows, at] = block
+                    if j:
+                        S[at, rows] = block.T
+            diagonal = S[offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]]
+            diagonal.copy_((diagonal + diagonal.T) / 2)
+        if self.eliminated:
+            step = _columns_per_chunk(n, 2 * loss_columns.shape[0])
+            for start in range(0, n, step):
+                cols = slice(start, min(start + step, n))
+                S[:, cols] -= loss_columns.T @ self.inverse(loss_columns[:, cols])
+        S.diagonal().add_(self.damping)
+        return S
+
+    def solve_once(self, blocks: list) -> list:
+        """(p_l, k) right-hand sides -> (p_l, k) solutions (un-refined)."""
+        derivs, kept, num = self.operator.derivs, self.kept, len(self.operator.derivs)
+        g_c = [blocks[l] for l in kept]
+        if self.eliminated:
+            y = self.inverse(blocks[-1])
+            coupled = structured_hessian_vector_product(derivs, [None] * (num - 1) + [y])
+            g_c = [g - h for g, h in zip(g_c, coupled)]
+        x_c = list(self.factor.solve(torch.cat(g_c)[None])[0].split(self.sizes))
+        if not self.eliminated:
+            return x_c
+        coupled = structured_hessian_vector_product(derivs, x_c + [None])
+        return x_c + [self.inverse(blocks[-1] - coupled[-1])]
+
+
+# --------------------------------------------------------------------------
 # One memory guard (docs/ALGORITHM.md, "Cost and memory")
 # --------------------------------------------------------------------------
 
@@ -2626,15 +3580,35 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
     return total * itemsize
 
 
+#: A layer without closed forms whose dense blocks would hold more numbers than this
+#: gets matrix-free :class:`AutogradLayerBlocks` instead (a convolution's F alone is
+#: activations x activations).
+DENSE_BLOCK_LIMIT = 2 ** 24
+
+#: Kinds of layers whose blocks are known only by their action: the riccati,
+#: structured and generic routes densify them first (:meth:`HessianOperator.densified`).
+MATRIX_FREE_KINDS = ("conv", "linear", "autograd")
+
+
+def _dense_block_numbers(p: int, a_in: int, a: int) -> int:
+    """Numbers the dense oracle holds for a layer: J, A, F, C, G and its workspace."""
+    return a * p + p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
+
+
 @dataclass
 class LayerSizes:
     """What a route's memory depends on, one entry per layer.
 
     ``params`` p_l; ``inputs`` a_{l-1} (the first layer's input is data and is
     not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
-    of u = W z + c for a closed-form layer, None for any other; ``u_block`` the
-    width of D's per-example blocks there (1 when D is diagonal); ``examples`` the
-    batch B of a closed-form layer (None for any other).
+    of u = W z + c for a closed-form affine layer, None for any other; ``u_block``
+    the width of D's per-example blocks there (1 when D is diagonal); ``examples``
+    the batch B of a closed-form affine layer, the im2col rows B x positions of a
+    convolution (None for any other); ``kinds`` per layer 'affine' (closed-form
+    affine), 'conv', 'linear' (parameter-free, flattening or pooling), 'autograd'
+    (:class:`AutogradLayerBlocks`) or 'dense' (:class:`LayerDerivatives`); the kinds
+    in :data:`MATRIX_FREE_KINDS` count as dense layers on the routes that densify
+    them (riccati, structured, generic).
     """
 
     params: list
@@ -2643,23 +3617,53 @@ class LayerSizes:
     u: list
     u_block: list
     examples: list
+    kinds: Optional[list] = None
+
+    def __post_init__(self):
+        if self.kinds is None:
+            self.kinds = ["affine" if u is not None else "dense" for u in self.u]
+
+    @property
+    def batch(self) -> int:
+        """The curvature batch B (the loss layer input's first dimension, as
+        recorded in ``examples`` or ``u`` where known; else 1)."""
+        if self.u[-1] is not None and self.u_block[-1]:
+            return self.u[-1] // self.u_block[-1]
+        return self.examples[-1] or 1
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
                  closed: Sequence[bool]) -> "LayerSizes":
-        """From the layers and the tracked activations, before any derivative exists."""
+        """From the layers and the tracked activations, before any derivative exists.
+
+        A layer without closed forms is 'autograd' when its dense blocks would exceed
+        :data:`DENSE_BLOCK_LIMIT` numbers, else 'dense'."""
         layers = list(model.layers)
         inputs = [z.numel() for z in tracked.inputs]
-        u = [a_in // layer.linear.in_features * layer.linear.out_features if c else None
-             for layer, a_in, c in zip(layers, inputs, closed)]
-        block = [None] * len(layers)
-        if closed[-1]:
-            block[-1] = layers[-1].linear.out_features
-        block[:-1] = [1 if c else None for c in closed[:-1]]
-        examples = [a_in // layer.linear.in_features if c else None
-                    for layer, a_in, c in zip(layers, inputs, closed)]
-        return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                   inputs, inputs[1:] + [1], u, block, examples)
+        outputs = inputs[1:] + [1]
+        params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        u: list = [None] * len(layers)
+        block: list = [None] * len(layers)
+        examples: list = [None] * len(layers)
+        kinds: list = []
+        for l, (layer, c) in enumerate(zip(layers, closed)):
+            if c and isinstance(layer, (AffineActivation, AffineCrossEntropy)):
+                linear = layer.linear
+                examples[l] = inputs[l] // linear.in_features
+                u[l] = examples[l] * linear.out_features
+                block[l] = linear.out_features if l == len(layers) - 1 else 1
+                kinds.append("affine")
+            elif c and isinstance(layer, ConvActivation):
+                examples[l] = outputs[l] // layer.conv.out_channels
+                kinds.append("conv")
+            elif c:
+                kinds.append("linear")
+            else:
+                a_in = inputs[l] if l > 0 else 0
+                big = _dense_block_numbers(params[l], a_in, outputs[l]) > DENSE_BLOCK_LIMIT
+                kinds.append("autograd" if big else "dense")
+        examples[-1] = examples[-1] or tracked.inputs[-1].shape[0]
+        return cls(params, inputs, outputs, u, block, examples, kinds)
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
@@ -2670,8 +3674,22 @@ class LayerSizes:
         block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
                  for d, c in zip(derivs, closed)]
         examples = [d.num_examples if c else None for d, c in zip(derivs, closed)]
+        kinds = [_block_kind(d) for d in derivs]
+        for l, d in enumerate(derivs):
+            if kinds[l] == "conv":
+                examples[l] = d.out_map.numel() // d.weight.shape[0]
+        last = derivs[-1]
+        if examples[-1] is None and hasattr(last, "inputs"):
+            examples[-1] = last.inputs.shape[0]
         return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block,
-                   examples)
+                   examples, kinds)
+
+
+def _block_kind(d) -> str:
+    """The :class:`LayerSizes` kind of a layer's blocks."""
+    if isinstance(d, AffineLayerBlocks):
+        return "affine"
+    return getattr(d, "kind", "dense")
 
 
 @dataclass
@@ -2700,27 +3718,56 @@ def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
     return classes, sizes.u[-1] // classes
 
 
+def output_rows(sizes: LayerSizes) -> int:
+    """m, the rows of U = R J_o that the output-space route factors (m x m).
+
+    A closed-form loss layer: B (C - 1).  Any other loss layer: at most p_L + a_{L-1},
+    the size of its GGN block, whose eigen-root R has one row per nonzero eigenvalue
+    (:func:`dense_output_factor`).
+    """
+    if sizes.u[-1] is None or not sizes.u_block[-1]:
+        return sizes.params[-1] + sizes.inputs[-1]
+    classes, batch = _classes_and_batch(sizes)
+    return batch * max(classes - 1, 1)
+
+
 def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
     """Cost of :class:`OutputSpaceSolver` from layer sizes (loss layer closed form).
 
     m = B (C - 1); per hidden closed-form layer (h outputs, m_in inputs per example)
     ~ 2 m^2 h + 2 m h m_in flops (the Gram share and Phi's propagation); loss layer
     ~ 10 B C^3 (eigh) + 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None)
-    turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A solve:
+    turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A
+    convolution or pooling keeps Phi blocked (2 m^2 p_l + 2 m f_l / B, f_l the layer's
+    :func:`_forward_flops`), an autograd layer does not (2 m^2 p_l + 4 m f_l).  A solve:
     the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2.
     Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
     """
-    classes, batch = _classes_and_batch(sizes)
-    m = batch * max(classes - 1, 1)
-    w_last = sizes.inputs[-1] // batch
-    setup = 10 * batch * classes ** 3 + 2 * m * m * classes + 2 * m * classes * w_last
-    solve = 8 * batch * sizes.params[-1] + 2 * m * m
-    ops, phi_bytes, blocked = 12, m * w_last, True
+    m = output_rows(sizes)
+    if sizes.u[-1] is not None and sizes.u_block[-1]:
+        classes, batch = _classes_and_batch(sizes)
+        w_last = sizes.inputs[-1] // batch
+        setup = 10 * batch * classes ** 3 + 2 * m * m * classes + 2 * m * classes * w_last
+        solve = 8 * batch * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 12, m * w_last, True
+    else:  # batch unknown: B <= a_{L-1} bounds the closed-form layers' terms
+        batch = sizes.inputs[-1]
+        setup = 10 * m ** 3 + 2 * m * m * sizes.params[-1]
+        solve = 4 * m * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 12, m * sizes.inputs[-1], False
     for l in reversed(range(len(sizes.params) - 1)):
         p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
         a_in = a_in if l > 0 else 0
-        blocked = blocked and u is not None
-        if u is not None:
+        kind = sizes.kinds[l]
+        blocked = blocked and kind in ("affine", "conv", "linear")
+        if kind in MATRIX_FREE_KINDS:  # "Convolutional layers", "Matrix-free layers"
+            forward = _forward_flops(sizes, l)
+            # blocked: each of the m rows touches one example; dense Phi: the whole batch
+            setup += 2 * m * m * p + (2 * m * forward / batch if blocked else
+                                      (4 if kind == "autograd" else 2) * m * forward)
+            phi_bytes = max(phi_bytes, m * max(a, a_in) // (batch if blocked else 1))
+            solve += 4 * forward
+        elif u is not None:
             h, m_in = a // batch, a_in // batch
             if blocked:
                 setup += 2 * m * m * h + 2 * m * h * m_in + 2 * batch * batch * (m_in + 1)
@@ -2736,6 +3783,24 @@ def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> 
         ops += 8
     setup += m ** 3 / 3
     return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype), ops)
+
+
+def _forward_flops(sizes: LayerSizes, l: int) -> float:
+    """Flops of one product with layer l's J or F (about one forward pass of the layer).
+
+    Affine or convolutional: 2 x rows x p_l (examples, or im2col rows, times parameters);
+    parameter-free: a_in + a_out; dense blocks: 2 a_l (p_l + a_{l-1}); an autograd
+    layer's cost is unknown from sizes: 2 a_l sqrt(p_l) (a square-ish linear map) plus
+    a_in + a_out."""
+    p, a, a_in, kind = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.kinds[l]
+    if kind in ("affine", "conv"):
+        rows = sizes.examples[l] or 1
+        return 2.0 * rows * p
+    if kind == "linear":
+        return float(a + a_in)
+    if kind == "autograd":
+        return 2.0 * a * math.sqrt(p) + a + a_in
+    return 2.0 * a * (p + a_in)
 
 
 def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
@@ -2812,13 +3877,21 @@ def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
     total, peak_workspace = 0, 0
     for l, (p, a_in, a, a_u, h) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
                                                   sizes.u, sizes.u_block)):
+        stored_input = a_in
         a_in = a_in if l > 0 else 0
         if a_u is not None:
             total += 3 * a_u + a_in + a + a_u * h
+        elif sizes.kinds[l] in MATRIX_FREE_KINDS:  # input, S, r, D and a copy of W
+            total += stored_input + 3 * a + p
         else:
             total += a * p + p * p + p * a_in + a * a_in + a_in * a_in
             peak_workspace = max(peak_workspace, 3 * (p + a_in) ** 2)
     return (total + peak_workspace) * itemsize
+
+
+def _limit(device: torch.device, memory_limit: Optional[int]) -> int:
+    """``memory_limit``, or the device's free memory."""
+    return _available_bytes(device) if memory_limit is None else memory_limit
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -2838,16 +3911,46 @@ def _available_bytes(device: torch.device) -> int:
         return 2 ** 62
 
 
+def _densified_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
+    """Bytes of the dense blocks of the matrix-free layers, which the riccati and
+    structured routes write out first."""
+    return _itemsize(dtype) * sum(
+        _dense_block_numbers(p, a_in if l else 0, a)
+        for l, (p, a_in, a, kind) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                   sizes.kinds)) if kind in MATRIX_FREE_KINDS)
+
+
+def route_bytes(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype) -> int:
+    """Predicted peak bytes of ``stage`` ('derivatives' or 'factorization') of ``route``,
+    with the measured quarter on top where the estimate is a route's own."""
+    p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
+    if stage == "derivatives":
+        return 5 * estimate_derivative_bytes(sizes, dtype) // 4
+    if route in ("output", "riccati", "parameter"):
+        cost = {"output": output_space_cost, "riccati": riccati_cost,
+                "parameter": parameter_space_cost}[route]
+        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost(sizes, dtype).bytes) // 4
+    elif route == "structured":
+        need = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4
+    else:
+        return estimate_factorization_bytes(p, a, a_in[0], dtype)
+    if route in ("riccati", "structured"):
+        need += _densified_bytes(sizes, dtype)
+    return need
+
+
 def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
-                 device: torch.device, memory_limit: Optional[int], advice: str = "") -> None:
+                 device: torch.device, memory_limit: Optional[int], advice: str = "",
+                 curvature: str = "hessian") -> None:
     """The memory guard: raise before allocating what ``stage`` of ``route`` needs.
 
     ``stage`` is ``'derivatives'`` (the blocks, enough for ``H @ v``) or
     ``'factorization'`` (blocks, system and factors).
-    :class:`InsufficientMemoryError` names the estimate, the free memory
-    (``memory_limit`` bytes instead, if given), the largest layer and what to
-    shrink.  The structured estimates get a quarter on top (measured; see
-    :func:`estimate_structured_bytes`).
+    :class:`InsufficientMemoryError` names the estimate, the route, the free memory
+    (``memory_limit`` bytes instead, if given), the block that does not fit and what
+    to shrink; for the Hessian where the Gauss-Newton matrix's output-space route
+    would fit, it says so.  The structured estimates get a quarter on top
+    (measured; see :func:`estimate_structured_bytes`).
     """
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
     if route == "riccati":
@@ -2858,8 +3961,14 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
     elif route == "output":
         l = len(p) - 1
         largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
-                   f"{u[-1] // sizes.u_block[-1] * (sizes.u_block[-1] - 1)} square; memory "
-                   "grows with m^2")
+                   f"{output_rows(sizes)} square; memory grows with m^2 (curvature batch "
+                   "squared)")
+    elif route == "parameter":
+        kept, eliminated = _parameter_split(sizes)
+        largest = (f"the Schur complement of the parameters of layers {kept[0] + 1}.."
+                   f"{kept[-1] + 1}, n = {sum(p[l] for l in kept)} square" +
+                   (f", beside the output layer's Hessian columns ({p[-1]} x that n)"
+                    if eliminated else "") + "; memory grows with n^2")
     elif route == "structured":
         l = max(range(len(p)), key=lambda l: max(u[l] or p[l], a[l], a_in[l] if l else 0))
         largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
@@ -2869,23 +3978,27 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
         l = max(range(len(p)), key=lambda l: p[l] + 2 * a[l])
         largest = (f"layer {l + 1} (p={p[l]} parameters, a={a[l]} activations = batch x "
                    "width); cost grows with (p + 2a)^2 per layer")
-    if stage == "derivatives":
-        need, what = 5 * estimate_derivative_bytes(sizes, dtype) // 4, "derivative blocks need"
-    elif route in ("output", "riccati"):
-        cost = output_space_cost if route == "output" else riccati_cost
-        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost(sizes, dtype).bytes) // 4
-        what = "factorisation needs"
-    elif route == "structured":
-        need, what = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4, "factorisation needs"
-    else:
-        need, what = estimate_factorization_bytes(p, a, a_in[0], dtype), "factorisation needs"
-    limit = _available_bytes(device) if memory_limit is None else memory_limit
+    need = route_bytes(sizes, route, stage, dtype)
+    what = "derivative blocks need" if stage == "derivatives" else "factorisation needs"
+    limit = _limit(device, memory_limit)
     if need > limit:
+        matrix = "Gauss-Newton" if curvature == "ggn" else "Hessian"
+        if any(kind in MATRIX_FREE_KINDS for kind in sizes.kinds) and route != "generic":
+            largest += (" (convolutional and other matrix-free layers are written out densely "
+                        "on the riccati, structured and generic routes)"
+                        if route in ("riccati", "structured") else "")
+        hint = ""
+        if (curvature != "ggn" and stage != "derivatives" and u[-1] is not None
+                and sizes.u_block[-1]):
+            output_need = route_bytes(sizes, "output", stage, dtype)
+            if output_need <= limit:
+                hint = ("curvature='ggn' (the Gauss-Newton matrix) would fit: its output-space "
+                        f"route needs about {output_need / 2**30:.2f} GiB. ")
         raise InsufficientMemoryError(
-            f"the {route} Hessian {what} about {need / 2**30:.2f} GiB but only "
+            f"the {route} {matrix} {what} about {need / 2**30:.2f} GiB but only "
             f"{limit / 2**30:.2f} GiB is available on {device}. The largest block is "
-            f"{largest}. {advice}Shrink the curvature batch, narrow the widest layers, or use "
-            "fewer layers."
+            f"{largest}. {advice}{hint}Shrink the curvature batch, narrow the widest layers, "
+            "or use fewer layers."
         )
 
 
@@ -2988,19 +4101,23 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 
 def choose_route(path: str, damping: Optional[float], closed_forms: bool,
-                 curvature: str = "hessian", sizes: Optional[LayerSizes] = None) -> str:
+                 curvature: str = "hessian", sizes: Optional[LayerSizes] = None,
+                 available: Optional[int] = None, dtype: torch.dtype = torch.float64) -> str:
     """The one place the route is decided: ``'riccati'``, ``'structured'``,
-    ``'generic'`` or ``'output'`` (docs/ALGORITHM.md, "Choosing the route").
+    ``'generic'``, ``'output'`` or ``'parameter'`` (docs/ALGORITHM.md, "Choosing the
+    route").
 
     A forced ``path`` is kept.  ``'auto'`` needs the generic route at damping 0,
     whose pivoting copes with singular blocks and the softmax gauge;
     ``damping=None`` (an operator whose damping is not chosen yet) keeps the closed
     forms.  With damping > 0 it takes the cheapest setup (flops from layer sizes)
-    among the routes that apply: the layer-wise LDL^T (:func:`riccati_cost`), the
-    structured route when the chain has closed-form layers (:func:`structured_cost`),
-    and for the GGN with a closed-form loss layer the output-space route
-    (:func:`output_space_cost`).  A route that then fails hands over to the next
-    (:meth:`HessianInverse._fall_back`).
+    among the routes that apply and whose memory (:func:`route_bytes`) fits in
+    ``available`` bytes (all of them if none fits): the layer-wise LDL^T
+    (:func:`riccati_cost`), the parameter-space route (:func:`parameter_space_cost`),
+    the structured route when the chain has closed-form layers
+    (:func:`structured_cost`), and for the GGN with a closed-form loss layer the
+    output-space route (:func:`output_space_cost`).  A route that then fails hands
+    over to the next (:meth:`HessianInverse._fall_back`).
     """
     if path != "auto":
         return path
@@ -3008,12 +4125,14 @@ def choose_route(path: str, damping: Optional[float], closed_forms: bool,
         return "structured" if closed_forms and damping is None else "generic"
     if sizes is None:
         return "riccati"
-    costs = {"riccati": riccati_cost}
+    costs = {"riccati": riccati_cost, "parameter": parameter_space_cost}
     if closed_forms:
         costs["structured"] = structured_cost
     if curvature == "ggn" and sizes.u[-1] is not None and sizes.u_block[-1]:
         costs["output"] = output_space_cost
-    return min(costs, key=lambda route: costs[route](sizes).setup_flops)
+    fitting = [route for route in costs if available is None
+               or route_bytes(sizes, route, "factorization", dtype) <= available]
+    return min(fitting or costs, key=lambda route: costs[route](sizes, dtype).setup_flops)
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -3046,15 +4165,24 @@ class HessianOperator:
     the tracked forward pass again and build a new operator.
     """
 
-    def __init__(self, derivs: list, gauge: Optional[torch.Tensor],
-                 curvature: str = "hessian", memory_limit: Optional[int] = None):
+    def __init__(self, derivs: list, gauge, curvature: str = "hessian",
+                 memory_limit: Optional[int] = None):
         self.derivs = derivs
-        self.gauge = gauge
+        self._gauge = gauge
         self.curvature = curvature
         self.memory_limit = memory_limit
         self.param_sizes = [d.num_params for d in derivs]
         self.num_params = sum(self.param_sizes)
         self._like = derivs[-1].J
+
+    @property
+    def gauge(self) -> Optional[torch.Tensor]:
+        """The loss layer's known null basis N (p_L, k), or None.  Given as a tensor or
+        as a function computing it on first use (p_L x k is large for a classifier
+        over convolutional features, and only damping 0 and projections need it)."""
+        if callable(self._gauge):
+            self._gauge = self._gauge()
+        return self._gauge
 
     @property
     def symbol(self) -> str:
@@ -3075,7 +4203,32 @@ class HessianOperator:
 
     @property
     def has_closed_forms(self) -> bool:
+        """Whether some layer has closed-form affine blocks (the structured route's)."""
         return any(isinstance(d, AffineLayerBlocks) for d in self.derivs)
+
+    @property
+    def matrix_free_layers(self) -> list[int]:
+        """Layers (0-based) whose blocks are known only by their action (convolutions,
+        pooling, autograd products): the riccati, structured and generic routes write
+        them out densely first."""
+        return [l for l, d in enumerate(self.derivs)
+                if isinstance(d, LayerBlocks) and not isinstance(d, AffineLayerBlocks)]
+
+    def require_layerwise(self, what: str) -> None:
+        """Refuse, naming the layer, an operation that factors per-layer blocks densely
+        (the layer-wise Cholesky of the trust region, spectral counts) on a chain with
+        matrix-free layers, whose dense blocks are activations x activations."""
+        layers = self.matrix_free_layers
+        if layers:
+            l = layers[0]
+            d = self.derivs[l]
+            raise HessianInverseError(
+                f"{what} factors each layer's blocks densely (the layer-wise LDL^T, with "
+                f"a_l x a_l curvature blocks), which is not supported for convolutional, "
+                f"pooling or other matrix-free layers: layer {l + 1} ({type(d).__name__}, "
+                f"{d.num_outputs} activations) would need {d.num_outputs}^2 numbers. Damped "
+                "solves work: factorize(..., damping > 0) (the parameter-space or output-space "
+                "route), or DampedNewton(mode='damped').")
 
     def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
         """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
@@ -3090,18 +4243,27 @@ class HessianOperator:
         tail = v[-last:]
         return torch.cat([v[:-last], tail - self.gauge @ (self.gauge.T @ tail)])
 
-    def densified(self) -> "HessianOperator":
-        """The same matrix with closed-form layers written out as dense blocks.
+    def densified(self, keep_affine: bool = False) -> "HessianOperator":
+        """The same matrix with closed-form and matrix-free layers written out as dense
+        blocks (what the generic route factors).
 
         Guarded by the generic route's memory estimate before writing them out.
+        ``keep_affine``: keep closed-form affine blocks, which the riccati and
+        structured routes use as they are (their own guard has run).
         """
-        if not self.has_closed_forms:
+        def dense(d):
+            return isinstance(d, LayerBlocks) and not (keep_affine and
+                                                       isinstance(d, AffineLayerBlocks))
+
+        if not any(dense(d) for d in self.derivs):
             return self
-        check_memory(LayerSizes.of_derivatives(self.derivs), "generic", "factorization",
-                     self.dtype, self.device, self.memory_limit,
-                     "Use damping > 0, which allows the structured path, or: ")
-        dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in self.derivs]
-        return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit)
+        if not keep_affine:
+            check_memory(LayerSizes.of_derivatives(self.derivs), "generic", "factorization",
+                         self.dtype, self.device, self.memory_limit,
+                         "Use damping > 0, which allows the structured path, or: ",
+                         self.curvature)
+        derivs = [d.densify() if dense(d) else d for d in self.derivs]
+        return HessianOperator(derivs, self._gauge, self.curvature, self.memory_limit)
 
     def to(self, dtype: torch.dtype) -> "HessianOperator":
         """The same blocks in another floating dtype (for a lower-precision factorisation)."""
@@ -3110,7 +4272,8 @@ class HessianOperator:
 
         def cast(d):
             return replace(d, **{f.name: getattr(d, f.name).to(dtype) for f in fields(d)
-                                 if isinstance(getattr(d, f.name), torch.Tensor)})
+                                 if isinstance(getattr(d, f.name), torch.Tensor)
+                                 and getattr(d, f.name).is_floating_point()})
         gauge = None if self.gauge is None else self.gauge.to(dtype)
         return HessianOperator([cast(d) for d in self.derivs], gauge, self.curvature,
                                self.memory_limit)
@@ -3406,6 +4569,8 @@ def _largest_block(operator: HessianOperator, route: str) -> int:
         return max(min(d.num_examples, d.num_params // d.weight.shape[0]) * d.weight.shape[0]
                    if isinstance(d, AffineLayerBlocks) else d.num_params
                    for d in operator.derivs)
+    if route == "parameter":
+        return sum(d.num_params for d in operator.derivs[:-1])
     return max(d.num_params + 2 * d.num_outputs for d in operator.derivs)
 
 
@@ -3491,14 +4656,15 @@ class HessianInverse:
         self.probe_error: Optional[float] = None
         self._norm: Optional[float] = None
         route = choose_route(path, self.damping, operator.has_closed_forms, operator.curvature,
-                             LayerSizes.of_derivatives(operator.derivs))
+                             LayerSizes.of_derivatives(operator.derivs),
+                             _limit(operator.device, operator.memory_limit), operator.dtype)
         self._factor_dtype_asked = factor_dtype
         self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
         self.solver = self._first_solver(route, probe)
 
     def _resolve_factor_dtype(self, asked, route: str) -> torch.dtype:
         dtype = self.operator.dtype
-        if route == "output":  # an m x m Cholesky: cheap, and float32 would cost u32 cond
+        if route in ("output", "parameter"):  # the costly part is not the factorisation
             return dtype
         if asked == "auto":
             wide = _largest_block(self.operator, route) >= 512
@@ -3528,27 +4694,28 @@ class HessianInverse:
             raise
 
     def _build(self, route: str, probe: bool):
-        """Factor ``route`` in ``factor_dtype``; the structured route is probed if asked."""
+        """Factor ``route`` in ``factor_dtype``; the structured, layer-wise and
+        parameter-space routes are probed if asked."""
         op, low = self.operator, self.factor_dtype
         gauge = None if self.gauge is None else self.gauge.to(low)
+        if route != "generic":
+            check_memory(LayerSizes.of_derivatives(op.derivs), route, "factorization",
+                         low, op.device, op.memory_limit, curvature=op.curvature)
         if route == "generic":
             solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition,
                                   self.factorization)
         elif route == "output":
-            check_memory(LayerSizes.of_derivatives(op.derivs), "output", "factorization",
-                         low, op.device, op.memory_limit)
             solver = OutputSpaceSolver(op, self.damping)
+        elif route == "parameter":
+            solver = ParameterSpaceSolver(op, self.damping)
         elif route == "riccati":
-            check_memory(LayerSizes.of_derivatives(op.derivs), "riccati", "factorization",
-                         low, op.device, op.memory_limit)
-            solver = RiccatiSolver(op.to(low), self.damping, gauge)
+            solver = RiccatiSolver(op.densified(keep_affine=True).to(low), self.damping, gauge)
         else:
-            check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
-                         low, op.device, op.memory_limit)
-            solver = EliminatedSolver(op.to(low), self.damping, self.factorization)
+            solver = EliminatedSolver(op.densified(keep_affine=True).to(low), self.damping,
+                                      self.factorization)
         if low != op.dtype:
             solver = _CastSolver(solver, op.dtype)
-        if route in ("structured", "riccati") and self.check_condition and probe:
+        if route in ("structured", "riccati", "parameter") and self.check_condition and probe:
             generator = torch.Generator(device=op.device).manual_seed(0)
             g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
                             device=op.device)
@@ -3571,6 +4738,8 @@ class HessianInverse:
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
         following = {"output": "riccati", "riccati": "structured"}.get(failed)
+        if failed == "output" and self.operator.matrix_free_layers:
+            following = "parameter"  # the riccati route would write out conv-sized blocks
         if following == "structured" and not (self.operator.has_closed_forms and self.damping):
             following = None
         if following is not None:
@@ -3788,26 +4957,54 @@ def validate_model(model, curvature: str = "hessian") -> None:
     _check_curvature(curvature, model.loss_layer)
 
 
+#: Piecewise-linear modules: exact only off their kinks (:func:`_warn_piecewise_linear`).
+_PIECEWISE_LINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d,
+                     nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def _warn_piecewise_linear(model: TrackedChain) -> None:
+    """Warn (once per call site) that ReLU and max-pooling have a Hessian only almost
+    everywhere, naming the layers."""
+    found = [f"layer {l + 1} ({type(module).__name__})"
+             for l, layer in enumerate(model.layers) for module in layer.modules()
+             if isinstance(module, _PIECEWISE_LINEAR)
+             or getattr(module, "activation", None) == "relu"]
+    if found:
+        warnings.warn(
+            f"{', '.join(found)}: ReLU and max-pooling are piecewise linear, so the Hessian "
+            "exists only almost everywhere (off the kinks and ties), where their own "
+            "curvature is zero; results are exact there. Prefer smooth activations (tanh, "
+            "gelu, softplus) for second-order methods.", RuntimeWarning, stacklevel=4)
+
+
 def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor],
                                curvature: str, path: str, damping: Optional[float],
                                memory_limit: Optional[int], stage: str) -> HessianOperator:
     """Check the tracked pass, decide the route, guard ``stage``'s memory, one sweep.
 
-    Arguments are already validated.  Layers get closed forms exactly when the
-    route is structured.
+    Arguments are already validated.  Layers get closed forms unless the route is
+    generic; a layer without closed forms whose dense blocks would be large gets
+    matrix-free autograd blocks (:class:`LayerSizes`, kind 'autograd').
     """
     tracked = model.tracked_forward(loss)
+    _warn_piecewise_linear(model)
     closed = closed_form_flags(model, tracked)
     sizes = LayerSizes.of_model(model, tracked, closed)
-    route = choose_route(path, damping, any(closed), curvature, sizes)
+    first = tracked.inputs[-1]
+    route = choose_route(path, damping, "affine" in sizes.kinds, curvature, sizes,
+                         _limit(first.device, memory_limit), first.dtype)
     if route == "generic":
         closed = [False] * len(closed)
         sizes = LayerSizes.of_model(model, tracked, closed)
-    first = tracked.inputs[-1]
-    check_memory(sizes, route, stage, first.dtype, first.device, memory_limit)
-    derivs = chain_derivatives(model, tracked, curvature, closed)
+    check_memory(sizes, route, stage, first.dtype, first.device, memory_limit,
+                 curvature=curvature)
+    derivs = chain_derivatives(model, tracked, curvature, closed,
+                               [kind == "autograd" for kind in sizes.kinds])
     null_directions = getattr(model.loss_layer, "null_directions", None)
-    gauge = null_directions().detach() if callable(null_directions) else None
+    gauge = None
+    if callable(null_directions):
+        dtype, device = first.dtype, first.device  # the tracked point's, even if cast later
+        gauge = lambda: null_directions().detach().to(dtype=dtype, device=device)  # noqa: E731
     return HessianOperator(derivs, gauge, curvature, memory_limit)
 
 
