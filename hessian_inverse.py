@@ -42,6 +42,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass, fields, replace
+from itertools import accumulate
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -56,15 +57,15 @@ from block_tridiagonal import (BlockTridiagonal, CyclicReductionFactor, Singular
 __all__ = [
     # models
     "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "TrackedChain",
-    "DeepMLPWithTracking",
+    "DeepMLPWithTracking", "ConvActivation", "ConvNetWithTracking",
     # the derivative oracle
     "LayerDerivatives", "compute_layer_derivatives",
     # operators and entry points
     "CURVATURES", "PATHS", "HessianOperator", "HessianInverse", "hessian_operator",
     "factorize", "hessian_inverse_vector_product", "hessian_vector_product",
     # errors
-    "HessianInverseError", "NotTrackedError", "SingularHessianError", "EliminationError",
-    "InaccurateSolveError", "InsufficientMemoryError",
+    "HessianInverseError", "NotTrackedError", "TrainingModeError", "SingularHessianError",
+    "EliminationError", "InaccurateSolveError", "InsufficientMemoryError",
 ]
 
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
@@ -84,6 +85,12 @@ class HessianInverseError(ValueError):
 
 class NotTrackedError(RuntimeError):
     """The model has no usable tracked forward pass to differentiate."""
+
+
+class TrainingModeError(NotTrackedError, HessianInverseError):
+    """A layer in training mode (Dropout, BatchNorm with running statistics) makes the
+    forward pass random or stateful: both a :class:`NotTrackedError` (no usable tracked
+    pass) and a :class:`HessianInverseError` (an unsupported option of a layer)."""
 
 
 class SingularHessianError(torch.linalg.LinAlgError):
@@ -250,7 +257,10 @@ def _stochastic_modules(model: nn.Module) -> list:
         running_stats = (isinstance(module, nn.modules.batchnorm._BatchNorm) and
                          module.track_running_stats)
         if random_drop or running_stats:
-            found.append(f"{name} ({type(module).__name__})")
+            parts = name.split(".")
+            layer = (f"layer {int(parts[1]) + 1}: " if len(parts) > 1 and parts[0] == "layers"
+                     and parts[1].isdigit() else "")
+            found.append(f"{name} ({layer}{type(module).__name__})")
     return found
 
 
@@ -326,7 +336,7 @@ class TrackedChain(nn.Module):
             )
         stochastic = tracked.stochastic or _stochastic_modules(self)
         if stochastic:
-            raise NotTrackedError(
+            raise TrainingModeError(
                 f"{', '.join(stochastic)} in training mode makes the forward pass random or "
                 "stateful, so its Hessian is not a well-defined function of the parameters: "
                 f"call model.eval() and {rerun}"
@@ -2912,26 +2922,29 @@ def _columns_per_chunk(num_columns: int, per_column: int) -> int:
     return max(1, min(num_columns, COLUMN_CHUNK_NUMBERS // max(per_column, 1)))
 
 
-def _parameter_split(sizes: LayerSizes) -> tuple[list, bool]:
+def _parameter_split(sizes: LayerSizes, damping: Optional[float] = None) -> tuple[list, bool]:
     """(layers whose parameters the Schur complement holds, whether the loss layer's
-    are eliminated in closed form)."""
-    eliminated = sizes.kinds[-1] == "affine" and len(sizes.params) > 1
+    are eliminated in closed form: a closed-form loss layer at damping > 0)."""
+    eliminated = (sizes.kinds[-1] == "affine" and len(sizes.params) > 1
+                  and (damping is None or damping > 0))
     last = len(sizes.params) - 1 if eliminated else len(sizes.params)
     return list(range(last)), eliminated
 
 
-def parameter_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+def parameter_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64,
+                         damping: Optional[float] = None) -> RouteCost:
     """Cost of :class:`ParameterSpaceSolver` from layer sizes.
 
     With f_l the flops of one product with layer l's J (:func:`_forward_flops`): layer
     k's p_k columns cost ~ p_k (4 f_k + 8 sum_{l>k} f_l) (a sweep up and down the
-    sub-chain k..L); eliminating a closed-form loss layer (p_L parameters, B C logits)
-    ~ 2 p_L n^2 + 8 B C p_L n (n = the Schur complement's size); its LDL^T n^3 / 3.
+    sub-chain k..L); eliminating a closed-form loss layer (p_L parameters, B C logits;
+    damping > 0) ~ 2 p_L n^2 + 8 B C p_L n (n = the Schur complement's size, all the
+    parameters at damping 0); its LDL^T n^3 / 3.
     A solve: three sweeps (~ 24 sum_l f_l) and 2 n^2.  Bytes: the Schur complement and
     its factor (2 n^2), the loss layer's columns (p_L n), a chunk of column sweeps
     (:data:`COLUMN_CHUNK_NUMBERS`).
     """
-    kept, eliminated = _parameter_split(sizes)
+    kept, eliminated = _parameter_split(sizes, damping)
     params, num_layers = sizes.params, len(sizes.params)
     n = sum(params[l] for l in kept)
     forward = [_forward_flops(sizes, l) for l in range(num_layers)]
@@ -2941,7 +2954,9 @@ def parameter_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) 
         per_column = 4 * sum(sizes.outputs[l] + sizes.inputs[l] for l in range(k, num_layers))
         chunks = math.ceil(params[k] / _columns_per_chunk(params[k], per_column))
         ops += chunks * 12 * (num_layers - k)
-    stored = 2 * n * n + min(COLUMN_CHUNK_NUMBERS, 4 * n * sum(sizes.outputs))
+    stored = 2 * n * n + max((min(COLUMN_CHUNK_NUMBERS, params[k] * 4 * sum(
+        sizes.outputs[l] + sizes.inputs[l] for l in range(k, num_layers))) for k in kept),
+        default=0)
     if eliminated:
         rows = sizes.u[-1]
         setup += 2 * params[-1] * n * n + 8 * rows * params[-1] * n
@@ -2964,39 +2979,38 @@ class ParameterSpaceSolver:
     sub-chain per column) + p_L n_c^2 + n_c^3 / 3, memory O(n_c^2 + p_L n_c): for
     networks with few parameters and huge states (a CNN), not tall-skinny MLPs.
     ``kind``: 'ldl' (Bunch-Kaufman, the Hessian's indefinite S) or 'cholesky' (the
-    damped GGN's positive definite S; LDL^T where Cholesky fails to rounding).
+    damped GGN's positive definite S; LDL^T where Cholesky fails to rounding).  At
+    damping 0 nothing is eliminated: the LDL^T (symmetric pivoting) is of H + N N^T,
+    ``gauge`` N the loss layer's known null basis (Moore-Penrose, "The softmax gauge").
     """
 
     route = "parameter"
     rcond = None
 
-    def __init__(self, operator: "HessianOperator", damping: float):
-        if not (math.isfinite(damping) and damping > 0):
-            raise HessianInverseError(
-                f"the parameter-space path needs a finite damping > 0 (it inverts the output "
-                f"layer's A_L + damping I); got {damping}. Use path='generic' or path='auto' "
-                "for damping 0")
-        self.operator, self.damping = operator, float(damping)
+    def __init__(self, operator: "HessianOperator", damping: float,
+                 gauge: Optional[torch.Tensor] = None):
+        self.operator, self.damping, self.gauge = operator, float(damping), gauge
         derivs = operator.derivs
-        self.kept, self.eliminated = _parameter_split(LayerSizes.of_derivatives(derivs))
+        self.kept, self.eliminated = _parameter_split(LayerSizes.of_derivatives(derivs),
+                                                      self.damping)
         self.inverse = None
         if self.eliminated:
             loss = replace(derivs[-1], input_derivatives=False)
             self.inverse = eliminate_affine_layer(loss, self.damping, [len(derivs)]).inverse
         self.sizes = [derivs[l].num_params for l in self.kept]
-        schur = self._schur_complement()
+        schur, scale = self._schur_complement()
         kind = "cholesky" if operator.curvature == "ggn" else "ldl"
-        scale = schur.abs().amax()[None]
         self.factor = PivotFactor.of(schur[None], kind)
         if kind == "cholesky" and int(self.factor.info[0]) != 0:
             self.factor = PivotFactor.of(schur[None], "ldl")
-        self.factor.check(schur[None], scale)
+        del schur
+        self.factor.check(self.factor.factors[0], scale[None])
         if int(self.factor.info[0]) != 0:
-            raise EliminationError(
-                f"the Schur complement of the parameters of layers {self.kept[0] + 1}.."
-                f"{self.kept[-1] + 1} in {operator.symbol} + {damping:g} I is singular to "
-                "working precision (parameter-space route): the damping is at an "
-                "eigenvalue of -H, or the curvature batch is too small; use another damping")
+            raise EliminationError(_singular_message(
+                _system_name(operator, self.damping, gauge),
+                f"parameter-space route: a pivot of the LDL^T of the Schur complement of the "
+                f"parameters of layers {self.kept[0] + 1}..{self.kept[-1] + 1} (n = "
+                f"{sum(self.sizes)}) is below n u times its largest entry", self.damping))
 
     def _columns(self, k: int, cols: slice) -> list:
         """H[l, k][:, cols] for l = k..L: one sweep of the sub-chain k..L."""
@@ -3007,9 +3021,12 @@ class ParameterSpaceSolver:
         return structured_hessian_vector_product(
             derivs[k:], [units] + [None] * (len(derivs) - k - 1))
 
-    def _schur_complement(self) -> torch.Tensor:
-        """S = H_cc + eps I - H_cL (A_L + eps I)^{-1} H_Lc, assembled column chunk by chunk
-        (lower block triangle from the sweeps, the upper one by symmetry)."""
+    def _schur_complement(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """S = H_cc + eps I - H_cL (A_L + eps I)^{-1} H_Lc, assembled column chunk by chunk,
+        and the largest magnitude of its entries.  Only the lower triangle is formed
+        (the factorisations read no other): the sweeps of layer k give the block column
+        below its diagonal block, and the output layer's share is subtracted on and
+        below the diagonal (half the flops of the full product)."""
         derivs, kept, last = self.operator.derivs, self.kept, len(self.operator.derivs) - 1
         n = sum(self.sizes)
         offsets = [0, *accumulate(self.sizes)]
@@ -3024,23 +3041,23 @@ class ParameterSpaceSolver:
                 cols = slice(start, min(start + step, p))
                 at = slice(offsets[i] + cols.start, offsets[i] + cols.stop)
                 for j, block in enumerate(self._columns(k, cols)):
-                    l = k + j
-                    if self.eliminated and l == last:
+                    if self.eliminated and k + j == last:
                         loss_columns[:, at] = block
-                        continue
-                    rows = slice(offsets[i + j], offsets[i + j + 1])
-                    S[rows, at] = block
-                    if j:
-                        S[at, rows] = block.T
-            diagonal = S[offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]]
-            diagonal.copy_((diagonal + diagonal.T) / 2)
-        if self.eliminated:
-            step = _columns_per_chunk(n, 2 * loss_columns.shape[0])
-            for start in range(0, n, step):
-                cols = slice(start, min(start + step, n))
-                S[:, cols] -= loss_columns.T @ self.inverse(loss_columns[:, cols])
+                    else:
+                        S[offsets[i + j]:offsets[i + j + 1], at] = block
         S.diagonal().add_(self.damping)
-        return S
+        if self.gauge is not None:  # H + N N^T: the softmax gauge fixed at damping 0
+            S[offsets[-2]:, offsets[-2]:] += self.gauge @ self.gauge.T
+        if not self.eliminated:
+            return S, S.tril().abs().amax()
+        scale = S.new_zeros(())
+        step = _columns_per_chunk(n, 2 * loss_columns.shape[0])
+        for start in range(0, n, step):
+            cols = slice(start, min(start + step, n))
+            lower = S[start:, cols]
+            lower -= loss_columns[:, start:].T @ self.inverse(loss_columns[:, cols])
+            scale = torch.maximum(scale, lower.abs().amax())
+        return S, scale
 
     def solve_once(self, blocks: list) -> list:
         """(p_l, k) right-hand sides -> (p_l, k) solutions (un-refined)."""
@@ -3339,6 +3356,21 @@ def _forward_flops(sizes: LayerSizes, l: int) -> float:
     return 2.0 * a * (p + a_in)
 
 
+def generic_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of :class:`LiftedSolver` from layer sizes: the dense oracle, ~ 4 f_l (p_l +
+    a_{l-1}) per layer (one Hessian-vector product of the layer per column,
+    :func:`_forward_flops`), and the banded LU of blocks n_l = p_l + 2 a_l, ~ 4 n_l^3
+    each (the panel's LU and the update with the fill); a solve ~ 8 n_l^2 per layer.
+    Bytes: :func:`estimate_factorization_bytes`."""
+    setup = solve = 0.0
+    for l, (p, a_in, a) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs)):
+        n = p + 2 * a
+        setup += 4 * _forward_flops(sizes, l) * (p + (a_in if l else 0)) + 4 * n ** 3
+        solve += 8 * n * n
+    return RouteCost(setup, solve, estimate_factorization_bytes(
+        sizes.params, sizes.outputs, sizes.inputs[0], dtype), 30 * len(sizes.params))
+
+
 def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
     """Cost of the structured route (:class:`EliminatedSolver`), same terms.
 
@@ -3456,16 +3488,17 @@ def _densified_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
                                                    sizes.kinds)) if kind in MATRIX_FREE_KINDS)
 
 
-def route_bytes(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype) -> int:
+def route_bytes(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
+                damping: Optional[float] = None) -> int:
     """Predicted peak bytes of ``stage`` ('derivatives' or 'factorization') of ``route``,
     with the measured quarter on top where the estimate is a route's own."""
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
     if stage == "derivatives":
         return 5 * estimate_derivative_bytes(sizes, dtype) // 4
     if route in ("output", "riccati", "parameter"):
-        cost = {"output": output_space_cost, "riccati": riccati_cost,
-                "parameter": parameter_space_cost}[route]
-        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost(sizes, dtype).bytes) // 4
+        cost = (parameter_space_cost(sizes, dtype, damping) if route == "parameter" else
+                {"output": output_space_cost, "riccati": riccati_cost}[route](sizes, dtype))
+        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost.bytes) // 4
     elif route == "structured":
         need = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4
     else:
@@ -3477,7 +3510,7 @@ def route_bytes(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype) -
 
 def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                  device: torch.device, memory_limit: Optional[int], advice: str = "",
-                 curvature: str = "hessian") -> None:
+                 curvature: str = "hessian", damping: Optional[float] = None) -> None:
     """The memory guard: raise before allocating what ``stage`` of ``route`` needs.
 
     ``stage`` is ``'derivatives'`` (the blocks, enough for ``H @ v``) or
@@ -3500,7 +3533,7 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    f"{output_rows(sizes)} square; memory grows with m^2 (curvature batch "
                    "squared)")
     elif route == "parameter":
-        kept, eliminated = _parameter_split(sizes)
+        kept, eliminated = _parameter_split(sizes, damping)
         largest = (f"the Schur complement of the parameters of layers {kept[0] + 1}.."
                    f"{kept[-1] + 1}, n = {sum(p[l] for l in kept)} square" +
                    (f", beside the output layer's Hessian columns ({p[-1]} x that n)"
@@ -3514,7 +3547,7 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
         l = max(range(len(p)), key=lambda l: p[l] + 2 * a[l])
         largest = (f"layer {l + 1} (p={p[l]} parameters, a={a[l]} activations = batch x "
                    "width); cost grows with (p + 2a)^2 per layer")
-    need = route_bytes(sizes, route, stage, dtype)
+    need = route_bytes(sizes, route, stage, dtype, damping)
     what = "derivative blocks need" if stage == "derivatives" else "factorisation needs"
     limit = _limit(device, memory_limit)
     if need > limit:
@@ -3657,18 +3690,30 @@ def choose_route(path: str, damping: Optional[float], closed_forms: bool,
     """
     if path != "auto":
         return path
-    if damping is None or damping == 0:
-        return "structured" if closed_forms and damping is None else "generic"
+    if damping is None:
+        return "structured" if closed_forms else "generic"
     if sizes is None:
-        return "riccati"
-    costs = {"riccati": riccati_cost, "parameter": parameter_space_cost}
-    if closed_forms:
-        costs["structured"] = structured_cost
-    if curvature == "ggn" and sizes.u[-1] is not None and sizes.u_block[-1]:
-        costs["output"] = output_space_cost
+        return "riccati" if damping else "generic"
+    if damping == 0:  # pivoting across the whole system: generic, or for a chain with
+        # convolutions (activations far wider than the parameters) the parameter route
+        costs = {"generic": generic_cost}
+        if any(kind in MATRIX_FREE_KINDS for kind in sizes.kinds):
+            costs["parameter"] = parameter_space_cost
+    else:
+        costs = {"riccati": riccati_cost, "parameter": parameter_space_cost}
+        if closed_forms:
+            costs["structured"] = structured_cost
+        if curvature == "ggn" and sizes.u[-1] is not None and sizes.u_block[-1]:
+            costs["output"] = output_space_cost
+
+    def cost(route: str) -> RouteCost:
+        if route == "parameter":
+            return parameter_space_cost(sizes, dtype, damping)
+        return costs[route](sizes, dtype)
+
     fitting = [route for route in costs if available is None
-               or route_bytes(sizes, route, "factorization", dtype) <= available]
-    return min(fitting or costs, key=lambda route: costs[route](sizes, dtype).setup_flops)
+               or route_bytes(sizes, route, "factorization", dtype, damping) <= available]
+    return min(fitting or costs, key=lambda route: cost(route).setup_flops)
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -4236,14 +4281,15 @@ class HessianInverse:
         gauge = None if self.gauge is None else self.gauge.to(low)
         if route != "generic":
             check_memory(LayerSizes.of_derivatives(op.derivs), route, "factorization",
-                         low, op.device, op.memory_limit, curvature=op.curvature)
+                         low, op.device, op.memory_limit, curvature=op.curvature,
+                         damping=self.damping)
         if route == "generic":
             solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition,
                                   self.factorization)
         elif route == "output":
             solver = OutputSpaceSolver(op, self.damping)
         elif route == "parameter":
-            solver = ParameterSpaceSolver(op, self.damping)
+            solver = ParameterSpaceSolver(op, self.damping, self.gauge)
         elif route == "riccati":
             solver = RiccatiSolver(op.densified(keep_affine=True).to(low), self.damping, gauge)
         else:
@@ -4273,6 +4319,8 @@ class HessianInverse:
         if self.path != "auto":
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
+        if failed == "parameter":  # pivoted like the generic route: its verdict stands
+            raise err
         following = {"output": "riccati", "riccati": "structured"}.get(failed)
         if failed == "output" and self.operator.matrix_free_layers:
             following = "parameter"  # the riccati route would write out conv-sized blocks
@@ -4533,7 +4581,7 @@ def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor]
         closed = [False] * len(closed)
         sizes = LayerSizes.of_model(model, tracked, closed)
     check_memory(sizes, route, stage, first.dtype, first.device, memory_limit,
-                 curvature=curvature)
+                 curvature=curvature, damping=damping)
     derivs = chain_derivatives(model, tracked, curvature, closed,
                                [kind == "autograd" for kind in sizes.kinds])
     null_directions = getattr(model.loss_layer, "null_directions", None)

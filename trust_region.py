@@ -127,6 +127,7 @@ def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
     couples to the layers below through the E term of C_l, ``(B + P_N) v != 0``, and
     B + P_N is then indefinite, not singular.
     """
+    operator.require_layerwise("the definiteness test")
     lam = float(damping)
     derivs = operator.derivs
     gauge = operator.gauge if lam == 0.0 else None
@@ -313,6 +314,7 @@ def trust_region_step(operator: HessianOperator, gradient: torch.Tensor, radius:
     """
     if not (isinstance(gradient, torch.Tensor) and gradient.dim() == 1):
         raise HessianInverseError("gradient must be a vector of shape (n,)")
+    operator.require_layerwise("the trust-region step (its definiteness test)")
     blocks = operator.split(gradient, "gradient")
     radius = float(radius)
     if not (math.isfinite(radius) and radius > 0):
