@@ -5,11 +5,16 @@ Implements A. Rahimi, "The Hessian of tall-skinny networks is easy to invert"
 comments cite by name; the module runs top to bottom in that order:
 
 - The chain: ``z_l = f_l(z_{l-1}; x_l)``, l = 1..L, the last layer fused with
-  the loss (:class:`TrackedChain`, :class:`DeepMLPWithTracking`).
+  the loss (:class:`TrackedChain`, :class:`DeepMLPWithTracking`,
+  :class:`ConvNetWithTracking`).
 - The derivative oracle: per layer ``J_l``, ``F_l`` and the second derivatives
   ``A_l``, ``C_l``, ``G_l`` of ``b_l . f_l`` (:func:`compute_layer_derivatives`),
-  or their closed forms for affine layers (:class:`AffineLayerBlocks`), in one
-  backward sweep (:func:`chain_derivatives`).
+  or blocks known by their action (:class:`LayerBlocks`): closed forms for
+  affine, convolutional, flattening and pooling layers
+  (:class:`AffineLayerBlocks`, :class:`ConvLayerBlocks`,
+  :class:`LinearLayerBlocks`), autograd products for any other large layer
+  (:class:`AutogradLayerBlocks`); all in one backward sweep
+  (:func:`chain_derivatives`).
 - The Hessian-vector product through those blocks
   (:func:`structured_hessian_vector_product`).
 - The lifted system: ``(H + eps I) x = g`` as a symmetric block-tridiagonal
@@ -18,7 +23,10 @@ comments cite by name; the module runs top to bottom in that order:
 - Parameter elimination (beyond the paper): with damping > 0, each affine
   layer's parameters are eliminated by the push-through identity, leaving a
   reduced system in (w_l, y_l) (:func:`assemble_reduced_system`): cost linear
-  in the parameter count.
+  in the parameter count.  The layer-wise LDL^T (:class:`RiccatiFactor`), the
+  output-space route (:class:`OutputSpaceSolver`) and, for networks with few
+  parameters and huge states (CNNs), the parameter-space route
+  (:class:`ParameterSpaceSolver`).
 - One memory guard, the operators users hold (:class:`HessianOperator`,
   :class:`HessianInverse`, whose solver is the lifted or the eliminated one),
   one function that chooses the route (:func:`choose_route`), and the entry
@@ -28,7 +36,9 @@ comments cite by name; the module runs top to bottom in that order:
 With ``damping == 0`` a softmax classifier's always-singular Hessian is solved
 exactly on its known null space (Moore-Penrose, "The softmax gauge");
 ``curvature='ggn'`` swaps H for the generalized Gauss-Newton matrix.  Nothing of
-size n x n (n = all parameters) is ever formed.  The trust-region solver
+size n x n (n = all parameters) is formed, except by the parameter-space route,
+whose Schur complement is square in the hidden layers' parameters by design
+(chosen where that is the cheaper size).  The trust-region solver
 (``trust_region.py``) and the optimizer (``damped_newton.py``) build on this
 module; it does not import them.
 """
@@ -4315,7 +4325,9 @@ class HessianInverse:
     def _fall_back(self, err: SingularHessianError, failed: str, probe: bool = False):
         """``path='auto'`` after the ``failed`` route failed: warn, then the next route
         of output, riccati, structured (with closed forms), generic (probed like the
-        first, if ``probe``)."""
+        first, if ``probe``); after the output route, the parameter route on a chain
+        with matrix-free layers.  The parameter route pivots across all its
+        parameters, so its failure is final."""
         if self.path != "auto":
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
@@ -4607,8 +4619,10 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     parameters); the loss layer must expose ``logits`` and ``loss``.  The
     softmax gauge is a null space of both.
     ``path``: ``'generic'`` holds every layer's derivatives as dense autograd
-    blocks; ``'structured'`` and ``'auto'`` hold closed forms for affine
-    layers (``AffineLayerBlocks``) and dense blocks for the others.
+    blocks (or autograd products where those would be large); the other paths
+    hold closed forms where a layer has them (:data:`HIDDEN_CLOSED_FORMS`) and
+    dense blocks or autograd products (:class:`AutogradLayerBlocks`) for the
+    others.
     """
     validate_model(model, curvature)
     _check_path(path)
@@ -4624,9 +4638,8 @@ def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
     with ``curvature='ggn'``), ready for many solves.
 
-    ``path``: ``'auto'`` (default) takes the structured route when damping > 0
-    and the model has affine layers with closed forms, else the generic one
-    (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
+    ``path``: ``'auto'`` (default) takes the cheapest route that applies
+    (:func:`choose_route`); any of :data:`PATHS` forces one.
     ``rtol``, ``on_inaccurate``: the accuracy contract; ``factor_dtype``: mixed
     precision (both in :class:`HessianInverse`).
     """
@@ -4660,7 +4673,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         memory_limit: bytes available (default: the device's free memory).
         curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
             ``J^T H_loss J``, positive semi-definite for cross-entropy).
-        path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
+        path: one of :data:`PATHS`, as in :func:`factorize`.
         rtol, on_inaccurate: the accuracy contract: the result's relative
             residual is at most ``rtol`` (default :func:`default_rtol`) or
             :class:`InaccurateSolveError` is raised (``'warn'``: warned).

@@ -342,3 +342,23 @@ def test_flattening_without_flatten_and_the_output_layer_on_conv_outputs():
     A = damped(G, 1e-2)
     assert rel(op.factorize(1e-2) @ v, torch.linalg.solve(A, v)) <= solve_tolerance(A)
     assert rel(op @ v, G @ v) <= 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_conv_routes_follow_the_device():
+    """On the GPU, float32 and float64: products and the parameter and output routes
+    against the same solve on the CPU."""
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-3)):
+        model, x, t, loss = cnn(11, (2, 8, 8), [4, 4], [1, 2], 1, "tanh", 6)
+        cpu = {curv: hi.factorize(model, loss, 1e-2, curvature=curv) for curv in ("hessian",
+                                                                               "ggn")}
+        v = torch.randn(cpu["ggn"].operator.num_params, dtype=F64)
+        model = model.to("cuda", dtype)
+        loss = model(x.to("cuda", dtype), t.to("cuda"), track_activations=True)
+        for curvature, inverse in cpu.items():
+            gpu = hi.factorize(model, loss, 1e-2, curvature=curvature)
+            got = gpu @ v.to("cuda", dtype)
+            assert got.device.type == "cuda" and got.dtype == dtype
+            assert gpu.route == inverse.route
+            assert rel(got.double().cpu(), inverse @ v) <= tol

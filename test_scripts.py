@@ -572,3 +572,19 @@ def test_imagenet_bad_validation_image_keeps_the_epoch_and_resume_validates_it(
 
 
 # simple_example.py: test_simple_example.py
+
+
+# train_imagenet.py --arch cnn (issue 19)
+
+
+def test_imagenet_cnn_newton_epoch_resumes_as_a_cnn(image_folder, tmp_path, capsys):
+    ckpt = imagenet(image_folder, tmp_path, "--arch", "cnn", "--use-hessian", "--epochs", "1")
+    assert ckpt["args"]["arch"] == "cnn" and ckpt["optimizer"]["state"][0]["newton_steps"] == 3
+    assert any("conv.weight" in key for key in ckpt["model"])
+    assert "CNN 48 -> 4 x 2 -> 3" in capsys.readouterr().out
+    resumed = imagenet(image_folder, tmp_path, "--use-hessian", "--epochs", "2", "--resume")
+    assert resumed["args"]["arch"] == "cnn" and resumed["global_step"] == 6
+    with pytest.raises(SystemExit) as err:
+        imagenet(image_folder, tmp_path / "tr", "--arch", "cnn", "--use-hessian",
+                 "--trust-region")
+    assert "--trust-region" in exit_message(err) and "--arch mlp" in exit_message(err)

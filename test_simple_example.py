@@ -151,3 +151,18 @@ def test_the_regime_preset_sets_its_flags_and_explicit_flags_win():
         optimizer, settings = simple_example.make_optimizer(name, model, None, args)
         assert optimizer.param_groups[0]["min_damping"] == preset["min_damping"]
         assert settings["min_damping"] == preset["min_damping"]
+
+
+def test_cnn_model_takes_second_order_steps_and_refuses_the_trust_region(tmp_path, capsys):
+    out, data = run(tmp_path, "--model", "cnn", "--methods", "adam,newton,ggn")
+    text = capsys.readouterr().out
+    assert "CNN 64 -> 8 x 2 -> 10" in text and "1954 parameters" in text
+    assert list(data["methods"]) == ["adam", "newton", "ggn"]
+    for name in ("newton", "ggn"):
+        losses = data["methods"][name]["loss"]
+        assert losses[-1] < losses[0]
+    args = simple_example.get_args(QUICK + ["--model", "cnn"])
+    assert "tr" not in args.methods and "newton" in args.methods
+    with pytest.raises(SystemExit):
+        simple_example.get_args(QUICK + ["--model", "cnn", "--methods", "tr"])
+    assert "does not support convolutional layers" in capsys.readouterr().err

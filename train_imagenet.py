@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from damped_newton import DampedNewton
 from hessian_inverse import DeepMLPWithTracking, InsufficientMemoryError
-from train_utils import (DTYPES, HelpFormatter, Logits, Processes, UsageError, build_model,
-                         collective_failure, curvature_too_large, evaluate, fingerprint,
+from train_utils import (ARCHITECTURES, DTYPES, HelpFormatter, Logits, Processes, UsageError,
+                         build_model, collective_failure, curvature_too_large, evaluate, fingerprint,
                          seed_everything, sha256_of, train_step)
 
 FEASIBILITY = """\
@@ -80,7 +80,8 @@ several processes (torchrun; one per GPU, NCCL, or several on a CPU, gloo):
 
 # What a resumed run takes from its checkpoint (docs/training.md, "Resuming"):
 # the model's shape must match (given on the command line or not: the checkpoint's);
-ARCHITECTURE = ("image_size", "hidden_dim", "num_layers", "activation", "dtype", "use_hessian")
+ARCHITECTURE = ("arch", "image_size", "hidden_dim", "num_layers", "activation", "dtype",
+                "use_hessian")
 # the optimisation settings are the checkpoint's unless given on the command line;
 OPTIMISATION = ("batch_size", "lr", "momentum", "seed", "hessian_freq", "hessian_batch_size",
                 "newton_lr", "damping", "min_damping", "max_damping", "max_step_norm",
@@ -111,7 +112,12 @@ def get_args(argv=None):
                    help="stop at an image that cannot be read (default: skip it, named in a "
                         "warning and counted in the epoch's record)")
     g = p.add_argument_group("model")
-    g.add_argument("--hidden-dim", type=int, default=512, help="width of every hidden layer")
+    g.add_argument("--arch", default="mlp", choices=ARCHITECTURES,
+                   help="mlp: the tall-skinny MLP; cnn: --num-layers - 1 convolutional stages "
+                        "(3x3, --hidden-dim channels, stride 2 down to 4x4 images), then the "
+                        "classifier")
+    g.add_argument("--hidden-dim", type=int, default=512,
+                   help="width of every hidden layer (channels with --arch cnn)")
     g.add_argument("--num-layers", type=int, default=20, help="total, the output layer included")
     g.add_argument("--activation", default="tanh",
                    choices=["tanh", "sigmoid", "softplus", "gelu", "silu", "relu"],
@@ -231,6 +237,10 @@ def check_flags(args, given: set, processes: Processes) -> list:
                          "no --use-hessian")
     elif "momentum" in given and args.momentum:
         notes.append("--momentum ignored: it applies to SGD, not to --use-hessian's gradient steps")
+    if args.use_hessian and args.trust_region and args.arch == "cnn":
+        raise UsageError("--trust-region needs a layer-wise definiteness test that convolutional "
+                         "layers do not support yet: drop it (damped Newton steps) or use "
+                         "--arch mlp")
     if args.use_hessian and args.trust_region:
         extra = [flag(k) for k in DAMPED_ONLY if k in given]
         if extra:
@@ -526,6 +536,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def merge_resumed_args(args, given: set, saved: dict, path: Path) -> dict:
     """Apply the resume rule to ``args`` in place; returns {option: (checkpoint's, now)} changed."""
+    saved = {"arch": "mlp", **saved}  # checkpoints from before --arch are MLPs
     for key in ARCHITECTURE:
         if key in given and key in saved and getattr(args, key) != saved[key]:
             was = (f"{'with' if saved[key] else 'without'} {flag(key)}, this command "
@@ -853,7 +864,8 @@ class Run:
         num_classes = len(self.train_set.classes)
         prepare_checkpoint_dir(ckpt_dir, clean=processes.main)
         self.model = build_model(3 * args.image_size ** 2, num_classes, args.hidden_dim,
-                                 args.num_layers, args.activation, device, self.dtype)
+                                 args.num_layers, args.activation, device, self.dtype,
+                                 args.arch, (3, args.image_size, args.image_size))
         self.optimizer = build_optimizer(self.model, args)
         self.start_epoch, self.global_step, self.best_top1 = 0, 0, 0.0
         self.unvalidated = None
@@ -903,8 +915,9 @@ class Run:
         num_classes = len(self.train_set.classes)
         num_params = sum(p.numel() for p in self.model.parameters())
         self.say(f"{len(self.train_set)} training / {len(self.val_set)} validation images, "
-                 f"{num_classes} classes; MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x "
-                 f"{args.num_layers - 1} -> {num_classes}, {num_params:,} parameters, "
+                 f"{num_classes} classes; {args.arch.upper()} {3 * args.image_size ** 2} -> "
+                 f"{args.hidden_dim} x {args.num_layers - 1} -> {num_classes}, "
+                 f"{num_params:,} parameters, "
                  f"{args.dtype}{' (bf16 autocast)' if args.amp else ''} on {self.device}; "
                  + describe_steps(args, len(self.sampler), processes.world))
         if num_classes == 1:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from damped_newton import DampedNewton
-from hessian_inverse import DeepMLPWithTracking, TrackedChain
+from hessian_inverse import ConvNetWithTracking, DeepMLPWithTracking, TrackedChain
 
 # torch.func's vmap path warns about torch.jit.script once per process; not ours to act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
@@ -80,15 +80,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: What ``--model`` / ``--arch`` build: the tall-skinny MLP, or a small CNN.
+ARCHITECTURES = ("mlp", "cnn")
+
+
+def cnn_strides(size: int, stages: int) -> list:
+    """Stride 1 for the first stage, then 2 while the images are wider than 4 pixels."""
+    strides = []
+    for stage in range(stages):
+        stride = 2 if stage and size > 4 else 1
+        strides.append(stride)
+        size = (size + stride - 1) // stride
+    return strides
+
+
 def build_model(input_dim: int, num_classes: int, hidden_dim: int, num_layers: int,
-                activation: str, device: torch.device, dtype: torch.dtype) -> TrackedChain:
-    """The tall-skinny MLP with ``num_layers`` layers in total (the output layer included)."""
-    if num_layers < 1:
-        raise UsageError(f"--num-layers must be >= 1 (it counts the output layer), got {num_layers}")
+                activation: str, device: torch.device, dtype: torch.dtype,
+                arch: str = "mlp", image_shape: Optional[Sequence[int]] = None) -> TrackedChain:
+    """The tall-skinny MLP with ``num_layers`` layers in total (the output layer included),
+    or (``arch='cnn'``) ``num_layers - 1`` convolutional stages of ``hidden_dim`` channels
+    (3 x 3, padding 1, strides :func:`cnn_strides`) on ``image_shape`` (C, H, W) images
+    (flattened inputs are reshaped), then the classifier."""
+    if num_layers < (2 if arch == "cnn" else 1):
+        raise UsageError(f"--num-layers must be >= {2 if arch == 'cnn' else 1} (it counts the "
+                         f"output layer{' and a CNN needs a convolution' if arch == 'cnn' else ''}"
+                         f"), got {num_layers}")
     if hidden_dim < 1:
         raise UsageError(f"--hidden-dim must be >= 1, got {hidden_dim}")
-    model = DeepMLPWithTracking(input_dim, hidden_dim, num_classes, num_layers - 1,
-                                activation=activation)
+    if arch == "cnn":
+        model = ConvNetWithTracking(image_shape, num_classes, [hidden_dim] * (num_layers - 1),
+                                    strides=cnn_strides(image_shape[-1], num_layers - 1),
+                                    padding=1, activation=activation)
+    else:
+        model = DeepMLPWithTracking(input_dim, hidden_dim, num_classes, num_layers - 1,
+                                    activation=activation)
     return model.to(device=device, dtype=dtype)
 
 
@@ -201,16 +226,20 @@ def curvature_too_large(err: BaseException, model: TrackedChain, batch_option: s
                         batch_size: int) -> UsageError:
     """Turn an out-of-memory error of a Newton step into advice on which option to lower.
 
-    Newton steps on these MLPs take the structured solver, whose memory per
-    layer grows with ``(curvature batch x width)^2``; the parameter count
-    (image size included) enters only linearly.  So the curvature batch and
-    the width are the options that help.
+    Newton steps on these MLPs take routes whose memory per layer grows with
+    ``(curvature batch x width)^2``; the parameter count (image size included)
+    enters only linearly.  On a CNN the parameter-space route's grows with the
+    square of the convolutions' parameters (channels^2), the Gauss-Newton
+    output-space route's with the curvature batch squared.  So the curvature
+    batch and the width are the options that help (the error names the block).
     """
-    width = max(layer.linear.out_features for layer in model.layers)
+    width = max((getattr(getattr(layer, "linear", None), "out_features", 0) or
+                 getattr(getattr(layer, "conv", None), "out_channels", 0))
+                for layer in model.layers)
     return UsageError(f"the Hessian configuration does not fit in memory: {err}\n"
                       f"To fix it, lower {batch_option} (now {batch_size}) or --hidden-dim: "
-                      f"memory grows with (batch x width)^2 per layer, and the widest "
-                      f"layer here (classes included) has {width} units.")
+                      f"memory grows with (batch x width)^2 per layer (with the channels^2 of "
+                      f"a CNN), and the widest layer here (classes included) has {width} units.")
 
 
 # ----------------------------------------------------------------------------
