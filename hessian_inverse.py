@@ -388,6 +388,25 @@ class DeepMLPWithTracking(TrackedChain):
 # --------------------------------------------------------------------------
 
 
+def _refuse_options(name: str, groups, dilation, padding_mode, padding) -> None:
+    """:class:`HessianInverseError` naming the layer and each option without closed forms."""
+    unsupported = [f"{option}={value!r}" for option, value, ok in (
+        ("groups", groups, groups == 1),
+        ("dilation", dilation, all(d == 1 for d in ((dilation,) if isinstance(dilation, int)
+                                                    else dilation))),
+        ("padding_mode", padding_mode, padding_mode == "zeros"),
+        ("padding", padding, not isinstance(padding, str))) if not ok]
+    if unsupported:
+        hint = (" (give the zero padding as numbers: padding=k // 2 keeps the size of an odd "
+                "kernel k at stride 1)" if isinstance(padding, str) else "")
+        raise HessianInverseError(
+            f"{name}: {', '.join(unsupported)} is not supported by the closed-form "
+            f"convolution (groups=1, dilation=1, zero padding given as numbers){hint}. Wrap "
+            "the convolution as a plain module instead, e.g. nn.Sequential(nn.Conv2d(...), "
+            "nn.Tanh()), which the Hessian routines differentiate exactly by autograd "
+            "products.")
+
+
 def _checked_size(value, what: str, layer: str):
     """An int or a tuple of ints (as Conv1d/Conv2d take them), checked non-negative."""
     values = (value,) if isinstance(value, int) else tuple(value)
@@ -417,34 +436,20 @@ class ConvActivation(nn.Module):
         name = f"ConvActivation({in_channels}, {out_channels})"
         if dim not in (1, 2):
             raise HessianInverseError(f"{name}: dim must be 1 (Conv1d) or 2 (Conv2d), got {dim!r}")
-        if isinstance(padding, str):
-            raise HessianInverseError(
-                f"{name}: padding={padding!r} is not supported; give the zero padding as an "
-                "int or a tuple of ints (padding=k // 2 keeps the size for an odd kernel k at "
-                "stride 1)")
+        _refuse_options(name, groups, dilation, padding_mode, padding)
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         self.conv = conv(in_channels, out_channels, _checked_size(kernel_size, "kernel_size", name),
                          _checked_size(stride, "stride", name),
-                         _checked_size(padding, "padding", name),
-                         _checked_size(dilation, "dilation", name), groups, bias, padding_mode)
+                         _checked_size(padding, "padding", name), 1, 1, bias)
         self.activation = activation
         self._sigma = _activation(activation)
-        self.check_options()
 
     def check_options(self) -> None:
-        """Refuse options the closed forms do not cover, naming the layer and the option."""
-        conv, name = self.conv, f"ConvActivation({self.conv.in_channels}, {self.conv.out_channels})"
-        unsupported = [f"{option}={value!r}" for option, value, ok in (
-            ("groups", conv.groups, conv.groups == 1),
-            ("dilation", conv.dilation, all(d == 1 for d in conv.dilation)),
-            ("padding_mode", conv.padding_mode, conv.padding_mode == "zeros"),
-            ("padding", conv.padding, not isinstance(conv.padding, str))) if not ok]
-        if unsupported:
-            raise HessianInverseError(
-                f"{name}: {', '.join(unsupported)} is not supported by the closed-form "
-                "convolution (groups=1, dilation=1, zero padding only). Wrap the convolution "
-                "as a plain module instead, e.g. nn.Sequential(nn.Conv2d(...), nn.Tanh()), "
-                "which the Hessian routines differentiate exactly by autograd products.")
+        """Refuse options the closed forms do not cover (changed on ``self.conv`` since
+        construction), naming the layer and the option."""
+        conv = self.conv
+        _refuse_options(f"ConvActivation({conv.in_channels}, {conv.out_channels})",
+                        conv.groups, conv.dilation, conv.padding_mode, conv.padding)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.check_options()
@@ -511,6 +516,10 @@ class ConvNetWithTracking(TrackedChain):
         self.input_shape, self.activation = input_shape, activation
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x[0].numel() != math.prod(self.input_shape):
+            raise HessianInverseError(
+                f"expected a batch of inputs of shape (B, {', '.join(map(str, self.input_shape))})"
+                f" (or flattened, (B, {math.prod(self.input_shape)})); got {tuple(x.shape)}")
         return x.reshape(x.shape[0], *self.input_shape)
 
 # --------------------------------------------------------------------------
@@ -1614,8 +1623,11 @@ def autograd_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch
     """:class:`AutogradLayerBlocks` of one layer at the tracked point."""
     z = z_prev.detach()
     extra = (targets.detach(),) if is_loss_layer else ()
-    function = _flat_function(layer, z.shape, extra)
     theta = _flat_parameters(layer, z)
+    # a snapshot: a copy of the module keeps its buffers' values and its mode as they are
+    # now (a later training-mode pass may change both); the parameters come from theta
+    layer = copy.deepcopy(layer)
+    function = _flat_function(layer, z.shape, extra)
     kind, logits, loss = curvature, None, None
     if curvature == "ggn" and is_loss_layer:
         kind = "ggn-loss"
@@ -2813,6 +2825,23 @@ class AffinePivots:
         return values[0].item(), self._unrotate(vectors[None, :, :1], None, self.V[g:g + 1])[0, :, 0]
 
 
+def _refuse_matrix_free(derivs: Sequence, what: str) -> None:
+    """:class:`HessianInverseError` if a layer's blocks are known only by their action
+    (convolution, pooling, autograd products): the layer-wise recursion would need its
+    a_l x a_l curvature dense."""
+    layers = [l for l, d in enumerate(derivs)
+              if isinstance(d, LayerBlocks) and not isinstance(d, AffineLayerBlocks)]
+    if layers:
+        d = derivs[layers[0]]
+        raise HessianInverseError(
+            f"{what} factors each layer's blocks densely (the layer-wise LDL^T, with "
+            f"a_l x a_l curvature blocks), which is not supported for convolutional, "
+            f"pooling or other matrix-free layers: layer {layers[0] + 1} ({type(d).__name__}, "
+            f"{d.num_outputs} activations) would need {d.num_outputs}^2 numbers. Damped "
+            "solves work: factorize(..., damping > 0) (the parameter-space or output-space "
+            "route), or DampedNewton(mode='damped').")
+
+
 class RiccatiFactor:
     """``B + delta I`` (plus N N^T with ``gauge``) factored layer by layer:
     M = L^T diag(P_l) L (docs/ALGORITHM.md, "Layer-wise LDL^T").
@@ -2831,6 +2860,7 @@ class RiccatiFactor:
                  gauge: Optional[torch.Tensor] = None):
         if kind not in PIVOT_FACTORS:
             raise HessianInverseError(f"kind must be one of {PIVOT_FACTORS}, got {kind!r}")
+        _refuse_matrix_free(derivs, "the layer-wise factorisation (RiccatiFactor)")
         self.derivs, self.delta, self.kind = derivs, float(delta), kind
         last = len(derivs) - 1
         self.runs = same_shape_runs(derivs)
@@ -3809,17 +3839,7 @@ class HessianOperator:
         """Refuse, naming the layer, an operation that factors per-layer blocks densely
         (the layer-wise Cholesky of the trust region, spectral counts) on a chain with
         matrix-free layers, whose dense blocks are activations x activations."""
-        layers = self.matrix_free_layers
-        if layers:
-            l = layers[0]
-            d = self.derivs[l]
-            raise HessianInverseError(
-                f"{what} factors each layer's blocks densely (the layer-wise LDL^T, with "
-                f"a_l x a_l curvature blocks), which is not supported for convolutional, "
-                f"pooling or other matrix-free layers: layer {l + 1} ({type(d).__name__}, "
-                f"{d.num_outputs} activations) would need {d.num_outputs}^2 numbers. Damped "
-                "solves work: factorize(..., damping > 0) (the parameter-space or output-space "
-                "route), or DampedNewton(mode='damped').")
+        _refuse_matrix_free(self.derivs, what)
 
     def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
         """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""

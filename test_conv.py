@@ -302,6 +302,8 @@ def test_the_trust_region_refuses_conv_layers_before_allocating():
         trust_region.definiteness(op, 0.1)
     with pytest.raises(hi.HessianInverseError, match="convolutional"):
         trust_region.trust_region_step(op, g, 1.0)
+    with pytest.raises(hi.HessianInverseError, match="RiccatiFactor"):
+        hi.RiccatiFactor(op.derivs, 0.1, "ldl")  # the recursion itself, as spectral counts use it
 
 
 def test_conv_net_arguments_and_inputs():
@@ -312,6 +314,8 @@ def test_conv_net_arguments_and_inputs():
     assert [type(layer).__name__ for layer in model.layers] == [
         "ConvActivation", "ConvActivation", "Flatten", "AffineCrossEntropy"]
     assert model.loss_layer.linear.in_features == 4 * 2 * 2
+    with pytest.raises(hi.HessianInverseError, match="\\(B, 1, 8, 8\\)"):
+        model(torch.randn(3, 60, dtype=F64), torch.zeros(3, dtype=torch.long))
     for bad in (dict(input_shape=(8, 8, 8, 8)), dict(channels=[]), dict(strides=[1]),
                 dict(pool="median"), dict(activation="swish")):
         args = dict(input_shape=(1, 8, 8), num_classes=10, channels=[4, 4], strides=[1, 1])
@@ -362,3 +366,56 @@ def test_conv_routes_follow_the_device():
             assert got.device.type == "cuda" and got.dtype == dtype
             assert gpu.route == inverse.route
             assert rel(got.double().cpu(), inverse @ v) <= tol
+
+
+def test_matrix_free_blocks_are_snapshots(monkeypatch):
+    """A plain module with buffers (BatchNorm in eval mode) as autograd products: exact,
+    and, like every operator, a snapshot (a later training-mode pass that moves the
+    running statistics, or an optimizer step, does not change H @ v)."""
+    monkeypatch.setattr(hi, "DENSE_BLOCK_LIMIT", 0)
+    torch.manual_seed(12)
+    model = hi.TrackedChain([nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2),
+                                           nn.Tanh()), nn.Flatten()],
+                            hi.AffineCrossEntropy(2 * 16, 3)).double().eval()
+    with torch.no_grad():
+        model.layers[0][1].running_mean.uniform_()
+        model.layers[0][1].running_var.uniform_(0.5, 2.0)
+    x, t = torch.randn(4, 1, 4, 4, dtype=F64), torch.randint(0, 3, (4,))
+    loss = model(x, t, track_activations=True)
+    op = hi.hessian_operator(model, loss)
+    assert type(op.derivs[0]) is hi.AutogradLayerBlocks
+    v = torch.randn(op.num_params, dtype=F64)
+    before = op @ v
+    assert rel(before, dense_hessian(model, x, t) @ v) <= 1e-12
+    model.train()
+    model(x, t)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    assert torch.equal(op @ v, before)
+
+
+class RandomConv(nn.Module):
+    """A convolution whose forward calls F.dropout itself (no nn.Dropout to switch off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, z):
+        return torch.nn.functional.dropout(torch.tanh(self.conv(z)), 0.5, training=True)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_matrix_free_layer_drawing_random_numbers_is_refused(monkeypatch, first):
+    monkeypatch.setattr(hi, "DENSE_BLOCK_LIMIT", 0)
+    layers = [RandomConv(), nn.Flatten()]
+    if not first:
+        layers.insert(0, nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Tanh()))
+    model = hi.TrackedChain(layers, hi.AffineCrossEntropy(32, 3)).double()
+    loss = model(torch.randn(4, 1, 4, 4, dtype=F64), torch.randint(0, 3, (4,)),
+                 track_activations=True)
+    for curvature in hi.CURVATURES:
+        with pytest.raises(hi.HessianInverseError, match=f"layer {1 if first else 2} "
+                                                         "\\(RandomConv\\) draws random"):
+            hi.hessian_operator(model, loss, curvature=curvature)
