@@ -47,9 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from block_tridiagonal import (BlockTridiagonal, CyclicReductionFactor, SingularSystemError,
-                               banded_lu, banded_lu_solve, cyclic_reduction,
-                               cyclic_reduction_solve, equilibrate)
+from block_tridiagonal import (BlockTridiagonal, SingularSystemError, banded_lu,
+                               cyclic_reduction, equilibrate, reciprocal_condition)
+from block_tridiagonal import solve as solve_factored
 
 __all__ = [
     # models
@@ -98,6 +98,30 @@ class InaccurateSolveError(SingularHessianError):
 
 class InsufficientMemoryError(MemoryError):
     """The computation would not fit in the memory of the model's device."""
+
+
+class _Checks:
+    """Conditions evaluated on the device and verified together: one host synchronisation.
+
+    ``add(ok, error)``: ``ok`` a bool tensor (all of it must hold), ``error(ok)`` builds
+    the exception to raise.  :meth:`verify` raises the first failing one, in the order
+    added, so that a stale input is reported before what it broke downstream.
+    """
+
+    def __init__(self, *items):
+        self.items = list(items)
+
+    def add(self, ok: torch.Tensor, error: Callable[[torch.Tensor], Exception]) -> "_Checks":
+        self.items.append((ok, error))
+        return self
+
+    def verify(self) -> None:
+        items, self.items = self.items, []
+        if items:
+            flags = torch.stack([ok.all() for ok, _ in items]).tolist()
+            for (ok, error), flag in zip(items, flags):
+                if not flag:
+                    raise error(ok)
 
 
 # --------------------------------------------------------------------------
@@ -196,8 +220,9 @@ class TrackedForward:
       in place afterwards cannot change them.
     - ``targets``: a copy.
     - ``loss_ref``: a weak reference to the returned loss tensor.
-    - ``parameters``: copies of the parameter values the pass ran with.  Every
-      use compares them with the current values bit for bit, which catches
+    - ``parameters``: the parameter values the pass ran with, as one flat byte
+      copy, and ``layout`` their (shape, dtype, device).  Every use compares
+      them with the current values bit for bit (one comparison), which catches
       every way of changing a parameter (an optimizer step, fused or not,
       ``p.data = ...``, ``vector_to_parameters``, ``model.double()``).
     - ``stochastic``: modules that made the pass random or stateful
@@ -207,7 +232,8 @@ class TrackedForward:
     inputs: list
     targets: torch.Tensor
     loss_ref: Callable
-    parameters: tuple
+    parameters: torch.Tensor
+    layout: tuple
     stochastic: list
 
 
@@ -219,20 +245,24 @@ def _record(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return z.clone() if shares else z
 
 
-def _same_bits(current: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> bool:
-    """Whether two lists of tensors agree in shape, dtype, device and every bit.
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
 
-    One host synchronisation for the whole list, not one per tensor.
-    """
-    if len(current) != len(saved) or any(
-            (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)
-            for a, b in zip(current, saved)):
-        return False
+
+def _flat_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bits of a list of tensors as one flat uint8 tensor (a copy)."""
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _unchanged(current: Sequence[torch.Tensor], layout: tuple, saved: torch.Tensor
+               ) -> torch.Tensor:
+    """Whether tensors still have the layout and every bit of a snapshot (a bool tensor,
+    not synchronised): one comparison over the flat bytes."""
+    if _layout(current) != layout:
+        return torch.zeros((), dtype=torch.bool)
     if not current:
-        return True
-    equal = [(a.detach().reshape(-1).view(torch.uint8) ==
-              b.reshape(-1).view(torch.uint8)).all() for a, b in zip(current, saved)]
-    return bool(torch.stack(equal).all())
+        return torch.ones((), dtype=torch.bool)
+    return (_flat_bytes(current) == saved).all()
 
 
 def _stochastic_modules(model: nn.Module) -> list:
@@ -292,13 +322,20 @@ class TrackedChain(nn.Module):
                 inputs=inputs,
                 targets=targets.detach().clone(),
                 loss_ref=weakref.ref(loss),
-                parameters=tuple(p.detach().clone() for p in self.parameters()),
+                parameters=_flat_bytes(list(self.parameters())),
+                layout=_layout(list(self.parameters())),
                 stochastic=_stochastic_modules(self),
             )
         return loss
 
-    def tracked_forward(self, loss: Optional[torch.Tensor] = None) -> TrackedForward:
-        """The recorded forward pass, checked to be current and to match ``loss``."""
+    def tracked_forward(self, loss: Optional[torch.Tensor] = None,
+                        checks: Optional[_Checks] = None) -> TrackedForward:
+        """The recorded forward pass, checked to be current and to match ``loss``.
+
+        The bit-for-bit comparison of the parameters is added to ``checks`` when given
+        (verified with the caller's other checks: one host synchronisation), else
+        verified here.
+        """
         tracked = self._tracked
         rerun = "run loss = model(x, targets, track_activations=True) again"
         if tracked is None:
@@ -312,13 +349,18 @@ class TrackedChain(nn.Module):
                 "`loss` is not the output of the model's last tracked forward pass; "
                 "call loss = model(x, targets, track_activations=True) and pass that loss"
             )
-        if not _same_bits(list(self.parameters()), tracked.parameters):
-            raise NotTrackedError(
-                "the parameters changed since the tracked forward pass (their values, dtype "
-                "or device: an optimizer step, p.data = ..., vector_to_parameters, "
-                f"model.double(), ...); the recorded activations are stale: {rerun} at the "
-                "current parameters"
-            )
+        stale = NotTrackedError(
+            "the parameters changed since the tracked forward pass (their values, dtype "
+            "or device: an optimizer step, p.data = ..., vector_to_parameters, "
+            f"model.double(), ...); the recorded activations are stale: {rerun} at the "
+            "current parameters")
+        current = list(self.parameters())
+        if _layout(current) != tracked.layout:
+            raise stale
+        pending = _Checks() if checks is None else checks
+        pending.add(_unchanged(current, tracked.layout, tracked.parameters), lambda _: stale)
+        if checks is None:
+            pending.verify()
         stochastic = tracked.stochastic or _stochastic_modules(self)
         if stochastic:
             raise NotTrackedError(
@@ -605,6 +647,8 @@ class AffineLayerBlocks:
     - ``u_hessian`` D: d2(b_l . z_l)/du2, one (h, h) block per example: (B, h, h),
       or (B, h) holding the diagonals when they are diagonal (hidden layers).
     - ``input_derivatives``: False for the first layer (its input is data).
+    - ``u_hessian_root``: R (B, r, h) with R_n^T R_n = D_n when known in closed form
+      (the softmax loss layer, r = h - 1), else None.
 
     r and D are the only second-order terms; Gauss-Newton
     ("Gauss-Newton") is this with r = 0 in every layer and D = 0 except in the loss
@@ -621,9 +665,11 @@ class AffineLayerBlocks:
     u_hessian: torch.Tensor
     input_derivatives: bool = True
     diagonal: bool = False
+    u_hessian_root: Optional[torch.Tensor] = None
 
     # Every tensor may carry leading dimensions (a stack of layers of the same
-    # shape, eliminated together); the methods act on each layer of the stack.
+    # shape, processed together); the methods act on each layer of the stack, and a
+    # direction carries the same leading dimensions.
 
     @property
     def num_examples(self) -> int:
@@ -670,26 +716,28 @@ class AffineLayerBlocks:
         return u.unflatten(-2, (self.num_examples, -1))
 
     def K(self, x: torch.Tensor) -> torch.Tensor:
-        """du/d(W, c) x: (p, k) -> (B h, k)."""
+        """du/d(W, c) x: (p, k) -> (B h, k).  One GEMM: Z (B, m) @ x_W^T (m, h k)."""
         x_w, x_c = self._split(x)
-        u = self.inputs.unsqueeze(-3) @ x_w  # (h, B, k)
+        h, m, k = x_w.shape[-3:]
+        u = (self.inputs @ x_w.movedim(-3, -2).reshape(*x_w.shape[:-3], m, h * k))
+        u = u.unflatten(-1, (h, k))
         if x_c is not None:
-            u = u + x_c
-        return u.transpose(-3, -2).flatten(-3, -2)
+            u = u + x_c.transpose(-3, -2)
+        return u.flatten(-3, -2)
 
     def K_t(self, u: torch.Tensor) -> torch.Tensor:
-        """K^T u: (B h, k) -> (p, k)."""
-        per_unit = self._examples(u).transpose(-3, -2)  # (h, B, k)
-        return self._join(self.inputs.mT.unsqueeze(-3) @ per_unit,
-                          per_unit.sum(-2) if self.bias else None)
+        """K^T u: (B h, k) -> (p, k).  One GEMM: Z^T (m, B) @ u (B, h k)."""
+        per = self._examples(u)  # (B, h, k)
+        x_w = (self.inputs.mT @ per.flatten(-2, -1)).unflatten(-1, per.shape[-2:])
+        return self._join(x_w.movedim(-2, -3), per.sum(-3) if self.bias else None)
 
     def Wb(self, t: torch.Tensor) -> torch.Tensor:
         """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
-        return (self.weight.unsqueeze(-3) @ self._examples(t)).flatten(-3, -2)
+        return _per_example(self.weight, t)
 
     def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
         """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
-        return (self.weight.mT.unsqueeze(-3) @ self._examples(u)).flatten(-3, -2)
+        return _per_example(self.weight.mT, u)
 
     def S(self, u: torch.Tensor) -> torch.Tensor:
         """dz_l/du u: (B h, k) -> (a_out, k)."""
@@ -775,6 +823,23 @@ class AffineLayerBlocks:
                                    for name, block in dense.items()})
 
 
+def _per_example(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(I_B kron M) x for M (..., r, c) and x (..., B c, k): one GEMM, x^T (B k, c) @ M^T."""
+    r, c = M.shape[-2:]
+    k = x.shape[-1]
+    xt = x.unflatten(-2, (-1, c)).mT  # (..., B, k, c)
+    out = (xt.reshape(*xt.shape[:-3], -1, c) @ M.mT).unflatten(-2, (-1, k))
+    return out.mT.flatten(-3, -2)
+
+
+def _add_per_example(out: torch.Tensor, M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out += (I_B kron M) x`` in place (one layer: M (r, c), x (B c, k), out (B r, k))."""
+    r, c = M.shape
+    if x.shape[-1] == 1:
+        return out.view(-1, r).addmm_(x.view(-1, c), M.T).view(out.shape)
+    return out.add_(_per_example(M, x))
+
+
 def gauss_newton_blocks(blocks: AffineLayerBlocks, is_loss_layer: bool) -> AffineLayerBlocks:
     """The closed-form blocks of the Gauss-Newton matrix (docs/ALGORITHM.md, "Gauss-Newton").
 
@@ -819,8 +884,9 @@ def _pointwise_derivatives(activation: str, u: torch.Tensor
 
 
 def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
-    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c."""
-    weight = linear.weight.detach()
+    """(Z, W, c, u): the layer input as (B, m), the parameters (W a copy: the blocks must
+    keep describing the tracked point after an optimizer step), and u = W z + c."""
+    weight = linear.weight.detach().clone()
     bias = linear.bias.detach() if linear.bias is not None else None
     Z = z_prev.detach().reshape(-1, weight.shape[1])
     return Z, weight, bias, F.linear(Z, weight, bias)
@@ -863,11 +929,28 @@ def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
     D = mass[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
     return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
                              out_map=r.reshape(1, -1), u_gradient=r, u_hessian=D,
-                             input_derivatives=input_derivatives)
+                             input_derivatives=input_derivatives,
+                             u_hessian_root=_softmax_root(p, mass / B))
+
+
+def _softmax_root(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """R (B, C - 1, C) with R_n^T R_n = scale_n (diag(p_n) - p_n p_n^T), exactly.
+
+    With s = sqrt(p) (a unit vector, sum p = 1), diag(p) - p p^T = diag(s)(I - s s^T)diag(s),
+    and I - s s^T = H^T E H for the Householder reflector H = I - 2 w w^T / |w|^2,
+    w = s + e_C (H s = -e_C), E = I without its last entry: R_n = sqrt(scale_n)
+    H[:C-1] diag(s).  No eigendecomposition, no host synchronisation; O(B C^2).
+    """
+    s = p.sqrt()
+    w = s.clone()
+    w[:, -1] += 1.0
+    H = (torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) -
+         2 * w[:, :, None] * w[:, None, :] / w.square().sum(-1)[:, None, None])
+    return scale.sqrt()[:, :, None] * H[:, :-1] * s[:, None, :]
 
 
 def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
-                    targets: Optional[torch.Tensor] = None) -> bool:
+                    targets: Optional[torch.Tensor] = None, check_range: bool = True) -> bool:
     """Whether the closed forms of "Structured layers" describe this layer exactly.
 
     Exact types only (a subclass may change ``forward``): ``AffineActivation``
@@ -882,28 +965,155 @@ def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
     if targets.is_floating_point():
         return tuple(targets.shape) == (z_prev.shape[0], num_classes)
     return (tuple(targets.shape) == (z_prev.shape[0],) and
-            bool(((targets >= 0) & (targets < num_classes)).all()))
+            (not check_range or bool(((targets >= 0) & (targets < num_classes)).all())))
 
 
-def closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool]:
-    """Per layer, whether :func:`has_closed_form` holds at the tracked point."""
+def closed_form_flags(model: TrackedChain, tracked: TrackedForward,
+                      checks: Optional[_Checks] = None) -> list[bool]:
+    """Per layer, whether :func:`has_closed_form` holds at the tracked point.
+
+    With ``checks``, class-index targets are taken by shape and their range is added to
+    ``checks`` (out of range is an error either way: cross-entropy refuses them too).
+    """
     layers = list(model.layers)
-    return [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets)
-            for l, layer in enumerate(layers)]
+    flags = [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets,
+                             checks is None) for l, layer in enumerate(layers)]
+    targets = tracked.targets
+    if checks is not None and flags[-1] and not targets.is_floating_point():
+        classes = layers[-1].linear.out_features
+        checks.add((targets >= 0) & (targets < classes), lambda _: HessianInverseError(
+            f"targets must be class indices in [0, {classes}) for the loss layer's "
+            f"{classes} classes; got values from {int(targets.min())} to {int(targets.max())}"))
+    return flags
 
 # --------------------------------------------------------------------------
-# All layers in one backward sweep
+# Stacked layers and the derivative sweep (docs/ALGORITHM.md, "Stacked layers")
 # --------------------------------------------------------------------------
+
+#: The fields of :class:`AffineLayerBlocks` that carry the layer dimension of a stack.
+_STACKED = ("inputs", "weight", "out_map", "u_gradient", "u_hessian", "u_hessian_root")
+
+
+@dataclass
+class LayerGroup:
+    """Consecutive layers processed as one.
+
+    ``start``, ``stop``: their chain indices.  ``blocks``: the closed-form
+    :class:`AffineLayerBlocks` of layers of one shape stacked along a leading dimension
+    (a run of equal hidden layers is one group, whatever the depth), or one layer's dense
+    :class:`LayerDerivatives` (``stop = start + 1``).  ``has_r``, ``has_d``: whether the
+    closed forms' second-order terms r (the E blocks) and D are nonzero: both for the
+    Hessian, D alone in the Gauss-Newton loss layer, neither in its hidden layers.
+    Directions for a group are (G, p, k): G = ``count`` layers of p = ``params`` each.
+    """
+
+    start: int
+    stop: int
+    blocks: object
+    has_r: bool = True
+    has_d: bool = True
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.blocks, AffineLayerBlocks)
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def params(self) -> int:
+        return self.blocks.num_params
+
+    @property
+    def outputs(self) -> int:
+        return self.blocks.num_outputs
+
+    def layer(self, i: int):
+        """Layer ``start + i``'s blocks: views into the stack."""
+        if not self.closed:
+            return self.blocks
+        b = self.blocks
+        return replace(b, **{f: getattr(b, f)[i] for f in _STACKED if getattr(b, f) is not None})
+
+    def tensors(self) -> list:
+        """(name, tensor) of every block stored."""
+        return [(f.name, getattr(self.blocks, f.name)) for f in fields(self.blocks)
+                if isinstance(getattr(self.blocks, f.name), torch.Tensor)]
+
+    def to(self, dtype: torch.dtype) -> "LayerGroup":
+        cast = {name: t.to(dtype) for name, t in self.tensors()}
+        return replace(self, blocks=replace(self.blocks, **cast))
+
+
+def _one_layer_group(l: int, d) -> LayerGroup:
+    """A group of the single layer ``l`` (its closed forms get a stack dimension of 1)."""
+    if isinstance(d, AffineLayerBlocks):
+        d = replace(d, **{f: getattr(d, f)[None] for f in _STACKED if getattr(d, f) is not None})
+    return LayerGroup(l, l + 1, d)
+
+
+def _runs(model: TrackedChain, closed: Sequence[bool]) -> list[tuple[int, int]]:
+    """Chain index ranges of the groups: maximal runs of closed-form hidden layers of one
+    shape and activation (the first layer, whose input is data, on its own), single layers
+    otherwise."""
+    layers, last = list(model.layers), len(model.layers) - 1
+    runs, previous = [], None
+    for l, layer in enumerate(layers):
+        key = None
+        if closed[l] and l != last:
+            lin = layer.linear
+            key = (lin.in_features, lin.out_features, lin.bias is not None, layer.activation,
+                   l == 0)
+        if runs and key is not None and key == previous:
+            runs[-1][1] = l + 1
+        else:
+            runs.append([l, l + 1])
+        previous = key
+    return [tuple(r) for r in runs]
+
+
+def _hidden_group(layers: Sequence[AffineActivation], inputs: Sequence[torch.Tensor],
+                  first: bool, adjoint: Optional[torch.Tensor]):
+    """Closed forms of a run of equal ``sigma(W z + c)`` layers, stacked.
+
+    The forward quantities are batched over the run (u = Z W^T + c by one batched GEMM,
+    sigma' and sigma'' elementwise); only the adjoint ``b_{l-1} = Wb_l^T (sigma'_l b_l)``
+    is a loop, two calls per layer.  ``adjoint``: b at the run's last output, or None for
+    the Gauss-Newton matrix (no second-order terms: r = D = 0).  Returns the stacked
+    :class:`AffineLayerBlocks` and the adjoint at the run's input.
+    """
+    W = torch.stack([layer.linear.weight.detach() for layer in layers])    # (G, h, m), a copy
+    Z = torch.stack([z.detach().reshape(-1, W.shape[-1]) for z in inputs])  # (G, B, m)
+    bias = layers[0].linear.bias is not None
+    u = (torch.baddbmm(torch.stack([layer.linear.bias.detach() for layer in layers])[:, None],
+                       Z, W.mT) if bias else Z @ W.mT)
+    first_derivative, second = _pointwise_derivatives(layers[0].activation, u)
+    if adjoint is None:
+        zero = torch.zeros_like(u)
+        return AffineLayerBlocks(Z, W, bias, first_derivative.flatten(-2), zero, zero,
+                                 not first, True), None
+    b = torch.empty_like(u)
+    b[-1] = adjoint.reshape(b.shape[1:])
+    entering = None
+    for i in reversed(range(len(layers))):
+        scaled = first_derivative[i] * b[i]
+        if i:
+            torch.mm(scaled, W[i], out=b[i - 1])
+        elif not first:
+            entering = (scaled @ W[0]).reshape(-1)
+    return AffineLayerBlocks(Z, W, bias, first_derivative.flatten(-2), b * first_derivative,
+                             b * second, not first, True), entering
 
 
 def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
                        targets: torch.Tensor, is_loss: bool, first: bool, curvature: str,
                        closed_form: bool):
-    """One layer's blocks: closed forms where ``closed_form``, else autograd."""
+    """One layer's blocks other than a hidden closed-form run: the closed-form loss layer,
+    else autograd."""
     if closed_form:
-        d = (affine_cross_entropy_blocks(layer, z_prev, targets, not first) if is_loss
-             else affine_activation_blocks(layer, z_prev, adjoint, not first))
-        return gauss_newton_blocks(d, is_loss) if curvature == "ggn" else d
+        d = affine_cross_entropy_blocks(layer, z_prev, targets, not first)
+        return gauss_newton_blocks(d, True) if curvature == "ggn" else d
     if curvature == "ggn":
         return (compute_loss_layer_ggn_derivatives(layer, z_prev, targets, not first)
                 if is_loss else compute_layer_jacobians(layer, z_prev, not first))
@@ -912,79 +1122,205 @@ def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Te
 
 
 def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: str = "hessian",
-                      closed: Optional[Sequence[bool]] = None) -> list:
-    """All layers' derivatives in one backward sweep (l = L..1).
+                      closed: Optional[Sequence[bool]] = None,
+                      checks: Optional[_Checks] = None) -> list[LayerGroup]:
+    """All layers' derivatives in one backward sweep (l = L..1), as :class:`LayerGroup` s.
 
-    The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
-    exactly backprop, so every layer's second derivatives are contracted with
-    the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
-    instead: first order only for hidden layers, and the loss layer's curvature
-    restricted to its logits (docs/ALGORITHM.md, "Gauss-Newton").  Layers
-    flagged in ``closed`` (from :func:`closed_form_flags`) get
-    :class:`AffineLayerBlocks`; the others get dense :class:`LayerDerivatives`.
-    ``tracked`` is the model's checked tracked forward pass.
+    The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l, exactly
+    backprop, so every layer's second derivatives are contracted with the right adjoint
+    (not needed for ``curvature='ggn'``, whose hidden layers are first order and whose
+    loss layer's curvature is restricted to its logits: docs/ALGORITHM.md,
+    "Gauss-Newton").  Runs of equal layers flagged in ``closed`` (from
+    :func:`closed_form_flags`) get stacked :class:`AffineLayerBlocks`; the others dense
+    :class:`LayerDerivatives`.  The check that every block is finite is added to
+    ``checks`` (verified here when None).
     """
     layers = list(model.layers)
     last = len(layers) - 1
     closed = [False] * len(layers) if closed is None else closed
     z_last = tracked.inputs[-1]
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
-    derivs: list = [None] * len(layers)
-    for l in reversed(range(len(layers))):
-        d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
-                               l == last, l == 0, curvature, closed[l])
-        derivs[l] = d
-        if l > 0:
+    hessian = curvature == "hessian"
+    groups: list = []
+    for start, stop in reversed(_runs(model, closed)):
+        if closed[start] and start != last:
+            blocks, adjoint = _hidden_group(layers[start:stop], tracked.inputs[start:stop],
+                                            start == 0, adjoint if hessian else None)
+            groups.append(LayerGroup(start, stop, blocks, hessian, hessian))
+            continue
+        d = _layer_derivatives(layers[start], tracked.inputs[start], adjoint, tracked.targets,
+                               start == last, start == 0, curvature, closed[start])
+        group = _one_layer_group(start, d)
+        group.has_r = hessian
+        groups.append(group)
+        if hessian and start > 0:
             adjoint = d.F.T @ adjoint
-    _check_finite_blocks(derivs)
-    return derivs
+    groups.reverse()
+    pending = _Checks() if checks is None else checks
+    _check_finite_blocks(groups, pending)
+    if checks is None:
+        pending.verify()
+    return groups
 
 
-def _check_finite_blocks(derivs: Sequence) -> None:
-    """NaN/Inf in any layer's blocks: one host synchronisation for the whole chain."""
-    tensors = [(l, field.name, getattr(d, field.name)) for l, d in enumerate(derivs)
-               for field in fields(d) if isinstance(getattr(d, field.name), torch.Tensor)]
-    finite = torch.stack([torch.isfinite(block).all() for _, _, block in tensors])
-    if not bool(finite.all()):
-        l, name, _ = tensors[int((~finite).nonzero()[0])]
-        raise HessianInverseError(
-            f"layer {l + 1}: derivative block {name} has NaN/Inf entries; the "
-            "tracked forward pass is not finite (check inputs, weights and loss)"
-        )
+def _check_finite_blocks(groups: Sequence[LayerGroup], checks: _Checks) -> None:
+    """NaN/Inf in any block: one flag for the chain; the failing layer is looked up only
+    when it fails."""
+
+    def error(_):
+        for g in groups:
+            for i in range(g.count):
+                for name, t in g.tensors():
+                    block = t[i] if g.closed else t
+                    if not bool(torch.isfinite(block).all()):
+                        return HessianInverseError(
+                            f"layer {g.start + i + 1}: derivative block {name} has NaN/Inf "
+                            "entries; the tracked forward pass is not finite (check inputs, "
+                            "weights and loss)")
+        return HessianInverseError("a derivative block overflows")
+
+    checks.add(_all_finite([t for g in groups for _, t in g.tensors()]), error)
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a bool tensor (no host sync):
+    0 * x is 0 for finite x and NaN otherwise, and a sum of zeros cannot overflow."""
+    return torch.stack([(t * 0).sum() for t in tensors]).sum() == 0
+
+
+def _views(groups: Sequence[LayerGroup], x: torch.Tensor) -> list[torch.Tensor]:
+    """A flat (n, k) tensor as each group's (G, p, k) block: views, no copy."""
+    out, offset = [], 0
+    for g in groups:
+        size = g.count * g.params
+        out.append(x[offset:offset + size].view(g.count, g.params, x.shape[-1]))
+        offset += size
+    return out
+
+
+def _flat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-group (G, p, k) blocks back into one (n, k) tensor."""
+    return torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks])
 
 # --------------------------------------------------------------------------
 # The Hessian-vector product (docs/ALGORITHM.md, "The Hessian-vector product")
 # --------------------------------------------------------------------------
+#
+# For a stacked affine group the product needs, per layer, only the recursions
+#     du_l = K_l v_l + Wb_l t_{l-1},       t_l = S_l du_l                  (forward)
+#     q_l = D_l du_l + S_l^T u_l,          u_{l-1} = Wb_l^T q_l + E_l^T v_l (backward)
+# (two calls each way); K v, D du, E^T v and at the end (H v)_l = K_l^T q_l +
+# E_l t_{l-1} are batched over the group.  With J = S K, F = S Wb, A = K^T D K,
+# C = K^T D Wb + E, G = Wb^T D Wb these are the three lines of the product.
 
 
-def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
-                                      v_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _tangents(group: LayerGroup, v: torch.Tensor, t: Optional[torch.Tensor]):
+    """The forward sweep through a group: ``v`` (G, p, k) its directions, ``t`` the
+    tangent of its input (None for the first layer).  Returns (state for
+    :func:`_adjoints`, the tangent of its output)."""
+    d = group.blocks
+    if not group.closed:
+        out = d.J @ v[0] if t is None else d.J @ v[0] + d.F @ t
+        return (t, None), out
+    du = d.K(v)  # (G, B h, k)
+    if t is None or not d.diagonal:
+        if t is not None:
+            _add_per_example(du[0], d.weight[0], t)
+        out = d.S(du)
+        return (None if t is None else t[None], du), out[-1]
+    s = d.out_map.unsqueeze(-1)
+    if t.shape != du.shape[1:]:  # input and output widths differ: a single layer
+        _add_per_example(du[0], d.weight[0], t)
+        return (t[None], du), s[0] * du[0]
+    # The tangents entering and leaving each layer, in one buffer.
+    buffer = du.new_empty(group.count + 1, *du.shape[1:])
+    if group.has_r:  # E t_{l-1} needs the entering tangent in the buffer
+        buffer[0] = t
+    for i in range(group.count):
+        _add_per_example(du[i], d.weight[i], buffer[i] if i else t)
+        torch.mul(s[i], du[i], out=buffer[i + 1])
+    return (buffer[:-1], du), buffer[-1]
+
+
+def _adjoints(group: LayerGroup, v: Optional[torch.Tensor], state, u: Optional[torch.Tensor],
+              first_order: bool = False):
+    """The backward sweep through a group: ``u`` the adjoint at its output (None: zero).
+    Returns the group's product (G, p, k) and the adjoint at its input (None for the
+    first layer).  ``first_order``: only ``J^T u`` and ``F^T u`` (the transposed tangent
+    map; ``v`` and ``state`` unused)."""
+    d = group.blocks
+    if not group.closed:
+        out = d.J.T @ u if u is not None else None
+        t_prev = state[0] if state is not None else None
+        if not first_order:
+            own = d.A @ v[0] if d.C is None else d.A @ v[0] + d.C @ t_prev
+            out = own if out is None else out + own
+        if d.F is None:
+            return out[None], None
+        back = d.F.T @ u if u is not None else None
+        if not first_order:
+            own = d.C.T @ v[0] + d.G @ t_prev
+            back = own if back is None else back + own
+        return out[None], back
+    t_prev, du = state if state is not None else (None, None)
+    use_r = group.has_r and not first_order
+    q = d.D(du) if group.has_d and not first_order else None
+    ev = d.E_t(v) if use_r and d.input_derivatives else None  # (G, B m, k)
+    if not d.diagonal:  # the loss layer: u_L = 0, G = 1
+        q = q if u is None else (d.S_t(u[None]) if q is None else q + d.S_t(u[None]))
+        back = d.Wb_t(q)[0] if d.input_derivatives else None
+        if back is not None and ev is not None:
+            back = back + ev[0]
+    else:
+        s, fresh = d.out_map.unsqueeze(-1), q is None
+        if fresh:
+            q = d.weight.new_empty(group.count, s.shape[1], (u if u is not None else v).shape[-1])
+        for i in reversed(range(group.count)):
+            if u is not None and fresh:
+                torch.mul(s[i], u, out=q[i])
+            elif u is not None:
+                q[i].addcmul_(s[i], u)
+            elif fresh:
+                q[i].zero_()
+            if i or d.input_derivatives:
+                u = (_add_per_example(ev[i], d.weight[i].mT, q[i]) if ev is not None
+                     else _per_example(d.weight[i].mT, q[i]))
+        back = u if d.input_derivatives else None
+    out = d.K_t(q)
+    if use_r and t_prev is not None:
+        out = out + d.E(t_prev)
+    return out, back
+
+
+def _sweeps(groups: Sequence[LayerGroup], views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The product on per-group (G, p, k) directions: forward, then backward."""
+    states, t = [], None
+    for group, v in zip(groups, views):
+        state, t = _tangents(group, v, t)
+        states.append(state)
+    out: list = [None] * len(groups)
+    u = None
+    for j in reversed(range(len(groups))):
+        out[j], u = _adjoints(groups[j], views[j], states[j], u)
+    return out
+
+
+def structured_hessian_vector_product(derivs: Sequence, v_blocks: Sequence[torch.Tensor]
+                                      ) -> list[torch.Tensor]:
     """``(H v)_l`` for every layer (docs/ALGORITHM.md, "The Hessian-vector product").
 
+    ``derivs``: per-layer :class:`LayerDerivatives` or :class:`AffineLayerBlocks`;
     ``v_blocks[l]`` is (p_l, k).  Forward tangent ``t_l = J_l v_l + F_l t_{l-1}``,
-    backward adjoint ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}``
-    (u_L = 0), then ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.
+    backward adjoint ``u_{l-1} = C_l^T v_l + G_l t_{l-1} + F_l^T u_l`` (u_L = 0), then
+    ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.  (:class:`HessianOperator` runs the
+    same sweeps on its stacked groups.)
     """
-    num_layers = len(derivs)
-    tangents = []
-    t = None
-    for l, d in enumerate(derivs):
-        t = d.J @ v_blocks[l] + (d.F @ t if l > 0 else 0)
-        tangents.append(t)
-    out: list[Optional[torch.Tensor]] = [None] * num_layers
-    u = torch.zeros_like(tangents[-1])
-    for l in reversed(range(num_layers)):
-        d = derivs[l]
-        out[l] = d.A @ v_blocks[l] + d.J.T @ u
-        if l > 0:
-            out[l] = out[l] + d.C @ tangents[l - 1]
-            u = d.C.T @ v_blocks[l] + d.G @ tangents[l - 1] + d.F.T @ u
-    return out
+    groups = [_one_layer_group(l, d) for l, d in enumerate(derivs)]
+    return [o[0] for o in _sweeps(groups, [v[None] for v in v_blocks])]
 
 # --------------------------------------------------------------------------
 # The lifted system (docs/ALGORITHM.md, "The lifted system")
 # --------------------------------------------------------------------------
-
 
 
 def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
@@ -1004,44 +1340,39 @@ def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
     last layer's parameters, adds ``N N^T`` to its x-block ("The softmax gauge").
     """
     num_layers = len(derivs)
-    diag, sub = [], []
+    system = BlockTridiagonal.empty([d.num_params + 2 * d.num_outputs for d in derivs],
+                                    derivs[0].J)
     for l, d in enumerate(derivs):
         p, a = d.num_params, d.num_outputs
-        kw = dict(dtype=d.J.dtype, device=d.J.device)
-        n = p + 2 * a
-        block = torch.zeros(n, n, **kw)
-        xx = d.A + damping * torch.eye(p, **kw)
+        block = system.diag[l]
+        block[:p, :p] = d.A
+        block[:p, :p].diagonal().add_(damping)
         if gauge is not None and l == num_layers - 1:
-            xx = xx + gauge @ gauge.T
-        block[:p, :p] = xx
-        block[:p, p + a:] = d.J.T
-        block[p + a:, :p] = d.J
+            block[:p, :p] += gauge @ gauge.T
+        block[:p, p + a:p + 2 * a] = d.J.T
+        block[p + a:p + 2 * a, :p] = d.J
         if l + 1 < num_layers:
             block[p:p + a, p:p + a] = derivs[l + 1].G
-        eye = torch.eye(a, **kw)
-        block[p:p + a, p + a:] = -eye
-        block[p + a:, p:p + a] = -eye
-        diag.append(block)
+        block[p:p + a, p + a:p + 2 * a].diagonal().fill_(-1.0)
+        block[p + a:p + 2 * a, p:p + a].diagonal().fill_(-1.0)
         if l > 0:
-            prev = derivs[l - 1]
-            pp, ap = prev.num_params, prev.num_outputs
-            s = torch.zeros(n, pp + 2 * ap, **kw)
-            s[:p, pp:pp + ap] = d.C
-            s[p + a:, pp:pp + ap] = d.F
-            sub.append(s)
-    return BlockTridiagonal(diag, sub)
+            pp, ap = derivs[l - 1].num_params, derivs[l - 1].num_outputs
+            system.sub[l - 1, :p, pp:pp + ap] = d.C
+            system.sub[l - 1, p + a:p + 2 * a, pp:pp + ap] = d.F
+    return system.symmetrize()
 
 
-def _lift(derivs: Sequence[LayerDerivatives], v_blocks: Sequence[torch.Tensor]) -> list:
-    """Right-hand side of the lifted system: (v_l, 0, 0) per layer."""
-    return [torch.cat([v, v.new_zeros(2 * d.num_outputs, v.shape[1])])
-            for d, v in zip(derivs, v_blocks)]
+def _lift(system: BlockTridiagonal, param_sizes: Sequence[int], b: torch.Tensor) -> torch.Tensor:
+    """Right-hand side of the lifted system, stacked: (b_l, 0, 0) per layer."""
+    out = b.new_zeros(system.num_blocks, system.size, b.shape[-1])
+    for l, part in enumerate(b.split(list(param_sizes))):
+        out[l, :part.shape[0]] = part
+    return out
 
 
-def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) -> list:
-    """The parameter part x_l of each lifted block."""
-    return [s[:d.num_params] for d, s in zip(derivs, blocks)]
-
+def _unlift(param_sizes: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """The parameter part x_l of each lifted block, as one (n, k) tensor."""
+    return torch.cat([x[l, :p] for l, p in enumerate(param_sizes)])
 
 
 # --------------------------------------------------------------------------
@@ -1053,19 +1384,20 @@ def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) 
 # rows leaves a system in (w_l, y_l) alone, and the push-through identity
 # M^{-1} = (I - K^T D P^{-1} K) / eps, P = eps I + K K^T D, makes every
 # eliminated block of an affine layer a product of (batch x width)-sized matrices.
+# Every step below is batched over a group of equal layers.
 
 
 @dataclass
 class EliminatedLayer:
-    """Layer l's parameters eliminated from the lifted system, M_l = A_l + eps I.
+    """The parameters of a group's G layers eliminated, M_l = A_l + eps I (stacked).
 
-    - ``w_block`` Q_l (a_l, a_l) = J_l M_l^{-1} J_l^T; the reduced system has -Q_l
+    - ``w_block`` Q_l (G, a_l, a_l) = J_l M_l^{-1} J_l^T; the reduced system has -Q_l
       on the diagonal of w_l.
-    - ``coupling`` T_l (a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l, between w_l and
+    - ``coupling`` T_l (G, a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l, between w_l and
       y_{l-1}; None for the first layer.
-    - ``y_block`` R_l (a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l, on the diagonal
+    - ``y_block`` R_l (G, a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l, on the diagonal
       of y_{l-1}; None for the first layer.
-    - ``inverse``: X (p_l, k) -> M_l^{-1} X.
+    - ``inverse``: X (G, p_l, k) -> M_l^{-1} X.
     """
 
     w_block: torch.Tensor
@@ -1074,61 +1406,80 @@ class EliminatedLayer:
     inverse: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _nonsingular_lu(matrix: torch.Tensor, damping: float, layers: Sequence[int], what: str):
-    """LU factors of ``matrix + damping I`` (one or a stack); :class:`EliminationError` if singular.
+def _nonsingular_lu(matrix: torch.Tensor, damping: float, layers: Sequence[int], what: str,
+                    checks: _Checks, per_layer: int = 2):
+    """LU factors of ``matrix + damping I`` (a stack); its check added to ``checks``.
 
-    Singular to working precision means a pivot below rounding of the terms
-    that were summed, ``finfo.eps * (max |matrix| + damping)``.  ``layers``
-    (1-based) name the stacked matrices in the message.  One check for the
-    whole stack: no host synchronisation per layer.
+    Singular to working precision means a pivot below rounding of the terms that were
+    summed, ``finfo.eps * (max |matrix| + damping)``, the maximum over the last
+    ``per_layer`` dimensions (one layer's blocks).  ``layers`` (1-based) name the
+    stacked layers in the message; one check for the whole stack.
     """
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     LU, pivots, info = torch.linalg.lu_factor_ex(matrix + damping * eye)
     if not LU.numel():
         return LU, pivots
-    scale = matrix.abs().amax(dim=(-2, -1)) + damping
-    ok = ((info == 0) & torch.isfinite(LU).all(dim=-1).all(dim=-1) &
-          (LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1) > torch.finfo(LU.dtype).eps * scale))
-    if not bool(ok.all()):
+    dims = tuple(range(-per_layer, 0))
+    scale = matrix.abs().amax(dim=dims, keepdim=True) + damping
+    smallest = LU.diagonal(dim1=-2, dim2=-1).abs().unsqueeze(-1) / scale
+    ok = ((info == 0).reshape(len(layers), -1).all(-1) &
+          (smallest.amin(dim=dims) > torch.finfo(LU.dtype).eps).reshape(len(layers), -1).all(-1))
+
+    def error(ok):
         layer = layers[int((~ok.reshape(-1)).nonzero()[0])]
-        raise EliminationError(
+        return EliminationError(
             f"layer {layer}: {what} is singular to working precision, so the structured "
             "path cannot eliminate this layer's parameters (A_l + damping I must be "
             "invertible for each layer, which is more than H + damping I being "
-            "invertible). Use path='generic', whose pivoting does not need it, or another damping."
-        )
+            "invertible). Use path='generic', whose pivoting does not need it, or another damping.")
+
+    checks.add(ok, error)
     return LU, pivots
 
 
-def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Sequence[int]
-                           ) -> EliminatedLayer:
+def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Sequence[int],
+                           checks: Optional[_Checks] = None) -> EliminatedLayer:
     """:class:`EliminatedLayer` of closed-form layers by the push-through identity.
 
     With Gamma = K K^T = gram kron I_h and P = eps I + Gamma D (B h square):
     K M^{-1} = P^{-1} K, so Q = S P^{-1} Gamma S^T and, with
     V = eps Wb - K E, T = S P^{-1} V and R = (V^T D P^{-1} V - E^T E) / eps
-    (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  Cost
-    O((B h)^3 + (B h)^2 a_{l-1} + a_{l-1}^3); nothing of size p_l squared.
-    ``blocks`` may be a stack of layers of one shape (``layers``, 1-based, one
-    per entry): every step is then one batched call for the whole stack.
+    (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  For a hidden layer D
+    is diagonal, so P is block diagonal by output unit, P_i = eps I_B + gram diag(d_i):
+    h LUs of B x B instead of one of (B h)^2.  Cost O(h B^3 + B (B h)(a + a_in) +
+    (B h) a_in^2); nothing of size p_l squared.  ``blocks`` is a stack of layers of one
+    shape (``layers``, 1-based, one per entry): every step is one batched call.  The
+    singularity check of P is added to ``checks`` (verified here when None).
     """
-    eps, S, r, Z, W = damping, blocks.S_dense(), blocks.u_gradient, blocks.inputs, blocks.weight
+    pending = _Checks() if checks is None else checks
+    eps, r, Z, W = damping, blocks.u_gradient, blocks.inputs, blocks.weight
     B, h = r.shape[-2:]
     m, lead = Z.shape[-1], r.shape[:-2]
     kw = dict(dtype=r.dtype, device=r.device)
     gram = blocks.gram()
-    gamma_d = torch.einsum("...nm,...mij->...nimj", gram, blocks.D_blocks())
-    lu = _nonsingular_lu(gamma_d.reshape(*lead, B * h, B * h), eps, layers,
-                         "eps I + K K^T D (that is, A_l + eps I)")
+    what = "eps I + K K^T D (that is, A_l + eps I)"
+    if blocks.diagonal:
+        units = gram.unsqueeze(-3) * blocks.u_hessian.mT.unsqueeze(-2)  # (G, h, B, B)
+        lu = _nonsingular_lu(units, eps, layers, what, pending, per_layer=3)
 
-    def solve_p(X):
-        return torch.linalg.lu_solve(*lu, X)
+        def solve_p(X):  # (G, B h, c) in example-major order, solved unit by unit
+            by_unit = X.unflatten(-2, (B, h)).transpose(-3, -2)
+            return torch.linalg.lu_solve(*lu, by_unit).transpose(-3, -2).flatten(-3, -2)
+    else:
+        gamma_d = torch.einsum("...nm,...mij->...nimj", gram, blocks.D_blocks())
+        lu = _nonsingular_lu(gamma_d.reshape(*lead, B * h, B * h), eps, layers, what, pending)
+
+        def solve_p(X):
+            return torch.linalg.lu_solve(*lu, X)
 
     def inverse(X):
         return (X - blocks.K_t(blocks.D(solve_p(blocks.K(X))))) / eps
 
-    gamma_st = torch.einsum("...nm,...mio->...nio", gram, S.mT.unflatten(-2, (B, h)))
-    Q = S @ solve_p(gamma_st.flatten(-3, -2))
+    S_t = blocks.S_dense().mT
+    gamma_st = torch.einsum("...nm,...mio->...nio", gram, S_t.unflatten(-2, (B, h)))
+    Q = blocks.S(solve_p(gamma_st.flatten(-3, -2)))
+    if checks is None:
+        pending.verify()
     if not blocks.input_derivatives:
         return EliminatedLayer(Q, None, None, inverse)
     KE = torch.einsum("...nk,...mi->...nimk", Z, r).reshape(*lead, B * h, B * m)
@@ -1137,162 +1488,97 @@ def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Se
     Y = solve_p(V)
     EtE = torch.einsum("...nN,kj->...nkNj", r @ r.mT, torch.eye(m, **kw))
     R = (V.mT @ blocks.D(Y) - EtE.reshape(*lead, B * m, B * m)) / eps
-    return EliminatedLayer(Q, S @ Y, (R + R.mT) / 2, inverse)
+    return EliminatedLayer(Q, blocks.S(Y), (R + R.mT) / 2, inverse)
 
 
-def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layers: Sequence[int]
-                          ) -> EliminatedLayer:
-    """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l square)."""
-    lu = _nonsingular_lu(derivs.A, damping, layers, "A_l + eps I")
+def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layers: Sequence[int],
+                          checks: Optional[_Checks] = None) -> EliminatedLayer:
+    """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l
+    square); a stack of one."""
+    pending = _Checks() if checks is None else checks
+    lu = _nonsingular_lu(derivs.A, damping, layers, "A_l + eps I", pending)
+    if checks is None:
+        pending.verify()
 
     def inverse(X):
-        return torch.linalg.lu_solve(*lu, X) if X.shape[0] else X
+        return torch.linalg.lu_solve(*lu, X) if X.shape[-2] else X
 
     Q = derivs.J @ inverse(derivs.J.T)
     if derivs.C is None:
-        return EliminatedLayer(Q, None, None, inverse)
+        return EliminatedLayer(Q[None], None, None, inverse)
     MC = inverse(derivs.C)
-    return EliminatedLayer(Q, derivs.F - derivs.J @ MC, derivs.G - derivs.C.T @ MC, inverse)
+    return EliminatedLayer(Q[None], (derivs.F - derivs.J @ MC)[None],
+                           (derivs.G - derivs.C.T @ MC)[None], inverse)
 
 
-@dataclass
-class EliminatedGroup:
-    """Consecutive layers eliminated together.
-
-    ``layers``: their chain indices (0-based); ``blocks``: either one layer's
-    dense :class:`LayerDerivatives`, or the closed-form
-    :class:`AffineLayerBlocks` of layers of one shape stacked along a leading
-    dimension (the interior layers of an MLP: one group, whatever the depth);
-    ``eliminated``: their :class:`EliminatedLayer`, stacked the same way.
-    """
-
-    layers: list
-    blocks: object
-    eliminated: EliminatedLayer
-
-    @property
-    def stacked(self) -> bool:
-        return isinstance(self.blocks, AffineLayerBlocks)
-
-    def gather(self, per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The group's entries of a per-layer list, stacked if the group is."""
-        if self.stacked:
-            return torch.stack([per_layer[l] for l in self.layers])
-        return per_layer[self.layers[0]]
-
-    def scatter(self, stacked: torch.Tensor, per_layer: list) -> None:
-        """Write the group's results back into a per-layer list."""
-        parts = stacked.unbind(0) if self.stacked else [stacked]
-        for l, part in zip(self.layers, parts):
-            per_layer[l] = part
-
-
-def _shape_signature(d) -> Optional[tuple]:
-    if not isinstance(d, AffineLayerBlocks):
-        return None
-    return (d.inputs.shape, d.weight.shape, d.out_map.shape, d.u_hessian.shape, d.bias,
-            d.diagonal, d.input_derivatives)
-
-
-def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
-    """Every layer's parameters eliminated, runs of same-shape closed-form layers at once."""
-    runs: list[list[int]] = []
-    for l, d in enumerate(derivs):
-        signature = _shape_signature(d)
-        if runs and signature is not None and signature == _shape_signature(derivs[runs[-1][0]]):
-            runs[-1].append(l)
-        else:
-            runs.append([l])
-    groups = []
-    for run in runs:
-        numbers = [l + 1 for l in run]
-        if isinstance(derivs[run[0]], AffineLayerBlocks):
-            first = derivs[run[0]]
-            stacked = replace(first, **{name: torch.stack([getattr(derivs[l], name) for l in run])
-                                        for name in ("inputs", "weight", "out_map", "u_gradient",
-                                                     "u_hessian")})
-            groups.append(EliminatedGroup(run, stacked,
-                                          eliminate_affine_layer(stacked, damping, numbers)))
-        else:
-            groups.append(EliminatedGroup(run, derivs[run[0]],
-                                          eliminate_dense_layer(derivs[run[0]], damping, numbers)))
-    return groups
-
-
-def _per_layer(groups: Sequence[EliminatedGroup]) -> list[EliminatedLayer]:
-    """The groups' eliminated blocks as one :class:`EliminatedLayer` per layer (views)."""
+def eliminate_layers(groups: Sequence[LayerGroup], damping: float,
+                     checks: Optional[_Checks] = None) -> list[EliminatedLayer]:
+    """Every group's parameters eliminated: one batched elimination per group."""
+    pending = _Checks() if checks is None else checks
     out = []
-    for group in groups:
-        e = group.eliminated
-        if not group.stacked:
-            out.append(e)
-            continue
-        for i in range(len(group.layers)):
-            out.append(EliminatedLayer(e.w_block[i],
-                                       None if e.coupling is None else e.coupling[i],
-                                       None if e.y_block is None else e.y_block[i], None))
+    for g in groups:
+        numbers = list(range(g.start + 1, g.stop + 1))
+        eliminate = eliminate_affine_layer if g.closed else eliminate_dense_layer
+        out.append(eliminate(g.blocks, damping, numbers, pending))
+    if checks is None:
+        pending.verify()
     return out
 
 
-def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridiagonal:
+def assemble_reduced_system(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer]
+                            ) -> BlockTridiagonal:
     """The lifted system with every x_l eliminated: unknowns (w_l, y_l) per layer.
 
-    Per layer the diagonal is ``[[-Q_l, -I], [-I, R_{l+1}]]`` (R_{L+1} = 0) and
-    the only coupling to the previous layer is ``T_l`` in (w_l, y_{l-1}).  Every
-    coupling is then between neighbours of the sequence w_1, y_1, w_2, y_2, ...,
-    so the matrix is block tridiagonal with 2L blocks of size a_l each: the same
-    matrix and pivoting as with (y_l, w_l) blocks of size 2 a_l, at a quarter of
-    the LU flops.
+    Per layer the diagonal is ``[[-Q_l, -I], [-I, R_{l+1}]]`` (R_{L+1} = 0) and the only
+    coupling to the previous layer is ``T_l`` in (w_l, y_{l-1}).  Every coupling is then
+    between neighbours of the sequence w_1, y_1, w_2, y_2, ..., so the matrix is block
+    tridiagonal with 2L blocks of size a_l each: the same matrix and pivoting as with
+    (y_l, w_l) blocks of size 2 a_l, at a quarter of the LU flops.  Written into the
+    stacked storage by a constant number of strided copies per group.
     """
-    diag, sub = [], []
-    for l, e in enumerate(eliminated):
-        q = e.w_block
-        if l > 0:
-            sub.append(e.coupling)
-        diag.append(-q)
-        sub.append(-torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
-        diag.append(eliminated[l + 1].y_block if l + 1 < len(eliminated) else torch.zeros_like(q))
-    return BlockTridiagonal(diag, sub)
+    sizes = [g.outputs for g in groups for _ in range(2 * g.count)]
+    system = BlockTridiagonal.empty(sizes, eliminated[0].w_block)
+    for g, e in zip(groups, eliminated):
+        first, stop, a = 2 * g.start, 2 * g.stop, g.outputs
+        system.diag[first:stop:2, :a, :a] -= e.w_block
+        system.sub[first:stop:2, :a, :a].diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+        if e.coupling is not None:
+            a_in = e.coupling.shape[-1]
+            system.sub[first - 1:stop - 1:2, :a, :a_in] = e.coupling
+            system.diag[first - 1:stop - 1:2, :a_in, :a_in] = e.y_block
+    return system.symmetrize()
 
 
+def _reduced_rhs(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer],
+                 system: BlockTridiagonal, g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Reduced right-hand side, stacked (2L, n, k) in the order (w_1, y_1, w_2, ...).
 
-
-def _reduced_rhs(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor]
-                 ) -> list[torch.Tensor]:
-    """Reduced right-hand side, ordered (w_1, y_1, w_2, ...).
-
-    w_l gets -J_l M_l^{-1} g_l and y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}
-    (0 for the last layer): one batched call per group.
+    w_l gets -J_l M_l^{-1} g_l and y_{l-1} gets -C_l^T M_l^{-1} g_l (y_L: 0): a few
+    batched calls per group; ``g`` the per-group (G, p, k) right-hand sides.
     """
-    num_layers = len(g_blocks)
-    rhs_w: list = [None] * num_layers
-    rhs_y: list = [None] * num_layers
-    for group in groups:
-        d = group.blocks
-        mg = group.eliminated.inverse(group.gather(g_blocks))
-        group.scatter(-(d.J @ mg), rhs_w)
+    rhs = g[0].new_zeros(system.num_blocks, system.size, g[0].shape[-1])
+    for group, e, gl in zip(groups, eliminated, g):
+        d, first, stop, a = group.blocks, 2 * group.start, 2 * group.stop, group.outputs
+        mg = e.inverse(gl)
+        rhs[first:stop:2, :a] -= d.J @ mg
         if d.C is not None:
-            shifted: list = [None] * num_layers
-            group.scatter(-(d.C.T @ mg), shifted)
-            for l in group.layers:
-                rhs_y[l - 1] = shifted[l]
-    rhs_y[-1] = rhs_w[-1].new_zeros(rhs_w[-1].shape)
-    return [block for pair in zip(rhs_w, rhs_y) for block in pair]
+            y = d.C.T @ mg
+            rhs[first - 1:stop - 1:2, :y.shape[-2]] -= y
+    return rhs
 
 
-def _recover_parameters(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor],
-                        reduced: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), reduced = (w_1, y_1, w_2, ...)."""
-    w, y = reduced[0::2], reduced[1::2]
-    x: list = [None] * len(g_blocks)
-    for group in groups:
-        d = group.blocks
-        rest = group.gather(g_blocks) - d.J.T @ group.gather(w)
+def _recover_parameters(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer],
+                        g: Sequence[torch.Tensor], reduced: torch.Tensor) -> list[torch.Tensor]:
+    """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), ``reduced`` = (w_1, y_1, w_2, ...)
+    stacked; per group (G, p, k)."""
+    out = []
+    for group, e, gl in zip(groups, eliminated, g):
+        d, first, stop, a = group.blocks, 2 * group.start, 2 * group.stop, group.outputs
+        rest = gl - d.J.T @ reduced[first:stop:2, :a]
         if d.C is not None:
-            y_prev = [None] + list(y[:-1])
-            rest = rest - d.C @ group.gather(y_prev)
-        group.scatter(group.eliminated.inverse(rest), x)
-    return x
+            rest = rest - d.C @ reduced[first - 1:stop - 1:2, :d.C.shape[-1]]
+        out.append(e.inverse(rest))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -1375,12 +1661,12 @@ class OutputFactor:
 def closed_form_output_factor(d: AffineLayerBlocks) -> OutputFactor:
     """:class:`OutputFactor` of the closed-form loss layer ``mean CE(W z + c, t)``.
 
-    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C) from
-    :func:`softmax_curvature_root`.  With K K^T = gram kron I_C,
+    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C) (stored with
+    the blocks, else from :func:`softmax_curvature_root`).  With K K^T = gram kron I_C,
     U_L U_L^T [(n, i), (n', j)] = gram[n, n'] (R_n R_n'^T)[i, j].  Cost O(B C^3 + m^2 C
     + m C w).
     """
-    R = softmax_curvature_root(d.u_hessian)
+    R = d.u_hessian_root if d.u_hessian_root is not None else softmax_curvature_root(d.u_hessian)
     B, r, C = R.shape
     m = B * r
 
@@ -1438,17 +1724,35 @@ def _block_diagonal(phi: torch.Tensor) -> torch.Tensor:
     return out.reshape(B * r, B * w)
 
 
-def _blocked_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
-    """A closed-form hidden layer under example-blocked Phi_l (B, r, h).
+def _blocked_group_gram(phi: torch.Tensor, d: AffineLayerBlocks):
+    """A stack of G closed-form hidden layers under example-blocked Phi (B, r, h).
 
-    psi = Phi_l S_l; U_l U_l^T [(n, i), (n', j)] = gram[n, n'] (psi_n psi_n'^T)[i, j];
-    Phi_{l-1} = psi W (B, r, m_in).  Cost O(m^2 h + m h m_in), m = B r.
+    Per layer, from the top: psi_l = Phi_l S_l and Phi_{l-1} = psi_l W_l (two calls);
+    then, batched, U_l U_l^T [(n, i), (n', j)] = gram_l[n, n'] (psi_n psi_n'^T)[i, j]
+    summed over the stack (:func:`_gram_sum`).  Cost O(G (m^2 h + m h m_in)), m = B r.
     """
-    B, r, h = phi.shape
-    psi = phi * d.out_map.reshape(B, 1, h)
-    flat = psi.reshape(B * r, h)
-    gram = (flat @ flat.T).view(B, r, B, r) * d.gram()[:, None, :, None]
-    return gram.reshape(B * r, B * r), psi @ d.weight if d.input_derivatives else None
+    G, (B, r, h) = d.weight.shape[0], phi.shape
+    psi = phi.new_empty(G, B, r, h)
+    scale = d.out_map.view(G, B, 1, h)
+    for i in reversed(range(G)):
+        torch.mul(phi, scale[i], out=psi[i])
+        phi = psi[i] @ d.weight[i] if i or d.input_derivatives else None
+    return _gram_sum(psi, d.gram()), phi
+
+
+def _gram_sum(psi: torch.Tensor, gram: torch.Tensor, budget: int = 2 ** 22) -> torch.Tensor:
+    """sum_l (psi_l psi_l^T) * (gram_l kron 1 1^T) for psi (G, B, r, h), gram (G, B, B):
+    batched in chunks of at most ``budget`` numbers of (m, m) products."""
+    G, B, r, h = psi.shape
+    m, total = B * r, None
+    flat = psi.reshape(G, m, h)
+    step = max(1, budget // (m * m))
+    for j in range(0, G, step):
+        chunk = flat[j:j + step]
+        share = torch.bmm(chunk, chunk.mT).view(-1, B, r, B, r)
+        share = (share * gram[j:j + step, :, None, :, None]).sum(0)
+        total = share if total is None else total + share
+    return total.reshape(m, m)
 
 
 def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
@@ -1471,51 +1775,54 @@ def _dense_layer_gram(phi: torch.Tensor, d: LayerDerivatives):
     return Y @ Y.T, phi @ d.F if d.F is not None else None
 
 
-def logit_gram(derivs: Sequence, factor: OutputFactor) -> torch.Tensor:
+def logit_gram(groups: Sequence[LayerGroup], factor: OutputFactor) -> torch.Tensor:
     """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l.
 
     Example-blocked Phi_l (B, r, h_l) while every layer from l up is closed form with the
-    loss's B examples, dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l)
-    at most (O(m^2 + B r h_l) when blocked); U (m x n) is never formed.  Cost per
-    closed-form layer O(m^2 h_l + m h_l h_{l-1}) blocked; symmetrised at the end.
+    loss's B examples (stacked groups: :func:`_blocked_group_gram`), dense (m, a_l) below
+    the first other layer.  Memory O(m^2 + m a_l) at most (O(m^2 + B r h_l) when blocked);
+    U (m x n) is never formed.  Cost per closed-form layer O(m^2 h_l + m h_l h_{l-1})
+    blocked; symmetrised at the end.
     """
     gram, phi, blocked = factor.gram, factor.phi, factor.blocked
-    for d in reversed(derivs[:-1]):
-        closed = isinstance(d, AffineLayerBlocks)
-        if blocked and not (closed and d.num_examples == phi.shape[0]):
-            phi, blocked = _block_diagonal(phi), False
-        if blocked:
-            share, phi = _blocked_layer_gram(phi, d)
-        elif closed:
-            share, phi = _dense_closed_form_layer_gram(phi, d)
-        else:
-            share, phi = _dense_layer_gram(phi, d)
-        gram = gram + share
+    for g in reversed(groups[:-1]):
+        if blocked and g.closed and g.blocks.num_examples == phi.shape[0]:
+            share, phi = _blocked_group_gram(phi, g.blocks)
+            gram = gram + share
+            continue
+        for i in reversed(range(g.count)):
+            d = g.layer(i)
+            if blocked:
+                phi, blocked = _block_diagonal(phi), False
+            share, phi = (_dense_closed_form_layer_gram(phi, d) if g.closed
+                          else _dense_layer_gram(phi, d))
+            gram = gram + share
     return (gram + gram.T) / 2
 
 
-def output_tangent(derivs: Sequence, factor: OutputFactor, blocks: Sequence) -> torch.Tensor:
-    """U v (m, k) for per-layer blocks v_l (p_l, k): the tangent sweep to the logits, then R."""
+def output_tangent(groups: Sequence[LayerGroup], factor: OutputFactor,
+                   views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """U v (m, k) for per-group directions (G, p, k): the tangent sweep to the logits, then R."""
     t = None
-    for l, d in enumerate(derivs[:-1]):
-        t = d.J @ blocks[l] if t is None else d.J @ blocks[l] + d.F @ t
-    return factor.apply(blocks[-1], t)
+    for g, v in zip(groups[:-1], views[:-1]):
+        t = _tangents(g, v, t)[1]
+    return factor.apply(views[-1][0], t)
 
 
-def output_adjoint(derivs: Sequence, factor: OutputFactor, y: torch.Tensor) -> list:
-    """U^T y as per-layer blocks (p_l, k) for y (m, k): the adjoint sweep."""
-    out: list = [None] * len(derivs)
-    out[-1], u = factor.apply_t(y)
-    for l in reversed(range(len(derivs) - 1)):
-        d = derivs[l]
-        out[l] = d.J.T @ u
-        if l > 0:
-            u = d.F.T @ u
-    return out
+def output_adjoint(groups: Sequence[LayerGroup], factor: OutputFactor, y: torch.Tensor) -> list:
+    """U^T y as per-group (G, p, k) blocks for y (m, k): the adjoint sweep (J^T and F^T)."""
+    last, u = factor.apply_t(y)
+    out = [last[None]]
+    for g in reversed(groups[:-1]):
+        block, u = _adjoints(g, None, None, u, first_order=True)
+        out.append(block)
+    return out[::-1]
 
 
-def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``damping I + gram``; :class:`SingularHessianError` if none.
+def _damped_cholesky(gram: torch.Tensor, damping: float, name: str,
+                     checks: _Checks) -> torch.Tensor:
+    """Lower Cholesky factor of ``damping I + gram``; its check (a
+    :class:`SingularHessianError` if none) added to ``checks``.
 
     The matrix is positive definite with smallest eigenvalue >= damping, but it is
     singular to working precision once damping <= u max diag(gram) (u the unit roundoff;
@@ -1523,12 +1830,16 @@ def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Ten
     """
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram + damping * eye)
-    top = float(gram.diagonal().max()) if gram.numel() else 0.0
-    if int(info) != 0 or not torch.isfinite(factor).all() or not (
-            damping > torch.finfo(gram.dtype).eps * top):
+    top = gram.diagonal().amax() if gram.numel() else gram.new_zeros(())
+    ok = (info == 0) & (factor.sum().isfinite()) & (
+        damping > torch.finfo(gram.dtype).eps * top)
+
+    def error(_):
         detail = (f"damping {damping:.1e} against the Gram matrix U U^T of the logit "
-                  f"Jacobian, largest diagonal {top:.1e}")
-        raise SingularHessianError(_singular_message(name, detail, damping))
+                  f"Jacobian, largest diagonal {float(top):.1e}")
+        return SingularHessianError(_singular_message(name, detail, damping))
+
+    checks.add(ok, error)
     return factor
 
 
@@ -1572,14 +1883,15 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
     A closed-form layer keeps S, D and the factors of P (~ a a_u + 2 a_u^2) and
     needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
     needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
-    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
+    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced system and its banded LU
+    (blocks padded to n = max a_l: the system, the band and U's rows) store ~ 16 n^2
     per layer, and a solve ~ 6 p per right-hand side.  Against the measured
     rise of resident memory (float32, 20 layers, 3072 inputs, 1000 classes,
     curvature batch 4) this sum was 0.80 GiB for 0.81 GiB at width 128 and
     8.5 GiB for 9.6 GiB at width 512, so the guard adds a quarter.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    total = 0
+    total, n = 0, max(output_counts)
     for l, (p, a_in, a, a_u) in enumerate(zip(param_counts, input_counts, output_counts,
                                                u_counts)):
         a_in = a_in if l > 0 else 0
@@ -1587,7 +1899,7 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
             total += a * a_u + 5 * a_u * a_u + 2 * a_u * a + 5 * a_u * a_in + 2 * a_in * a_in
         else:
             total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
-        total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
+        total += a * a + a * a_in + a_in * a_in + 16 * n * n + 6 * p
     return total * itemsize
 
 
@@ -1623,6 +1935,18 @@ class LayerSizes:
                    inputs, inputs[1:] + [1], u, block)
 
     @classmethod
+    def of_groups(cls, groups: Sequence[LayerGroup]) -> "LayerSizes":
+        """From stacked derivative blocks already computed (no per-layer views)."""
+        params, outputs, u, block = [], [], [], []
+        for g in groups:
+            d = g.blocks
+            params += [g.params] * g.count
+            outputs += [g.outputs] * g.count
+            u += [d.u_gradient[0].numel() if g.closed else None] * g.count
+            block += [(1 if d.diagonal else d.u_hessian.shape[-1]) if g.closed else None] * g.count
+        return cls(params, [0] + outputs[:-1], outputs, u, block)
+
+    @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
         """From derivative blocks already computed."""
         outputs = [d.num_outputs for d in derivs]
@@ -1636,21 +1960,82 @@ class LayerSizes:
 @dataclass
 class RouteCost:
     """Predicted cost of a route: ``setup_flops`` (factorisation), ``solve_flops`` (one
-    right-hand side, un-refined), ``bytes`` (peak beyond the derivative blocks), and
-    ``ops`` (torch calls in the setup: per-call overhead, ~10 us each on a CPU)."""
+    right-hand side, un-refined), ``bytes`` (peak beyond the derivative blocks), ``ops``
+    and ``solve_ops`` (kernels dispatched by the setup and by one solve)."""
 
     setup_flops: float
     solve_flops: float
     bytes: int
     ops: int
+    solve_ops: int = 0
 
-    def seconds(self, flops_per_second: float = 1e10, seconds_per_op: float = 1e-5) -> float:
-        """A crude time estimate of the setup plus one solve."""
-        return (self.setup_flops + self.solve_flops) / flops_per_second + self.ops * seconds_per_op
+    def seconds(self, device: Optional["DeviceModel"] = None, solves: int = 2) -> float:
+        """Time of the setup and ``solves`` solves (a refined one-shot solve takes two)."""
+        device = DeviceModel.of("cpu") if device is None else device
+        return device.seconds(self.setup_flops + solves * self.solve_flops,
+                              self.ops + solves * self.solve_ops)
+
+    def __add__(self, other: "RouteCost") -> "RouteCost":
+        return RouteCost(*(a + b for a, b in zip(
+            (self.setup_flops, self.solve_flops, self.bytes, self.ops, self.solve_ops),
+            (other.setup_flops, other.solve_flops, other.bytes, other.ops, other.solve_ops))))
+
+
+@dataclass
+class DeviceModel:
+    """What a route's time is made of on a device: arithmetic at ``flops_per_second``
+    and ``seconds_per_kernel`` for each kernel dispatched (launch and framework overhead).
+
+    Rough figures (docs/ALGORITHM.md, "Choosing the route"): a CPU thread 1e10 flop/s in
+    float64 (twice in float32), its per-call overhead (a few us) not charged: where it
+    would matter the arithmetic is small anyway, and the banded LU's pivoting across
+    blocks is the safer default; a GPU 5e11 (float64) or 5e12 (float32) flop/s at 10 us
+    per kernel, where a deep chain's kernel count decides.
+    """
+
+    flops_per_second: float
+    seconds_per_kernel: float
+
+    @classmethod
+    def of(cls, device, dtype: torch.dtype = torch.float64) -> "DeviceModel":
+        double = dtype == torch.float64
+        if torch.device(device).type == "cuda":
+            return cls(5e11 if double else 5e12, 1e-5)
+        return cls((1e10 if double else 2e10) * torch.get_num_threads(), 0.0)
+
+    def seconds(self, flops: float, kernels: float) -> float:
+        return flops / self.flops_per_second + kernels * self.seconds_per_kernel
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def factorization_cost(kind: str, blocks: int, size: int, merge: int = 1) -> RouteCost:
+    """Flops and kernels of factoring ``blocks`` blocks of ``size`` (padded) and of one
+    solve (``block_tridiagonal``): ``'banded'`` ~ 23/3 n^3 flops and 8 kernels per block,
+    8 n^2 flops and 5 kernels per block and column to solve; ``'cyclic'`` on runs of
+    ``merge`` blocks (b = merge n, couplings n x n) ~ 2/3 b^3 + 4 b^2 n + 6 n^3 flops per
+    block, about 15 kernels per level (log2 of the blocks), 10 per level to solve."""
+    N, n = blocks, size
+    if kind == "banded":
+        return RouteCost(23 / 3 * n ** 3 * N, 8 * n * n * N, 0, 8 * N, 5 * N)
+    b, M = merge * n, -(-N // merge)
+    levels = max(math.ceil(math.log2(max(M, 1))), 1)
+    setup = M * (2 / 3 * b ** 3 + 4 * b * b * n + 6 * n ** 3) + 16 / 3 * b ** 3
+    return RouteCost(setup, M * (2 * b * b + 6 * b * n), 0, 15 * levels + 10, 10 * levels + 5)
+
+
+def choose_factorization(asked: str, blocks: int, size: int, merge: int,
+                         device=None, dtype: torch.dtype = torch.float64) -> str:
+    """``'banded'`` or ``'cyclic'``: the one asked, or for ``'auto'`` the faster on the
+    device by :class:`DeviceModel` (cyclic reduction pays ~1.4x the flops, 1.8x merged,
+    for log2 N levels of batched calls instead of N steps)."""
+    if asked != "auto":
+        return asked
+    model = DeviceModel.of("cpu" if device is None else device, dtype)
+    return min(("banded", "cyclic"),
+               key=lambda kind: factorization_cost(kind, blocks, size, merge).seconds(model))
 
 
 def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
@@ -1664,17 +2049,18 @@ def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> 
 
     m = B (C - 1); per hidden closed-form layer (h outputs, m_in inputs per example)
     ~ 2 m^2 h + 2 m h m_in flops (the Gram share and Phi's propagation); loss layer
-    ~ 10 B C^3 (eigh) + 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None)
-    turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A solve:
-    the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2.
-    Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
+    ~ 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None) turns Phi dense
+    from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A solve: the two sweeps,
+    ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2; kernels:
+    2 per layer in the setup, 4 per layer in a solve.  Bytes: Gram, factor and one
+    m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
     """
     classes, batch = _classes_and_batch(sizes)
     m = batch * max(classes - 1, 1)
     w_last = sizes.inputs[-1] // batch
-    setup = 10 * batch * classes ** 3 + 2 * m * m * classes + 2 * m * classes * w_last
+    setup = 2 * m * m * classes + 2 * m * classes * w_last
     solve = 8 * batch * sizes.params[-1] + 2 * m * m
-    ops, phi_bytes, blocked = 12, m * w_last, True
+    ops, phi_bytes, blocked = 40, m * w_last, True
     for l in reversed(range(len(sizes.params) - 1)):
         p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
         a_in = a_in if l > 0 else 0
@@ -1692,39 +2078,68 @@ def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> 
             setup += 2 * m * a * p + 2 * m * m * p + 2 * m * a * a_in
             solve += 4 * a * p
             phi_bytes = max(phi_bytes, m * max(a, a_in) + m * p)
-        ops += 8
     setup += m ** 3 / 3
-    return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype), ops)
+    layers = len(sizes.params)
+    return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype),
+                     ops + 2 * layers, 20 + 4 * layers)
 
 
-def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64,
+                    factorization: str = "banded") -> RouteCost:
     """Cost of the structured route (:class:`EliminatedSolver`), same terms.
 
-    Per closed-form layer (a_u = batch x width of u, a outputs, a_in inputs): LU of
-    P (a_u square) 2/3 a_u^3, solves and products with it ~ 2 a_u^2 (a + a_in) +
-    2 a_u (a^2 + a_in^2 + a a_in); a dense layer LU of A_l + eps I, 2/3 p^3 + 2 p^2 (a +
-    a_in).  The pivoted banded LU of the reduced system (2L blocks of size a_l): ~ 8 a_l^3
-    per block (panel LU, triangular solve, update with the fill).  A solve ~ 12 a_l^2 +
-    8 B p_l per layer.  Bytes: :func:`estimate_structured_bytes`.
+    Per closed-form layer (a_u = batch x width of u, a outputs, a_in inputs): P's LU,
+    h_l B^3 2/3 for a hidden layer (P block diagonal by unit), 2/3 a_u^3 for the loss
+    layer; solves with P ~ 2 B a_u (a + a_in) (2 a_u^2 (a + a_in) for the loss layer);
+    R ~ 2 a_u a_in^2; a dense layer LU of A_l + eps I, 2/3 p^3 + 2 p^2 (a + a_in).  The
+    reduced system (2L blocks padded to n = max a_l) factored by ``factorization``
+    (:func:`factorization_cost`; cyclic reduction on pairs), 40 kernels per group of
+    stacked layers besides; a solve ~ 8 B p_l per layer and the factored solve.  Bytes:
+    :func:`estimate_structured_bytes`.
     """
     batch = _classes_and_batch(sizes)[1] if sizes.u_block[-1] else 1
-    setup, solve, ops = 0.0, 0.0, 0
-    for l, (p, a_in, a, a_u) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
-                                              sizes.u)):
+    setup, solve, groups, previous = 0.0, 0.0, 0, None
+    for l, (p, a_in, a, a_u, block) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                     sizes.u, sizes.u_block)):
         a_in = a_in if l > 0 else 0
+        if a_u is not None and block == 1:
+            setup += 2 / 3 * a_u * batch ** 2 + 2 * batch * a_u * (a + a_in)
+        elif a_u is not None:
+            setup += 2 / 3 * a_u ** 3 + 2 * a_u ** 2 * (a + a_in)
         if a_u is not None:
-            setup += 2 / 3 * a_u ** 3 + 2 * a_u ** 2 * (a + a_in) + 2 * a_u * (
-                a * a + a_in * a_in + a * a_in)
+            setup += 2 * a_u * a_in * a_in
             solve += 8 * batch * p
         else:
             setup += 2 / 3 * p ** 3 + 2 * p * p * (a + a_in)
             solve += 4 * p * p
-        setup += 16 * a ** 3
-        solve += 12 * a * a
-        ops += 45
+        key = (p, a_in, a, a_u, block)
+        groups += a_u is None or key != previous
+        previous = key
     bytes_ = estimate_structured_bytes(sizes.params, sizes.inputs, sizes.outputs, sizes.u,
-                                          dtype)
-    return RouteCost(setup, solve, bytes_, ops)
+                                       dtype)
+    merge = 2 if factorization == "cyclic" else 1
+    factor = factorization_cost(factorization, 2 * len(sizes.params), max(sizes.outputs), merge)
+    return RouteCost(setup, solve, bytes_, 40 * groups, 10 * groups) + factor
+
+
+def _structured_auto_cost(sizes: LayerSizes, dtype: torch.dtype, device) -> RouteCost:
+    kind = choose_factorization("auto", 2 * len(sizes.params), max(sizes.outputs), 2, device,
+                                dtype)
+    return structured_cost(sizes, dtype, kind)
+
+
+#: The routes ``path='auto'`` weighs against each other when several can run: name ->
+#: (eligible(damping, closed_forms, curvature, sizes), cost(sizes, dtype, device)).  A
+#: route takes part by registering here; :func:`choose_route` takes the fastest by
+#: :class:`DeviceModel` (setup and two solves, a refined one-shot solve).
+AUTO_ROUTES: dict = {
+    "structured": (lambda damping, closed, curvature, sizes: closed and damping > 0,
+                   _structured_auto_cost),
+    "output": (lambda damping, closed, curvature, sizes: (
+        curvature == "ggn" and damping > 0 and sizes is not None and sizes.u[-1] is not None
+        and bool(sizes.u_block[-1])),
+               lambda sizes, dtype, device: output_space_cost(sizes, dtype)),
+}
 
 
 def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
@@ -1816,8 +2231,11 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
 # --------------------------------------------------------------------------
 
 
-def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str) -> None:
-    """``v`` must be (n,) or (n, k >= 1), finite, with the model's dtype and device."""
+def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str,
+                  checks: Optional[_Checks] = None) -> None:
+    """``v`` must be (n,) or (n, k >= 1), finite, with the model's dtype and device.
+
+    Finiteness is added to ``checks`` when given (verified with the caller's others)."""
     n = sum(sizes)
     if not isinstance(v, torch.Tensor):
         raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
@@ -1837,18 +2255,11 @@ def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str) -> Non
             f"{what} is on {v.device} but the model is on {like.device}; move it with "
             f".to('{like.device}')"
         )
-    if not torch.isfinite(v).all():
-        raise HessianInverseError(f"{what} contains NaN or Inf entries")
-
-
-def _split(v: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """A checked (n,) or (n, k) tensor as per-layer (p_l, k) blocks (detached)."""
-    return list(v.detach().reshape(sum(sizes), -1).split(list(sizes)))
-
-
-def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
-    out = torch.cat(list(blocks))
-    return out[:, 0] if vector else out
+    pending = _Checks() if checks is None else checks
+    pending.add(_all_finite([v]),
+                lambda _: HessianInverseError(f"{what} contains NaN or Inf entries"))
+    if checks is None:
+        pending.verify()
 
 
 class _SelfAdjoint(torch.autograd.Function):
@@ -1904,26 +2315,28 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 
 def choose_route(path: str, damping: Optional[float], closed_forms: bool,
-                 curvature: str = "hessian", sizes: Optional[LayerSizes] = None) -> str:
+                 curvature: str = "hessian", sizes: Optional[LayerSizes] = None,
+                 device=None, dtype: torch.dtype = torch.float64) -> str:
     """The one place the route is decided: ``'structured'``, ``'generic'`` or ``'output'``.
 
-    A forced ``path`` is kept.  ``'auto'`` takes the structured route (parameter
-    elimination) when the chain has closed-form layers and damping > 0
-    (``damping=None``: an operator whose damping is not chosen yet, so it keeps
-    the closed forms); damping 0 needs the generic route, whose pivoting copes
-    with singular A_l and the softmax gauge.  For the GGN with a known damping > 0
-    and a closed-form loss layer, ``'auto'`` takes the output-space route when its
-    setup costs no more flops than the structured route's (:func:`output_space_cost`,
-    :func:`structured_cost`) (docs/ALGORITHM.md, "Choosing the route").
+    A forced ``path`` is kept.  ``'auto'`` weighs the routes of :data:`AUTO_ROUTES`
+    that can run (the structured route when the chain has closed-form layers and
+    damping > 0; the output-space route for the GGN with a closed-form loss layer and
+    damping > 0) by their predicted time on ``device`` (:class:`DeviceModel`), and takes
+    the generic route when none can: damping 0 needs its pivoting, which copes with
+    singular A_l and the softmax gauge.  ``damping=None`` (an operator whose damping is
+    not chosen yet) keeps the closed forms (docs/ALGORITHM.md, "Choosing the route").
     """
     if path != "auto":
         return path
-    route = "structured" if closed_forms and (damping is None or damping > 0) else "generic"
-    if (curvature == "ggn" and damping is not None and damping > 0 and sizes is not None
-            and sizes.u[-1] is not None and sizes.u_block[-1]):
-        if output_space_cost(sizes).setup_flops <= structured_cost(sizes).setup_flops:
-            return "output"
-    return route
+    if damping is None:
+        return "structured" if closed_forms else "generic"
+    eligible = [name for name, (ok, _) in AUTO_ROUTES.items()
+                if ok(damping, closed_forms, curvature, sizes)]
+    if len(eligible) < 2 or sizes is None:
+        return eligible[0] if eligible else "generic"
+    model = DeviceModel.of("cpu" if device is None else device, dtype)
+    return min(eligible, key=lambda name: AUTO_ROUTES[name][1](sizes, dtype, device).seconds(model))
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -1945,20 +2358,37 @@ class HessianOperator:
     block products (and is differentiable in v); :meth:`factorize` gives
     ``(H + damping I)^{-1}`` and reuses these derivatives for any number of
     damping values.  With ``curvature == 'ggn'`` the blocks are the
-    Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``derivs`` holds one
-    :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks` (closed
-    form) per layer; ``gauge`` the loss layer's known null basis N, or None.
+    Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``groups`` holds the
+    blocks as :class:`LayerGroup` s (runs of equal closed-form layers stacked);
+    ``derivs`` one :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks`
+    (closed form, views into the stack) per layer; ``gauge`` the loss layer's known null
+    basis N, or None.  ``pending``: checks of the inputs not yet verified (the first
+    use verifies them together with its own: one host synchronisation).
     """
 
-    def __init__(self, derivs: list, gauge: Optional[torch.Tensor],
-                 curvature: str = "hessian", memory_limit: Optional[int] = None):
-        self.derivs = derivs
+    def __init__(self, groups: list, gauge: Optional[torch.Tensor],
+                 curvature: str = "hessian", memory_limit: Optional[int] = None,
+                 pending: Optional[_Checks] = None):
+        self.groups = groups
         self.gauge = gauge
         self.curvature = curvature
         self.memory_limit = memory_limit
-        self.param_sizes = [d.num_params for d in derivs]
+        self.pending = _Checks() if pending is None else pending
+        self.param_sizes = [g.params for g in groups for _ in range(g.count)]
         self.num_params = sum(self.param_sizes)
-        self._like = derivs[-1].J
+        self._like = groups[-1].blocks.weight if groups[-1].closed else groups[-1].blocks.J
+        self._derivs: Optional[list] = None
+
+    @property
+    def derivs(self) -> list:
+        """Per-layer blocks (views into the stacked groups), built on first use."""
+        if self._derivs is None:
+            self._derivs = [g.layer(i) for g in self.groups for i in range(g.count)]
+        return self._derivs
+
+    @property
+    def sizes(self) -> LayerSizes:
+        return LayerSizes.of_groups(self.groups)
 
     @property
     def symbol(self) -> str:
@@ -1979,12 +2409,12 @@ class HessianOperator:
 
     @property
     def has_closed_forms(self) -> bool:
-        return any(isinstance(d, AffineLayerBlocks) for d in self.derivs)
+        return any(g.closed for g in self.groups)
 
     def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
         """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
         _check_vector(v, self.param_sizes, self._like, what)
-        return _split(v, self.param_sizes)
+        return list(v.detach().reshape(self.num_params, -1).split(self.param_sizes))
 
     def project_out_gauge(self, v: torch.Tensor) -> torch.Tensor:
         """``v - P_N v`` for v (n,) or (n, k); v itself when there is no known gauge."""
@@ -2001,47 +2431,45 @@ class HessianOperator:
         """
         if not self.has_closed_forms:
             return self
-        check_memory(LayerSizes.of_derivatives(self.derivs), "generic", "factorization",
-                     self.dtype, self.device, self.memory_limit,
-                     "Use damping > 0, which allows the structured path, or: ")
-        dense = [d.densify() if isinstance(d, AffineLayerBlocks) else d for d in self.derivs]
-        return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit)
+        check_memory(self.sizes, "generic", "factorization", self.dtype, self.device,
+                     self.memory_limit, "Use damping > 0, which allows the structured path, or: ")
+        dense = [LayerGroup(l, l + 1, d.densify() if isinstance(d, AffineLayerBlocks) else d)
+                 for l, d in enumerate(self.derivs)]
+        return HessianOperator(dense, self.gauge, self.curvature, self.memory_limit,
+                               self.pending)
 
     def to(self, dtype: torch.dtype) -> "HessianOperator":
         """The same blocks in another floating dtype (for a lower-precision factorisation)."""
         if dtype == self.dtype:
             return self
-
-        def cast(d):
-            return replace(d, **{f.name: getattr(d, f.name).to(dtype) for f in fields(d)
-                                 if isinstance(getattr(d, f.name), torch.Tensor)})
         gauge = None if self.gauge is None else self.gauge.to(dtype)
-        return HessianOperator([cast(d) for d in self.derivs], gauge, self.curvature,
-                               self.memory_limit)
+        return HessianOperator([g.to(dtype) for g in self.groups], gauge, self.curvature,
+                               self.memory_limit, self.pending)
 
-    def apply_blocks(self, x: list, damping: float = 0.0) -> list:
-        """``(H + damping I) x`` on per-layer blocks (p_l, k): the exact product."""
-        out = structured_hessian_vector_product(self.derivs, x)
-        return [o + damping * xi for o, xi in zip(out, x)] if damping else out
+    def apply(self, x: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+        """``(H + damping I) x`` for x (n, k): the exact product, two sweeps over the groups."""
+        out = _flat(_sweeps(self.groups, _views(self.groups, x)))
+        return out.add_(x, alpha=damping) if damping else out
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for v (n,) or (n, k); differentiable in v."""
-        _check_vector(v, self.param_sizes, self._like, "v")
+        _check_vector(v, self.param_sizes, self._like, "v", self.pending)
+        self.pending.verify()
         return _differentiable_in_v(
-            v, lambda u: _join(self.apply_blocks(_split(u, self.param_sizes)), u.dim() == 1))
+            v, lambda u: self.apply(u.detach().reshape(self.num_params, -1)).reshape(u.shape))
 
     __matmul__ = matmul
 
     def factorize(self, damping: float = 0.0, check_condition: bool = True,
                   path: str = "auto", rtol: Optional[float] = None,
                   on_inaccurate: str = "raise", factor_dtype="auto",
-                  factorization: str = "banded") -> "HessianInverse":
+                  factorization: str = "auto") -> "HessianInverse":
         """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
 
         ``path``: ``'structured'`` eliminates every layer's parameters (needs
         damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        decides by :func:`choose_route`.  ``rtol``, ``on_inaccurate`` and
-        ``factor_dtype``: see :class:`HessianInverse`.
+        decides by :func:`choose_route`.  ``rtol``, ``on_inaccurate``,
+        ``factor_dtype`` and ``factorization``: see :class:`HessianInverse`.
         """
         return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate,
                               factor_dtype=factor_dtype, factorization=factorization)
@@ -2059,32 +2487,35 @@ def _singular_message(what: str, detail: str, damping: float) -> str:
             f"eigenvalue of H at -damping, there is no unique solution: {hint}.")
 
 
-FACTORIZATIONS = ("banded", "cyclic")
+#: Values of the ``factorization`` keyword: the block-tridiagonal factorisation used.
+FACTORIZATIONS = ("auto", "banded", "cyclic")
 
 
-def _factor_or_explain(system: BlockTridiagonal, what: str, damping: float,
-                       factorization: str = "banded", merge: int = 1):
-    """:func:`banded_lu` (or :func:`cyclic_reduction`), a zero pivot turned into advice.
+class CyclicReductionFailed(SingularHessianError):
+    """Cyclic reduction met a zero pivot (it pivots only within blocks)."""
 
-    Cyclic reduction that meets a zero pivot (it pivots only within blocks)
-    warns and hands over to the banded LU, which decides singularity.
-    """
+
+def _factor(system: BlockTridiagonal, what: str, damping: float, factorization: str,
+            merge: int, checks: _Checks):
+    """:func:`banded_lu` or :func:`cyclic_reduction`, no host synchronisation: the pivot
+    check goes into ``checks``, a zero pivot turned into advice (a cyclic one into
+    :class:`CyclicReductionFailed`, on which the caller turns to the banded LU)."""
     if factorization == "cyclic":
+        factor = cyclic_reduction(system, merge, check=False)
+    else:
+        factor = banded_lu(system, check=False)
+
+    def error(_):
         try:
-            return cyclic_reduction(system, merge)
+            factor.check()
         except SingularSystemError as err:
-            warnings.warn(f"{err}; factoring with the banded LU instead.", RuntimeWarning)
-    try:
-        return banded_lu(system)
-    except SingularSystemError as err:
-        raise SingularHessianError(_singular_message(what, str(err), damping)) from None
+            if factorization == "cyclic":
+                return CyclicReductionFailed(f"{err}")
+            return SingularHessianError(_singular_message(what, str(err), damping))
+        return SingularHessianError(what)
 
-
-def _solve_factored(factor, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Solve with either factorisation's factors."""
-    if isinstance(factor, CyclicReductionFactor):
-        return cyclic_reduction_solve(factor, rhs)
-    return banded_lu_solve(factor, rhs)
+    checks.add(factor.smallest_pivot > 0.0, error)
+    return factor
 
 
 def _system_name(operator: HessianOperator, damping: float, gauge) -> str:
@@ -2109,58 +2540,34 @@ class LiftedSolver:
 
     def __init__(self, operator: HessianOperator, damping: float,
                  gauge: Optional[torch.Tensor], check_condition: bool,
-                 factorization: str = "banded"):
+                 factorization: str = "banded", checks: Optional[_Checks] = None):
+        pending = _Checks() if checks is None else checks
         self.operator = operator
         self.system = assemble_lifted_system(operator.derivs, damping, gauge)
         what = _system_name(operator, damping, gauge)
-        self.lu = _factor_or_explain(self.system, what, damping, factorization)
+        self.lu = _factor(self.system, what, damping, factorization, 1, pending)
+        pending.verify()
         self.rcond = None
         if check_condition:
-            self.rcond = self.reciprocal_condition()
+            self.rcond = reciprocal_condition(self.system, self.lu)
             if not self.rcond > torch.finfo(operator.dtype).eps:
                 raise SingularHessianError(_singular_message(
                     what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}",
                     damping))
 
-    def solve_once(self, blocks: list) -> list:
-        """One pass through the factors: per-layer right-hand sides -> parameter blocks."""
-        derivs = self.operator.derivs
-        return _unlift(derivs, _solve_factored(self.lu, _lift(derivs, blocks)))
-
-    def reciprocal_condition(self, iterations: int = 5) -> float:
-        """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
-
-        A few solves with the factors give a lower bound on ||K^{-1}||_1 that
-        is usually within a factor of 3; K is symmetric so K^{-T} = K^{-1}.
-        """
-        sizes = self.lu.block_sizes
-        like = self.system.diag[0]
-        total = sum(sizes)
-        x = torch.full((total, 1), 1.0 / total, dtype=like.dtype, device=like.device)
-        estimate = 0.0
-        for it in range(iterations):
-            y = torch.cat(_solve_factored(self.lu, list(x.split(sizes))))
-            if not torch.isfinite(y).all():
-                return 0.0
-            estimate = y.abs().sum().item()
-            z = torch.cat(_solve_factored(self.lu, list(torch.sign(y).split(sizes))))
-            j = int(z.abs().argmax())
-            if it > 0 and z.abs()[j, 0] <= (z * x).sum():
-                break
-            x = torch.zeros_like(x)
-            x[j] = 1.0
-        return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
-
-
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """One pass through the factors: (n, k) right-hand sides -> (n, k) solutions."""
+        sizes = self.operator.param_sizes
+        return _unlift(sizes, solve_factored(self.lu, _lift(self.system, sizes, b)))
 
 
 class EliminatedSolver:
     """The structured route: every layer's parameters eliminated, damping > 0.
 
-    ``eliminated`` holds each layer's :class:`EliminatedLayer`; ``system`` is
+    ``eliminated`` holds each group's :class:`EliminatedLayer` (stacked); ``system`` is
     the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
-    equilibrated (``scales``, :func:`equilibrate`) and factored by the same
-    pivoted :func:`banded_lu` as the generic route.  A solve costs
+    equilibrated (``scales``, :func:`equilibrate`) and factored by the pivoted
+    :func:`banded_lu` (or cyclic reduction on pairs of blocks).  A solve costs
     O(sum_l a_l^2 + sum_l a_l p_l) per vector.  Eliminating x_l divides by
     eps, so the reduced system can be worse conditioned than ``H + eps I``
     itself: :class:`HessianInverse` refines every solve against the exact
@@ -2170,26 +2577,32 @@ class EliminatedSolver:
     route = "structured"
     rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float, factorization: str = "banded"):
+    def __init__(self, operator: HessianOperator, damping: float, factorization: str = "banded",
+                 checks: Optional[_Checks] = None):
         if not damping > 0:
             raise HessianInverseError(
                 f"the structured path needs a finite damping > 0 (it inverts A_l + damping I "
                 f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
             )
+        pending = _Checks() if checks is None else checks
         self.operator = operator
-        self.groups = eliminate_layers(operator.derivs, damping)
-        self.eliminated = _per_layer(self.groups)
-        self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
+        self.groups = operator.groups
+        self.eliminated = eliminate_layers(self.groups, damping, pending)
+        self.system, self.scales = equilibrate(
+            assemble_reduced_system(self.groups, self.eliminated), inplace=True)
         # merge=2 for cyclic reduction: the y-blocks R_{l+1} can be zero (always the last).
-        self.lu = _factor_or_explain(self.system, f"{operator.symbol} + {damping:g} I", damping,
-                                     factorization, merge=2)
+        self.lu = _factor(self.system, f"{operator.symbol} + {damping:g} I", damping,
+                          factorization, 2, pending)
+        if checks is None:
+            pending.verify()
 
-    def solve_once(self, g_blocks: list) -> list:
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
         """Reduced right-hand side, one pass through the factors, parameters recovered."""
-        rhs = _reduced_rhs(self.groups, g_blocks)
-        scaled = _solve_factored(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
-        reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
-        return _recover_parameters(self.groups, g_blocks, reduced)
+        g = _views(self.groups, b)
+        scales = self.scales.unsqueeze(-1)
+        rhs = _reduced_rhs(self.groups, self.eliminated, self.system, g).mul_(scales)
+        reduced = solve_factored(self.lu, rhs).mul_(scales)
+        return _flat(_recover_parameters(self.groups, self.eliminated, g, reduced))
 
 
 class OutputSpaceSolver:
@@ -2201,8 +2614,7 @@ class OutputSpaceSolver:
     O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3) time, O(m^2) memory beyond the operator's
     blocks.  A solve: O(one GGN-vector product + m^2) per right-hand side.  Not backward
     stable on its own (the subtraction loses about u cond(GGN + eps I) relative, u the
-    unit roundoff),
-    so :class:`HessianInverse` refines it like the structured route.
+    unit roundoff), so :class:`HessianInverse` refines it like the structured route.
     Needs ``operator.curvature == 'ggn'`` (for the Hessian, U^T U misses the network's own
     curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or any dense GGN
     loss layer.
@@ -2211,7 +2623,8 @@ class OutputSpaceSolver:
     route = "output"
     rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float):
+    def __init__(self, operator: HessianOperator, damping: float,
+                 checks: Optional[_Checks] = None):
         if operator.curvature != "ggn":
             raise HessianInverseError(
                 f"the output-space path solves with the Gauss-Newton matrix only (GGN = U^T U);"
@@ -2221,37 +2634,35 @@ class OutputSpaceSolver:
                 f"the output-space path needs a finite damping > 0 (eps I + U U^T must be "
                 f"positive definite; at 0 the GGN is singular on the softmax gauge); got "
                 f"{damping}. Use path='generic' or path='auto' for damping 0")
+        pending = _Checks() if checks is None else checks
         self.operator = operator
         self.damping = float(damping)
-        self.factor = output_factor(operator.derivs[-1])
-        self.gram = logit_gram(operator.derivs, self.factor)
+        self.factor = output_factor(operator.groups[-1].layer(0))
+        self.gram = logit_gram(operator.groups, self.factor)
         self.cholesky = _damped_cholesky(self.gram, self.damping,
-                                         f"{operator.symbol} + {damping:g} I")
+                                         f"{operator.symbol} + {damping:g} I", pending)
+        if checks is None:
+            pending.verify()
 
     @property
     def rows(self) -> int:
         """m, the rows of U (the size of the factored system)."""
         return self.gram.shape[0]
 
-    def solve_once(self, blocks: list) -> list:
-        """One un-refined solve: per-layer (p_l, k) right-hand sides -> (p_l, k) blocks."""
-        derivs = self.operator.derivs
-        y = torch.cholesky_solve(output_tangent(derivs, self.factor, blocks), self.cholesky)
-        back = output_adjoint(derivs, self.factor, y)
-        return [(v - b) / self.damping for v, b in zip(blocks, back)]
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """One un-refined solve: (n, k) right-hand sides -> (n, k) solutions."""
+        groups = self.operator.groups
+        y = torch.cholesky_solve(output_tangent(groups, self.factor, _views(groups, b)),
+                                 self.cholesky)
+        return (b - _flat(output_adjoint(groups, self.factor, y))) / self.damping
 
 
-def _column_norms(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of each column of a block vector of (p_l, k) matrices: (k,)."""
-    return torch.stack([d.square().sum(0) for d in blocks]).sum(0).sqrt()
-
-
-def _relative_norm(num: Sequence[torch.Tensor], den: Sequence[torch.Tensor]) -> float:
-    """max over columns j of ||num_j|| / ||den_j|| for blocks of (p_l, k) matrices (0/0 = 0)."""
-    num_norm, den_norm = _column_norms(num), _column_norms(den)
+def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """max over columns j of ||num_j|| / ||den_j|| for (n, k) tensors (0/0 = 0), 0-dim."""
+    num_norm, den_norm = num.norm(dim=0), den.norm(dim=0)
     ratio = torch.where(den_norm > 0, num_norm / den_norm,
                         torch.where(num_norm > 0, math.inf, 0.0))
-    return float(ratio.max())
+    return ratio.amax()
 
 
 class _CastSolver:
@@ -2261,16 +2672,16 @@ class _CastSolver:
         self.solver, self.dtype = solver, dtype
         self.route, self.rcond = solver.route, solver.rcond
 
-    def solve_once(self, blocks: list) -> list:
-        low = self.solver.operator.dtype
-        return [x.to(self.dtype) for x in self.solver.solve_once([b.to(low) for b in blocks])]
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        return self.solver.solve_once(b.to(self.solver.operator.dtype)).to(self.dtype)
 
 
 def _largest_block(operator: HessianOperator, route: str) -> int:
     """The block size of the system ``route`` factors (a_l, or p_l + 2 a_l)."""
+    sizes = operator.sizes
     if route == "structured":
-        return max(d.num_outputs for d in operator.derivs)
-    return max(d.num_params + 2 * d.num_outputs for d in operator.derivs)
+        return max(sizes.outputs)
+    return max(p + 2 * a for p, a in zip(sizes.params, sizes.outputs))
 
 
 class HessianInverse:
@@ -2307,9 +2718,11 @@ class HessianInverse:
     it pays; ``None`` never; ``torch.float32`` always.  ``factor_dtype`` says
     which ran.
 
-    ``factorization='cyclic'`` factors by block cyclic reduction (parallel in
-    depth, for GPUs) instead of the banded LU; it pivots only within blocks, so
-    a zero pivot or a missed contract hands over to the banded LU.
+    ``factorization``: ``'banded'`` (the pivoted banded LU), ``'cyclic'`` (block cyclic
+    reduction: log2 depth levels of batched calls, for GPUs; it pivots only within
+    blocks, so a zero pivot or a missed contract hands over to the banded LU), or
+    ``'auto'`` (default): the faster on the model's device by
+    :func:`choose_factorization`.
 
     With ``damping == 0`` and a loss layer with known null directions N (the
     softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
@@ -2323,12 +2736,12 @@ class HessianInverse:
                  check_condition: bool = True, path: str = "auto",
                  rtol: Optional[float] = None, on_inaccurate: str = "raise",
                  max_refinement: int = 10, probe: bool = True, factor_dtype="auto",
-                 factorization: str = "banded"):
+                 factorization: str = "auto"):
         _check_path(path)
         if factorization not in FACTORIZATIONS:
             raise HessianInverseError(
                 f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
-        self.factorization = self._factorization_asked = factorization
+        self._factorization_asked = factorization
         if on_inaccurate not in ("raise", "warn"):
             raise HessianInverseError(
                 f"on_inaccurate must be 'raise' or 'warn', got {on_inaccurate!r}")
@@ -2348,11 +2761,23 @@ class HessianInverse:
         self.backward_error: Optional[float] = None
         self.probe_error: Optional[float] = None
         self._norm: Optional[float] = None
+        sizes = operator.sizes
         route = choose_route(path, self.damping, operator.has_closed_forms, operator.curvature,
-                             LayerSizes.of_derivatives(operator.derivs))
+                             sizes, operator.device, operator.dtype)
         self._factor_dtype_asked = factor_dtype
         self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
+        self.factorization = self._resolve_factorization(factorization, route, sizes)
         self.solver = self._first_solver(route, probe)
+
+    def _resolve_factorization(self, asked: str, route: str, sizes: LayerSizes) -> str:
+        """'banded' or 'cyclic' for the system ``route`` factors (:func:`choose_factorization`)."""
+        if route == "structured":
+            blocks, size, merge = 2 * len(sizes.params), max(sizes.outputs), 2
+        else:
+            blocks, merge = len(sizes.params), 1
+            size = max(p + 2 * a for p, a in zip(sizes.params, sizes.outputs))
+        return choose_factorization(asked, blocks, size, merge, self.operator.device,
+                                    self.factor_dtype)
 
     def _resolve_factor_dtype(self, asked, route: str) -> torch.dtype:
         dtype = self.operator.dtype
@@ -2376,6 +2801,8 @@ class HessianInverse:
             return self._build(route, probe)
         except SingularHessianError as err:
             if self.factorization == "cyclic" and route != "output":
+                if isinstance(err, CyclicReductionFailed):
+                    warnings.warn(f"{err}; factoring with the banded LU instead.", RuntimeWarning)
                 self.factorization = "banded"
                 return self._first_solver(route, probe)
             if self.factor_dtype != self.operator.dtype:
@@ -2389,24 +2816,23 @@ class HessianInverse:
         """Factor ``route`` in ``factor_dtype``; the structured route is probed if asked."""
         op, low = self.operator, self.factor_dtype
         gauge = None if self.gauge is None else self.gauge.to(low)
+        checks = op.pending  # the inputs' checks, verified with the factorisation's
         if route == "generic":
             solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition,
-                                  self.factorization)
+                                  self.factorization, checks)
         elif route == "output":
-            check_memory(LayerSizes.of_derivatives(op.derivs), "output", "factorization",
-                         low, op.device, op.memory_limit)
-            solver = OutputSpaceSolver(op, self.damping)
+            check_memory(op.sizes, "output", "factorization", low, op.device, op.memory_limit)
+            solver = OutputSpaceSolver(op, self.damping, checks)
         else:
-            check_memory(LayerSizes.of_derivatives(op.derivs), "structured", "factorization",
-                         low, op.device, op.memory_limit)
-            solver = EliminatedSolver(op.to(low), self.damping, self.factorization)
+            check_memory(op.sizes, "structured", "factorization", low, op.device, op.memory_limit)
+            solver = EliminatedSolver(op.to(low), self.damping, self.factorization, checks)
+        checks.verify()
         if low != op.dtype:
             solver = _CastSolver(solver, op.dtype)
         if route == "structured" and self.check_condition and probe:
             generator = torch.Generator(device=op.device).manual_seed(0)
-            g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+            b = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
                             device=op.device)
-            b = _split(g, op.param_sizes)
             self.probe_error = self._check(b, *self._refine(solver, b))
             if not self.probe_error <= self.rtol:
                 raise EliminationError(
@@ -2431,62 +2857,72 @@ class HessianInverse:
         except InsufficientMemoryError:
             raise err from None
         warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
+        self.factorization = "banded"
         return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
 
     def _name(self) -> str:
         return _system_name(self.operator, self.damping, self.gauge)
 
-    def _apply(self, x: list) -> list:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         """The exact product with what the factors invert: ``H + damping I`` [+ N N^T]."""
-        out = self.operator.apply_blocks(x, self.damping)
+        out = self.operator.apply(x, self.damping)
         if self.gauge is not None:
-            out[-1] = out[-1] + self.gauge @ (self.gauge.T @ x[-1])
+            last = self.gauge.shape[0]
+            out[-last:] += self.gauge @ (self.gauge.T @ x[-last:])
         return out
 
-    def _refine(self, solver, b: list) -> tuple[list, list, float]:
+    def _refine(self, solver, b: torch.Tensor) -> tuple:
         """A solve refined against the exact product.
 
         Corrections continue while each at least halves the relative residual,
         up to ``max_refinement``, and stop once it is at rounding level (4 eps).
-        Returns x, its residual b - A x, and the size of the last correction
-        computed relative to x (0 if none was needed): an estimate of x's
-        relative error, which stays O(1) when A is singular to working precision.
+        Returns x, its residual r = b - A x, r's size relative to b, and the size of the
+        last correction computed relative to x (0 if none was needed): an estimate of
+        x's relative error, which stays O(1) when A is singular to working precision.
+        The first correction is computed before its need is known, so that the common
+        case reads its figures back from the device once.
         """
         eps = torch.finfo(self.operator.dtype).eps
         x = solver.solve_once(b)
-        r = [bi - ai for bi, ai in zip(b, self._apply(x))]
-        res, correction = _relative_norm(r, b), 0.0
-        for _ in range(self.max_refinement):
-            if not res > 4 * eps:
-                break
+        r = b - self._apply(x)
+        if self.max_refinement < 1:
+            return x, r, float(_relative(r, b)), 0.0
+        steps, correction, stalled = 0, 0.0, False
+        while steps < self.max_refinement:
             dx = solver.solve_once(r)
-            x_new = [xi + di for xi, di in zip(x, dx)]
-            correction = _relative_norm(dx, x_new)
-            r_new = [bi - ai for bi, ai in zip(b, self._apply(x_new))]
-            res_new = _relative_norm(r_new, b)
+            x_new = x + dx
+            r_new = b - self._apply(x_new)
+            figures = [_relative(dx, x_new), _relative(r_new, b)]
+            if not steps:
+                figures.append(_relative(r, b))
+                step_size, res_new, res = torch.stack(figures).tolist()
+                if not res > 4 * eps:
+                    break
+            else:
+                step_size, res_new = torch.stack(figures).tolist()
+            steps, correction = steps + 1, step_size
             if not res_new < res:
                 break
-            x, r, res, stalled = x_new, r_new, res_new, not res_new < res / 2
-            if stalled:
+            stalled = not res_new < res / 2
+            x, r, res = x_new, r_new, res_new
+            if stalled or not res > 4 * eps:
                 break
-        return x, r, correction
+        return x, r, res, correction
 
     def _norm_estimate(self, steps: int = 8) -> float:
         """A lower bound on ||A||_2 by power iteration (``steps`` exact products, cached)."""
         if self._norm is None:
             op = self.operator
             generator = torch.Generator(device=op.device).manual_seed(1)
-            q = _split(torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
-                                   device=op.device), op.param_sizes)
-            norm = 0.0
+            q = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+                            device=op.device)
             for _ in range(steps):
-                size = torch.stack([qi.square().sum() for qi in q]).sum().sqrt()
-                q = self._apply([qi / size for qi in q])
-                norm = float(torch.stack([qi.square().sum() for qi in q]).sum().sqrt())
-            self._norm = norm
+                q = self._apply(q / q.norm())
+            self._norm = float(q.norm())
         return self._norm
 
-    def _check(self, b: list, x: list, r: list, correction: float) -> float:
+    def _check(self, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, residual: float,
+               correction: float) -> float:
         """The contract's figure for a refined solve: its backward error, or inf if undetermined.
 
         The backward error is ``max_j ||r_j|| / (||A|| ||x_j|| + ||b_j||)``
@@ -2495,13 +2931,13 @@ class HessianInverse:
         last refinement correction exceeds eps^(1/4) of x (refinement that
         does not converge: A singular to working precision) counts as inf.
         """
-        self.residual = _relative_norm(r, b)
+        self.residual = residual
         self.correction = correction
         if not correction <= torch.finfo(self.operator.dtype).eps ** 0.25:
             return math.inf
         if self.residual <= self.rtol:
             return self.residual
-        eta = _column_norms(r) / (self._norm_estimate() * _column_norms(x) + _column_norms(b))
+        eta = r.norm(dim=0) / (self._norm_estimate() * x.norm(dim=0) + b.norm(dim=0))
         return float(torch.nan_to_num(eta, nan=math.inf).max())
 
     def _inaccurate_message(self, eta: float, route: str) -> str:
@@ -2538,24 +2974,25 @@ class HessianInverse:
         return None
 
     def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
-        b = _split(v, self.operator.param_sizes)
+        b = v.detach().reshape(self.operator.num_params, -1)
         if self.gauge is not None:
-            b[-1] = b[-1] - self.gauge @ (self.gauge.T @ b[-1])
-        x, r, correction = self._refine(self.solver, b)
-        eta = self._check(b, x, r, correction)
+            last = self.gauge.shape[0]
+            b = torch.cat([b[:-last], b[-last:] - self.gauge @ (self.gauge.T @ b[-last:])])
+        x, r, residual, correction = self._refine(self.solver, b)
+        eta = self._check(b, x, r, residual, correction)
         while not eta <= self.rtol:
             solver = self._escalate(eta)
             if solver is None:
                 break
             self.solver = solver
-            x, r, correction = self._refine(solver, b)
-            eta = self._check(b, x, r, correction)
+            x, r, residual, correction = self._refine(solver, b)
+            eta = self._check(b, x, r, residual, correction)
         self.backward_error = eta
         if not eta <= self.rtol:
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(self._inaccurate_message(eta, self.route))
             warnings.warn(self._inaccurate_message(eta, self.route), RuntimeWarning)
-        return _join(x, v.dim() == 1)
+        return x.reshape(v.shape)
 
     @property
     def route(self) -> str:
@@ -2637,25 +3074,29 @@ def validate_model(model, curvature: str = "hessian") -> None:
 
 def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor],
                                curvature: str, path: str, damping: Optional[float],
-                               memory_limit: Optional[int], stage: str) -> HessianOperator:
+                               memory_limit: Optional[int], stage: str,
+                               checks: Optional[_Checks] = None) -> HessianOperator:
     """Check the tracked pass, decide the route, guard ``stage``'s memory, one sweep.
 
     Arguments are already validated.  Layers get closed forms exactly when the
-    route is structured.
+    route is structured or the output route.  The checks that need the device's values
+    (parameters unchanged, targets in range, finite blocks; and the caller's ``checks``)
+    are left pending on the operator: its first use verifies them with its own.
     """
-    tracked = model.tracked_forward(loss)
-    closed = closed_form_flags(model, tracked)
+    pending = _Checks() if checks is None else checks
+    tracked = model.tracked_forward(loss, pending)
+    closed = closed_form_flags(model, tracked, pending)
     sizes = LayerSizes.of_model(model, tracked, closed)
-    route = choose_route(path, damping, any(closed), curvature, sizes)
+    first = tracked.inputs[-1]
+    route = choose_route(path, damping, any(closed), curvature, sizes, first.device, first.dtype)
     if route == "generic":
         closed = [False] * len(closed)
         sizes = LayerSizes.of_model(model, tracked, closed)
-    first = tracked.inputs[-1]
     check_memory(sizes, route, stage, first.dtype, first.device, memory_limit)
-    derivs = chain_derivatives(model, tracked, curvature, closed)
+    groups = chain_derivatives(model, tracked, curvature, closed, pending)
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = null_directions().detach() if callable(null_directions) else None
-    return HessianOperator(derivs, gauge, curvature, memory_limit)
+    return HessianOperator(groups, gauge, curvature, memory_limit, pending)
 
 
 def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
@@ -2678,15 +3119,17 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     """
     validate_model(model, curvature)
     _check_path(path)
-    return _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit,
-                                      "derivatives")
+    operator = _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit,
+                                          "derivatives")
+    operator.pending.verify()
+    return operator
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
               memory_limit: Optional[int] = None, curvature: str = "hessian",
               path: str = "auto", rtol: Optional[float] = None,
               on_inaccurate: str = "raise", factor_dtype="auto",
-              factorization: str = "banded") -> HessianInverse:
+              factorization: str = "auto") -> HessianInverse:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
     with ``curvature='ggn'``), ready for many solves.
 
@@ -2694,7 +3137,7 @@ def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping:
     and the model has affine layers with closed forms, else the generic one
     (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
     ``rtol``, ``on_inaccurate``: the accuracy contract; ``factor_dtype``: mixed
-    precision (both in :class:`HessianInverse`).
+    precision, ``factorization`` (all in :class:`HessianInverse`).
     """
     validate_model(model, curvature)
     _check_path(path)
@@ -2711,7 +3154,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
                                    curvature: str = "hessian", path: str = "auto",
                                    rtol: Optional[float] = None,
                                    on_inaccurate: str = "raise", factor_dtype="auto",
-                                   factorization: str = "banded") -> torch.Tensor:
+                                   factorization: str = "auto") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -2732,8 +3175,9 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
             :class:`InaccurateSolveError` is raised (``'warn'``: warned).
         factor_dtype: ``'auto'``, None or a dtype: mixed precision, as in
             :class:`HessianInverse`.
-        factorization: ``'banded'`` (default) or ``'cyclic'`` (block cyclic
-            reduction, parallel in depth; falls back to banded when it fails).
+        factorization: ``'auto'`` (default: by the device's cost model), ``'banded'``
+            or ``'cyclic'`` (block cyclic reduction, parallel in depth; falls back to
+            banded when it fails).
 
     The structured route pays no separate acceptance probe here: the refined
     solve of ``v`` is its own test, and ``path='auto'`` falls back to the
@@ -2743,11 +3187,11 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
     validate_model(model, curvature)
     _check_path(path)
     damping = _check_damping(damping)
-    like = next(model.parameters())
+    like, checks = next(model.parameters()), _Checks()
     _check_vector(v, [sum(p.numel() for p in layer.parameters()) for layer in model.layers],
-                  like, "v")
+                  like, "v", checks)
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
-                                          "factorization")
+                                          "factorization", checks)
     inverse = HessianInverse(operator, damping, path=path, rtol=rtol,
                              on_inaccurate=on_inaccurate, probe=False, factor_dtype=factor_dtype,
                              factorization=factorization)
