@@ -262,4 +262,4 @@ def imagenet(data, ckpt, *extra):
 
     train_imagenet.main(["--data-dir", str(data), "--checkpoint-dir", str(ckpt)] + TINY
                         + [str(e) for e in extra])
-    return torch.load(ckpt / "last.pt", weights_only=False)
+    return torch.load(ckpt / "last.pt", weights_only=True)

@@ -16,8 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hessian_inverse import (AffineLayerBlocks, HessianOperator, TrackedChain, hessian_operator,
-                             validate_model)
+from hessian_inverse import HessianOperator, TrackedChain, hessian_operator, validate_model
 from trust_region import trust_region_step
 
 __all__ = ["DampedNewton"]
@@ -442,18 +441,13 @@ class DampedNewton(torch.optim.Optimizer):
     def _operator(self, loss: torch.Tensor, curvature: str) -> HessianOperator:
         """The curvature operator at the model's last tracked forward pass.
 
-        Closed-form blocks hold the layer's weight detached, that is sharing
-        memory with the parameter; they get their own copy here so that the
-        operator (and a factorisation reused over several steps) keeps
-        describing the point it was computed at after the parameters move.
+        It is a snapshot of that point (it holds copies of what it needs), so
+        a factorisation reused over several steps keeps describing the point
+        it was computed at after the parameters move.
         """
         with torch.enable_grad():
-            operator = hessian_operator(self.model, loss, memory_limit=self.memory_limit,
-                                        curvature=curvature)
-        for blocks in operator.derivs:
-            if isinstance(blocks, AffineLayerBlocks):
-                blocks.weight = blocks.weight.clone()
-        return operator
+            return hessian_operator(self.model, loss, memory_limit=self.memory_limit,
+                                    curvature=curvature)
 
     def _curvature_operator(self, closure_loss, curvature_closure) -> HessianOperator:
         group = self.param_groups[0]

@@ -35,6 +35,8 @@ module; it does not import them.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import warnings
@@ -68,7 +70,7 @@ __all__ = [
 #: Curvatures the operators accept: the Hessian, or the generalized Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn")
 #: Values of the ``path`` keyword: which solver runs (see :func:`choose_route`).
-PATHS = ("auto", "structured", "generic", "output")
+PATHS = ("auto", "riccati", "structured", "generic", "output")
 
 
 # --------------------------------------------------------------------------
@@ -884,8 +886,11 @@ def _pointwise_derivatives(activation: str, u: torch.Tensor
 
 
 def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
-    """(Z, W, c, u): the layer input as (B, m), the parameters (W a copy: the blocks must
-    keep describing the tracked point after an optimizer step), and u = W z + c."""
+    """(Z, W, c, u): the layer input as (B, m), the detached parameters, and u = W z + c.
+
+    W is a copy: the blocks keep it, and a detached view would share memory with
+    the parameter, so an in-place update (an optimizer step) would change them.
+    """
     weight = linear.weight.detach().clone()
     bias = linear.bias.detach() if linear.bias is not None else None
     Z = z_prev.detach().reshape(-1, weight.shape[1])
@@ -1046,11 +1051,40 @@ class LayerGroup:
         return replace(self, blocks=replace(self.blocks, **cast))
 
 
+def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
+    """Closed-form blocks of same-shape layers stacked along a new leading dimension
+    (a view for one layer)."""
+    first = blocks[0]
+    return replace(first, **{f: (getattr(first, f)[None] if len(blocks) == 1 else
+                                 torch.stack([getattr(b, f) for b in blocks]))
+                             for f in _STACKED if getattr(first, f) is not None})
+
+
 def _one_layer_group(l: int, d) -> LayerGroup:
     """A group of the single layer ``l`` (its closed forms get a stack dimension of 1)."""
-    if isinstance(d, AffineLayerBlocks):
-        d = replace(d, **{f: getattr(d, f)[None] for f in _STACKED if getattr(d, f) is not None})
-    return LayerGroup(l, l + 1, d)
+    return LayerGroup(l, l + 1, stack_blocks([d]) if isinstance(d, AffineLayerBlocks) else d)
+
+
+def _signature(d) -> Optional[tuple]:
+    if not isinstance(d, AffineLayerBlocks):
+        return None
+    return (d.inputs.shape, d.weight.shape, d.out_map.shape, d.u_hessian.shape, d.bias,
+            d.diagonal, d.input_derivatives)
+
+
+def group_layers(derivs: Sequence) -> list[LayerGroup]:
+    """Per-layer blocks as :class:`LayerGroup` s: runs of consecutive closed-form layers
+    of one shape stacked (copies), every other layer a group of its own."""
+    runs: list = []
+    for l, d in enumerate(derivs):
+        key = _signature(d)
+        if runs and key is not None and key == _signature(derivs[runs[-1][0]]):
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    return [LayerGroup(run[0], run[-1] + 1, stack_blocks([derivs[l] for l in run])
+                       if isinstance(derivs[run[0]], AffineLayerBlocks) else derivs[run[0]])
+            for run in runs]
 
 
 def _runs(model: TrackedChain, closed: Sequence[bool]) -> list[tuple[int, int]]:
@@ -1148,8 +1182,12 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
                                             start == 0, adjoint if hessian else None)
             groups.append(LayerGroup(start, stop, blocks, hessian, hessian))
             continue
-        d = _layer_derivatives(layers[start], tracked.inputs[start], adjoint, tracked.targets,
-                               start == last, start == 0, curvature, closed[start])
+        checked = (contextlib.nullcontext() if closed[start]  # closed forms are deterministic
+                   else _deterministic(layers[start], start, z_last.device))
+        with checked:
+            d = _layer_derivatives(layers[start], tracked.inputs[start], adjoint,
+                                   tracked.targets, start == last, start == 0, curvature,
+                                   closed[start])
         group = _one_layer_group(start, d)
         group.has_r = hessian
         groups.append(group)
@@ -1161,6 +1199,33 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     if checks is None:
         pending.verify()
     return groups
+
+
+@contextlib.contextmanager
+def _deterministic(layer: nn.Module, l: int, device: torch.device):
+    """Refuse a layer whose forward draws random numbers (``F.dropout`` called directly).
+
+    Its derivatives are not a function of the parameters: the oracle's vmap
+    refuses the draw, and a Jacobian taken outside vmap would differentiate
+    another random mask than the tracked pass used.  ``nn.Dropout`` modules
+    are caught earlier (:meth:`TrackedChain.tracked_forward`).
+    """
+    def rng_state():
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    message = (f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward "
+               "(e.g. F.dropout called directly), so its Hessian is not a function of the "
+               "parameters: use an nn.Dropout module (model.eval() turns it off) or remove "
+               "the call")
+    before = rng_state()
+    try:
+        yield
+    except RuntimeError as err:
+        if "randomness" in str(err):
+            raise HessianInverseError(message) from None
+        raise
+    if not torch.equal(before, rng_state()):
+        raise HessianInverseError(message)
 
 
 def _check_finite_blocks(groups: Sequence[LayerGroup], checks: _Checks) -> None:
@@ -1844,6 +1909,537 @@ def _damped_cholesky(gram: torch.Tensor, damping: float, name: str,
 
 
 # --------------------------------------------------------------------------
+# Layer-wise LDL^T: the Riccati recursion (docs/ALGORITHM.md, "Layer-wise LDL^T")
+# --------------------------------------------------------------------------
+#
+# With M = B + delta I (delta any real number: a damping, or minus a spectral
+# shift) and the tangent t_l = J_l v_l + F_l t_{l-1}, eliminating the layers
+# from the last one (Ghat_L = 0: nothing lies above the loss),
+#
+#     P_l        = A_l + delta I + J_l^T Ghat_l J_l       (p_l, p_l)
+#     N_l        = C_l + J_l^T Ghat_l F_l                 (p_l, a_{l-1})
+#     K_l        = P_l^{-1} N_l,   Phi_l = F_l - J_l K_l   (a_l, a_{l-1})
+#     Ghat_{l-1} = G_l + F_l^T Ghat_l F_l - N_l^T K_l     (a_{l-1}, a_{l-1})
+#
+# completes the square: v^T M v = sum_l w_l^T P_l w_l, w_l = v_l + K_l t_{l-1}.
+# So M = L^T diag(P_l) L, L unit block lower triangular: M is congruent to
+# diag(P_l) (Sylvester: the same inertia), det M = prod_l det P_l, and M x = g is
+#
+#     backward  s_{l-1} = K_l^T g_l + Phi_l^T s_l   (s_{L-1} = 0),   y_l = g_l - J_l^T s_l
+#     middle    z_l = P_l^{-1} y_l
+#     forward   t_l = J_l z_l + Phi_l t_{l-1},                        x_l = z_l - K_l t_{l-1}
+#
+# Only the two sweeps' one (a_l x a_{l-1}) product per layer is sequential; the rest
+# is batched over runs of same-shape layers.  Nothing pivots across layers: a
+# singular P_l stops the recursion even where M is invertible, and a nearly singular
+# one loses accuracy (the accuracy contract catches it; 'auto' then hands over to a
+# pivoted route).
+
+
+#: How the pivot blocks P_l are factored: LU (any nonsingular P_l: the Hessian's
+#: solves), Cholesky (positive definite P_l: the damped GGN, definiteness tests), or
+#: Bunch-Kaufman LDL^T (symmetric indefinite, whose D shows the inertia).
+PIVOT_FACTORS = ("lu", "cholesky", "ldl")
+
+
+class PivotFactor:
+    """Factorisations of a stack of symmetric pivot blocks P (G, n, n), of kind ``kind``.
+
+    ``solve(X)`` is P^{-1} X for X (G, n, k); ``info`` (G,) is nonzero where a
+    factorisation broke down (an exact zero pivot, a failed Cholesky; see
+    :meth:`check`).  ``values()``
+    (Cholesky, LDL^T): (G, n) numbers with the inertia of each P whose product is
+    det P: the squared Cholesky diagonal, or the eigenvalues of the LDL^T's 1 x 1 and
+    2 x 2 diagonal blocks.
+    """
+
+    def __init__(self, kind: str, factors: tuple, info: torch.Tensor):
+        self.kind, self.factors, self.info = kind, factors, info
+
+    @classmethod
+    def of(cls, P: torch.Tensor, kind: str) -> "PivotFactor":
+        if kind == "cholesky":
+            L, info = torch.linalg.cholesky_ex(P)
+            return cls(kind, (L,), info)
+        if kind == "ldl":
+            LD, pivots, info = torch.linalg.ldl_factor_ex(P)
+            return cls(kind, (LD, pivots), info)
+        LU, pivots, info = torch.linalg.lu_factor_ex(P)
+        return cls(kind, (LU, pivots), info)
+
+    def factor_into(self, P: torch.Tensor, g: int) -> None:
+        """Factor one block P (n, n) into slot g of this stack's storage."""
+        out = tuple(f[g] for f in self.factors) + (self.info[g],)
+        if self.kind == "cholesky":
+            torch.linalg.cholesky_ex(P, out=out)
+        elif self.kind == "ldl":
+            torch.linalg.ldl_factor_ex(P, out=out)
+        else:
+            torch.linalg.lu_factor_ex(P, out=out)
+
+    def solve_one(self, g: int, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """P_g^{-1} X for the block in slot g, written into ``out``."""
+        factors = tuple(f[g] for f in self.factors)
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(X, factors[0], out=out)
+        if self.kind == "ldl":
+            return torch.linalg.ldl_solve(*factors, X, out=out)
+        return torch.linalg.lu_solve(*factors, X, out=out)
+
+    def check(self, P: torch.Tensor, scale: torch.Tensor) -> None:
+        """Flag, in ``info``, blocks singular to working precision: a pivot (an LU or
+        Cholesky diagonal entry, an eigenvalue of D) at most n u ``scale`` (G,), the size of
+        the terms summed into P, or not finite."""
+        n = P.shape[-1]
+        if not n:
+            return
+        if self.kind == "ldl":
+            pivots = self.values().abs()
+        else:
+            pivots = self.factors[0].diagonal(dim1=-2, dim2=-1).abs()
+            pivots = pivots.square() if self.kind == "cholesky" else pivots
+        tiny = ~(pivots.amin(-1) > n * torch.finfo(P.dtype).eps * scale)
+        self.info = torch.where(tiny & (self.info == 0), -1, self.info)
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        if not X.shape[-2]:
+            return X
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(X, self.factors[0])
+        if self.kind == "ldl":
+            return torch.linalg.ldl_solve(*self.factors, X)
+        return torch.linalg.lu_solve(*self.factors, X)
+
+    def values(self) -> torch.Tensor:
+        if self.kind == "cholesky":
+            return self.factors[0].diagonal(dim1=-2, dim2=-1).square()
+        if self.kind == "ldl":
+            return _ldl_block_eigenvalues(*self.factors)
+        raise HessianInverseError("an LU factorisation does not show the inertia: use kind='ldl'")
+
+
+def _ldl_block_eigenvalues(LD: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (G, n) of the block-diagonal D of Bunch-Kaufman factors (LAPACK
+    sytrf, lower) of a stack (G, n, n).
+
+    A 2 x 2 block occupies rows k, k+1 where ``pivots`` is negative; negative
+    entries come in pairs, paired from the start of each run of them.
+    """
+    n = LD.shape[-1]
+    d = LD.diagonal(dim1=-2, dim2=-1).clone()
+    if n < 2:
+        return d
+    index = torch.arange(n, device=LD.device).expand_as(pivots)
+    negative = pivots < 0
+    run_start = torch.cummax(torch.where(negative, -1, index), -1).values
+    first = negative & ((index - run_start) % 2 == 1)
+    first[..., -1] = False
+    g, k = first.nonzero(as_tuple=True)
+    a, b, c = d[g, k], LD[g, k + 1, k], d[g, k + 1]
+    mean, radius = (a + c) / 2, torch.hypot((a - c) / 2, b)
+    d[g, k], d[g, k + 1] = mean - radius, mean + radius
+    return d
+
+
+class DensePivots:
+    """One layer's step of the recursion with dense blocks (:class:`LayerDerivatives`),
+    in the interface of :class:`AffinePivots` (a stack of G = 1).
+
+    ``extra`` (p_l, p_l), optional, is added to P_l (the gauge projector N N^T).
+    Cost O(p_l^3 + p_l^2 a), memory O(p_l^2 + p_l a).
+    """
+
+    def __init__(self, d: LayerDerivatives, delta: float, kind: str,
+                 extra: Optional[torch.Tensor] = None):
+        self.d, self.delta, self.kind, self.extra = d, delta, kind, extra
+        self.blocks = d
+
+    def step(self, index: int, ghat: torch.Tensor) -> Optional[torch.Tensor]:
+        d = self.d
+        JG = d.J.T @ ghat
+        JGJ = JG @ d.J
+        P = d.A + JGJ + self.delta * torch.eye(d.num_params, dtype=d.A.dtype, device=d.A.device)
+        if self.extra is not None:
+            P = P + self.extra
+        self.P = ((P + P.T) / 2)[None]
+        self.factor = PivotFactor.of(self.P, self.kind)
+        scale = d.A.abs().amax() + JGJ.abs().amax() + abs(self.delta) if d.A.numel() else P.sum()
+        self.factor.check(self.P, scale[None])
+        if d.C is None:
+            self.K = self.Phi = None
+            return None
+        N = d.C + JG @ d.F
+        self.K = self.factor.solve(N[None])
+        self.Phi = (d.F - d.J @ self.K[0])[None]
+        G = d.G + d.F.T @ ghat @ d.F - N.T @ self.K[0]
+        return (G + G.T) / 2
+
+    def finish(self) -> None:
+        pass
+
+    def select(self, g: int) -> "DensePivots":
+        return self
+
+    def J(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.d.J @ x[0])[None]
+
+    def J_t(self, s: torch.Tensor) -> torch.Tensor:
+        return (self.d.J.T @ s[0])[None]
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        return self.factor.solve(y)
+
+    def gain(self, t: torch.Tensor) -> torch.Tensor:
+        return self.K @ t
+
+    def gain_t(self, y: torch.Tensor) -> torch.Tensor:
+        return self.K.mT @ y
+
+    def values(self) -> torch.Tensor:
+        return self.factor.values()
+
+    def lowest(self, index: int) -> tuple[float, torch.Tensor]:
+        """The lowest eigenpair of P_l, the vector in the layer's parameters."""
+        values, vectors = torch.linalg.eigh(self.P[0])
+        return values[0].item(), vectors[:, 0]
+
+
+class AffinePivots:
+    """The recursion's steps for a run of G same-shape closed-form affine layers, stacked.
+
+    Nothing p_l x p_l is formed.  With ``Dt = D + S^T Ghat_l S`` (B h square),
+    ``P_l = delta I + K^T Dt K`` and ``N_l = K^T Dt Wb + E`` (docs/ALGORITHM.md,
+    "Structured layers").  K sees the parameters X = [W, c] (h, q) only through
+    ``Y = X V``, V (q, r) from the thin SVD ``Zt = (U Sigma) V^T`` = ``Us V^T`` of the
+    augmented input (r = min(B, q); singular values at rounding level are zeroed, so
+    a rank-deficient input gives exact zero columns of Us): ``K X = Y Us^T``.  In the
+    rotated parameters P_l is block diagonal,
+
+        P_l = diag(P_V, M kron I_{q - r}),   P_V = delta I + (Us kron I_h)^T Dt (Us kron I_h),
+
+    P_V (r h square, rows (j, i): rotated input j, unit i) and M = delta I_h, or
+    ``delta I + 1 1^T / h`` for the loss layer gauge-fixed at damping 0 (``gauge``).
+    E's share of N in the Y_perp directions is X_E (I - V V^T), X_E = [r^T T, 0] for
+    the tangent T (B, m), so
+
+        Ghat_{l-1} = Wb^T Dt Wb - N_V^T P_V^{-1} N_V - (r M^{-1} r^T) kron Pi,
+
+    Pi = (I - V V^T) on the m weight columns.  Cost per layer O((r h)^3 +
+    (B h)^2 (r + m) + (B m)^2 r h); Y_perp costs O(p_l) in closed form.
+    """
+
+    def __init__(self, blocks: AffineLayerBlocks, delta: float, kind: str, gauge: bool = False):
+        self.blocks, self.delta, self.kind, self.gauge = blocks, float(delta), kind, gauge
+        self.layers = [replace(blocks, **{name: getattr(blocks, name)[g] for name in (
+            "inputs", "weight", "out_map", "u_gradient", "u_hessian")})
+            for g in range(blocks.weight.shape[0])]
+        self.B, (self.h, self.m) = blocks.num_examples, blocks.weight.shape[-2:]
+        Zt = blocks.augmented_inputs()
+        U, sigma, Vh = torch.linalg.svd(Zt, full_matrices=False)
+        tol = max(Zt.shape[-2:]) * torch.finfo(Zt.dtype).eps * sigma[..., :1]
+        self.kept = sigma > tol                                            # (G, r)
+        sigma = torch.where(self.kept, sigma, torch.zeros_like(sigma))
+        self.Us, self.V = U * sigma[..., None, :], Vh.mT                 # (G, B, r), (G, q, r)
+        self.q, self.r = self.V.shape[-2:]
+        self.perp = self.q - self.r
+        kw = dict(dtype=Zt.dtype, device=Zt.device)
+        B, h, m, r = self.B, self.h, self.m, self.r
+        count, rh, a = blocks.weight.shape[0], r * h, blocks.num_outputs
+        if blocks.input_derivatives and self.perp:
+            Vw = self.V[:, :m]
+            Pi = torch.eye(m, **kw) - Vw @ Vw.mT
+            rr = blocks.u_gradient @ self._perp_inverse(blocks.u_gradient.mT)
+            self.perp_schur = (rr[:, :, None, :, None], Pi[:, None, :, None, :])  # kron
+        self.P = torch.empty(count, rh, rh, **kw)
+        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw),) + (
+            (torch.empty(count, rh, dtype=torch.int32, device=Zt.device),)
+            if kind != "cholesky" else ()), torch.empty(count, dtype=torch.int32, device=Zt.device))
+        self.K = torch.empty(count, rh, B * m, **kw) if blocks.input_derivatives else None
+        self.Phi = torch.empty(count, a, B * m, **kw) if blocks.input_derivatives else None
+
+    def _perp_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        """M^{-1} X on the unit index (dimension -2) of X (..., h, k)."""
+        if not self.gauge:
+            return X / self.delta
+        mean = X.mean(dim=-2, keepdim=True)     # M = delta I + 1 1^T / h (Sherman-Morrison)
+        return (X - mean / (self.delta + 1.0)) / self.delta
+
+    def _perp_values(self) -> torch.Tensor:
+        """The eigenvalues of M (h,)."""
+        values = torch.full((self.h,), self.delta, dtype=self.V.dtype, device=self.V.device)
+        if self.gauge:
+            values[-1] += 1.0
+        return values
+
+    @property
+    def perp_ok(self) -> bool:
+        """Whether M is invertible (positive definite for kind 'cholesky'), or there is no
+        Y_perp block; decided without a device round trip."""
+        if not self.perp:
+            return True
+        if self.kind == "cholesky":
+            return self.delta > 0 or (self.gauge and self.h == 1 and self.delta > -1)
+        return self.delta != 0 and (not self.gauge or self.delta != -1)
+
+    def step(self, g: int, ghat: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer g of the run: factor P_l from Ghat_l (into the run's stacked storage);
+        returns Ghat_{l-1}, or None for the first layer."""
+        d, B, h, m, r = self.layers[g], self.B, self.h, self.m, self.r
+        Us, V, W = self.Us[g], self.V[g], d.weight
+        if d.diagonal:                                                     # Dt = D + S^T Ghat S
+            Dt = ghat * d.out_map[:, None]
+            Dt.mul_(d.out_map).diagonal().add_(d.u_hessian.view(-1))
+        else:
+            Dt = d.S_t(d.S_t(ghat).mT) + _block_diagonal(d.u_hessian)
+        # P_V = (Us kron I)^T Dt (Us kron I): contract Dt's two example indices with Us
+        right = Dt.view(B * h, B, h).transpose(1, 2).reshape(B * h * h, B) @ Us    # (n,i,k,o)
+        left = Us.T @ right.view(B, h * h * r)                                      # (j,i,k,o)
+        P = self.P[g]
+        P.view(r, h, r, h).copy_(left.view(r, h, h, r).transpose(2, 3))
+        P.diagonal().add_(self.delta)
+        if self.gauge:  # P_N = (1 1^T / h) kron I_q is the same in rotated coordinates
+            P.view(r, h, r, h).diagonal(dim1=0, dim2=2).add_(1.0 / h)
+        self.factor.factor_into(P, g)
+        if not d.input_derivatives:
+            return None
+        # N_V = (Us kron I)^T Dt Wb + E_V, E_V[(j, i), (n, k)] = r[n, i] V[k, j]
+        DtWb = Dt.view(B * h * B, h) @ W                                   # (n, i, n', k)
+        E = V[:m].T[:, None, None, :] * d.u_gradient.T[None, :, :, None]
+        N = torch.addmm(E.reshape(r, h * B * m), Us.T, DtWb.view(B, h * B * m)).view(r * h, B * m)
+        K = self.factor.solve_one(g, N, out=self.K[g])
+        WtDtWb = W.T @ DtWb.view(B, h, B * m).transpose(0, 1).reshape(h, B * B * m)
+        G = WtDtWb.view(m, B, B, m).transpose(0, 1)                       # Wb^T Dt Wb
+        if self.perp:                             # minus (r M^{-1} r^T) kron Pi, in one pass
+            rr, Pi = (factor[g] for factor in self.perp_schur)
+            G = torch.addcmul(G, rr, Pi, value=-1,
+                              out=torch.empty_like(G, memory_format=torch.contiguous_format))
+        G = G.reshape(B * m, B * m)
+        # Phi = F - J K = S (Wb - K K_l), K K_l = (Us kron I) K_V
+        T = (Us @ K.reshape(r, h * B * m)).view(B * h, B * m)
+        T.view(B, h, B, m).diagonal(dim1=0, dim2=2).sub_(W[:, :, None])   # K K_l - Wb
+        if d.diagonal:
+            torch.mul(T, d.out_map[:, None], out=self.Phi[g]).neg_()
+        else:
+            torch.neg(d.S(T), out=self.Phi[g])
+        return torch.addmm(G, N.T, K, alpha=-1)
+
+    def finish(self) -> None:
+        """After the sweep: pivots checked (:meth:`PivotFactor.check`); a Y_perp block that
+        is singular breaks every layer of the run."""
+        self.factor.check(self.P, self.P.abs().amax(dim=(-2, -1)) + abs(self.delta))
+        if not self.perp_ok:
+            self.factor.info = torch.ones_like(self.factor.info)
+
+    def J(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks.J @ x
+
+    def J_t(self, s: torch.Tensor) -> torch.Tensor:
+        return self.blocks.J.T @ s
+
+    def _rotate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters (G, p, k) -> their Y_V part (G, r h, k) and X (G, h, q, k)."""
+        w, c = self.blocks._split(y)
+        X = w if c is None else torch.cat([w, c], dim=-2)
+        Y = torch.einsum("giqk,gqj->gjik", X, self.V)
+        return Y.reshape(Y.shape[0], self.r * self.h, -1), X
+
+    def _unrotate(self, Y: torch.Tensor, X_perp: Optional[torch.Tensor],
+                  V: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Y_V (G, r h, k), plus a part X_perp (G, h, q, k) already unrotated -> (G, p, k)."""
+        V = self.V if V is None else V
+        X = torch.einsum("gjik,gqj->giqk", Y.reshape(Y.shape[0], self.r, self.h, -1), V)
+        if X_perp is not None:
+            X = X + X_perp
+        m = self.m
+        return self.blocks._join(X[..., :m, :], X[..., m, :] if self.blocks.bias else None)
+
+    def _perp(self, X: torch.Tensor) -> Optional[torch.Tensor]:
+        """M^{-1} X (I - V V^T) for X (G, h, q, k): the Y_perp block's inverse, or None."""
+        if not self.perp:
+            return None
+        X = X - torch.einsum("giqk,gqj,gsj->gisk", X, self.V, self.V)
+        return self._perp_inverse(X.flatten(-2)).view(X.shape)
+
+    def _tangent_part(self, t: torch.Tensor) -> torch.Tensor:
+        """X_E = [r^T T, 0] (G, h, q, k) for tangents t (G, B m, k)."""
+        T = t.unflatten(-2, (self.B, self.m))
+        X = torch.einsum("gni,gnqk->giqk", self.blocks.u_gradient, T)
+        return torch.cat([X, X.new_zeros(*X.shape[:2], self.q - self.m, X.shape[-1])], dim=2)
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        """P_l^{-1} y for parameters y (G, p, k)."""
+        Y, X = self._rotate(y)
+        return self._unrotate(self.factor.solve(Y), self._perp(X))
+
+    def gain(self, t: torch.Tensor) -> torch.Tensor:
+        """K_l t: (G, a_{l-1}, k) -> (G, p, k)."""
+        return self._unrotate(self.K @ t, self._perp(self._tangent_part(t)))
+
+    def gain_t(self, y: torch.Tensor) -> torch.Tensor:
+        """K_l^T y: (G, p, k) -> (G, a_{l-1}, k)."""
+        Y, X = self._rotate(y)
+        out = self.K.mT @ Y
+        if self.perp:
+            Xp = self._perp(X)[..., :self.m, :]                               # (G, h, m, k)
+            out = out + torch.einsum("gni,gimk->gnmk", self.blocks.u_gradient,
+                                     Xp).reshape(out.shape)
+        return out
+
+    def values(self) -> torch.Tensor:
+        main = self.factor.values()
+        if not self.perp:
+            return main
+        perp = self._perp_values().repeat(self.perp).expand(main.shape[0], -1)
+        return torch.cat([main, perp], dim=-1)
+
+    def select(self, g: int) -> "AffinePivots":
+        """Layer g of the run alone, as a run of one (views, nothing recomputed)."""
+        one = copy.copy(self)
+        one.layers, one.blocks = [self.layers[g]], stack_blocks([self.layers[g]])
+        for name in ("Us", "V", "kept", "P", "K", "Phi"):
+            value = getattr(self, name)
+            setattr(one, name, None if value is None else value[g:g + 1])
+        one.factor = PivotFactor(self.kind, tuple(f[g:g + 1] for f in self.factor.factors),
+                                 self.factor.info[g:g + 1])
+        return one
+
+    def _off_range(self, V: torch.Tensor) -> Optional[torch.Tensor]:
+        """X (h, q) of unit norm with X V = 0 (no tangent: K X = 0), rows summing to zero
+        for the gauge-fixed loss layer (so P_N X = 0 too); None if V spans R^q."""
+        q = V.shape[0]
+        if V.shape[1] >= q or (self.gauge and self.h == 1):
+            return None
+        k = int(V.norm(dim=1).argmin())              # e_k minus its part in range(V)
+        column = -V @ V[k]
+        column[k] += 1.0
+        unit = torch.zeros(self.h, dtype=V.dtype, device=V.device)
+        unit[0] = 1.0
+        if self.gauge:
+            unit[1] = -1.0
+        return unit[:, None] * column[None, :] / (unit.norm() * column.norm())
+
+    def _flat(self, X: torch.Tensor) -> torch.Tensor:
+        """(h, q) parameters [W, c] -> the layer's flat parameters (p,)."""
+        return self.layers[0]._join(X[:, :self.m, None], X[:, self.m, None] if self.blocks.bias
+                                    else None)[:, 0]
+
+    def null_direction(self, g: int) -> Optional[torch.Tensor]:
+        """At damping 0, a unit x_l (p_l,) with ``K x_l = 0`` (and ``P_N x_l = 0``) when
+        layer g's input is rank deficient; None otherwise."""
+        if self.delta != 0:
+            return None
+        X = self._off_range(self.V[g][:, self.kept[g]])
+        return None if X is None else self._flat(X)
+
+    def lowest(self, g: int) -> tuple[float, torch.Tensor]:
+        """The lowest eigenpair of layer g's P_l, the vector in its parameters."""
+        values, vectors = torch.linalg.eigh(self.P[g])
+        perp_values = self._perp_values()
+        if self.perp and perp_values.min() < values[0]:
+            return perp_values.min().item(), self._flat(self._off_range(self.V[g]))
+        return values[0].item(), self._unrotate(vectors[None, :, :1], None, self.V[g:g + 1])[0, :, 0]
+
+
+class RiccatiFactor:
+    """``B + delta I`` (plus N N^T with ``gauge``) factored layer by layer:
+    M = L^T diag(P_l) L (docs/ALGORITHM.md, "Layer-wise LDL^T").
+
+    ``layers``: the operator's :class:`LayerGroup` s, or per-layer blocks (grouped
+    here, :func:`group_layers`); ``delta``: any real number;
+    ``kind``: how each P_l is factored (:data:`PIVOT_FACTORS`); ``gauge`` (p_L, k):
+    the loss layer's known null basis N, whose projector is added to P_L.  Runs of
+    same-shape closed-form layers are :class:`AffinePivots`, other layers
+    :class:`DensePivots`.  ``broken`` (L,) bool: where P_l broke down (left on the
+    device; ``ok`` synchronises once).  ``values()`` (kinds 'cholesky' and 'ldl'):
+    n numbers with the inertia of M whose product is det M.  Memory
+    O(sum_l (a_l^2 + a_l a_{l-1})) for affine layers (p_l^2 for dense ones).
+    """
+
+    def __init__(self, layers: Sequence, delta: float, kind: str = "lu",
+                 gauge: Optional[torch.Tensor] = None):
+        if kind not in PIVOT_FACTORS:
+            raise HessianInverseError(f"kind must be one of {PIVOT_FACTORS}, got {kind!r}")
+        stacks = (list(layers) if isinstance(layers[0], LayerGroup) else group_layers(layers))
+        self.delta, self.kind = float(delta), kind
+        self.num_layers = stacks[-1].stop
+        self.runs = [list(range(g.start, g.stop)) for g in stacks]
+        self.groups = []
+        for g in stacks:
+            fixed = gauge is not None and g.stop == self.num_layers
+            if g.closed:
+                group = AffinePivots(g.blocks, delta, kind, fixed)
+            else:
+                group = DensePivots(g.blocks, delta, kind, gauge @ gauge.T if fixed else None)
+            self.groups.append(group)
+        like = stacks[-1].blocks.inputs if stacks[-1].closed else stacks[-1].blocks.J
+        ghat = torch.zeros(1, 1, dtype=like.dtype, device=like.device)  # z_L is the loss
+        for run, group in zip(reversed(self.runs), reversed(self.groups)):
+            for g in reversed(range(len(run))):
+                ghat = group.step(g, ghat)
+            group.finish()
+        self.broken = torch.cat([group.factor.info for group in self.groups]) != 0
+
+    @property
+    def ok(self) -> bool:
+        return not bool(self.broken.any())
+
+    def values(self) -> torch.Tensor:
+        return torch.cat([v.reshape(-1) for v in (group.values() for group in self.groups)])
+
+    def _stacked(self, run: list, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([blocks[l] for l in run])
+
+    def solve(self, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """M^{-1} g for per-layer blocks g_l (p_l, k) (:meth:`solve_groups` on stacks)."""
+        x = self.solve_groups([self._stacked(run, g) for run in self.runs])
+        return [xl for xi in x for xl in xi.unbind()]
+
+    def solve_groups(self, G: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """M^{-1} g for each run's stacked blocks (G, p, k): backward sweep, pivots,
+        forward sweep; the run's stacked solutions."""
+        runs, groups, num_layers = self.runs, self.groups, self.num_layers
+        # backward: s_{l-1} = K_l^T g_l + Phi_l^T s_l
+        Ktg: list = [None] * num_layers
+        for run, group, Gi in zip(runs, groups, G):
+            if group.K is not None:
+                Ktg[run[0]:run[-1] + 1] = group.gain_t(Gi).unbind()
+        phi = [None] * num_layers
+        for run, group in zip(runs, groups):
+            if group.Phi is not None:
+                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        s: list = [None] * num_layers                     # s[l]: the adjoint of t_l
+        for l in reversed(range(1, num_layers)):
+            s[l - 1] = Ktg[l] if s[l] is None else torch.addmm(Ktg[l], phi[l].T, s[l])
+        # middle: z_l = P_l^{-1} (g_l - J_l^T s_l)
+        Z = []
+        for run, group, Gi in zip(runs, groups, G):
+            if s[run[-1]] is not None:
+                Gi = Gi - group.J_t(self._stacked(run, s))
+            Z.append(group.solve(Gi))
+        # forward: t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}
+        Jz: list = [None] * num_layers
+        for run, group, Zi in zip(runs, groups, Z):
+            if run[0] < num_layers - 1:
+                Jz[run[0]:run[-1] + 1] = group.J(Zi).unbind()
+        t: list = [None] * num_layers
+        for l in range(num_layers - 1):
+            t[l] = Jz[l] if l == 0 else torch.addmm(Jz[l], phi[l], t[l - 1])
+        x = []
+        for run, group, Zi in zip(runs, groups, Z):
+            if group.K is not None:
+                Zi = Zi - group.gain(torch.stack([t[l - 1] for l in run]))
+            x.append(Zi)
+        return x
+
+    def pivot(self, l: int):
+        """(group, index) of layer l."""
+        for run, group in zip(self.runs, self.groups):
+            if run[0] <= l <= run[-1]:
+                return group, l - run[0]
+        raise IndexError(l)
+
+
+# --------------------------------------------------------------------------
 # One memory guard (docs/ALGORITHM.md, "Cost and memory")
 # --------------------------------------------------------------------------
 
@@ -1910,7 +2506,8 @@ class LayerSizes:
     ``params`` p_l; ``inputs`` a_{l-1} (the first layer's input is data and is
     not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
     of u = W z + c for a closed-form layer, None for any other; ``u_block`` the
-    width of D's per-example blocks there (1 when D is diagonal).
+    width of D's per-example blocks there (1 when D is diagonal); ``examples`` the
+    batch B of a closed-form layer (None for any other).
     """
 
     params: list
@@ -1918,6 +2515,7 @@ class LayerSizes:
     outputs: list
     u: list
     u_block: list
+    examples: list
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
@@ -1931,20 +2529,23 @@ class LayerSizes:
         if closed[-1]:
             block[-1] = layers[-1].linear.out_features
         block[:-1] = [1 if c else None for c in closed[:-1]]
+        examples = [a_in // layer.linear.in_features if c else None
+                    for layer, a_in, c in zip(layers, inputs, closed)]
         return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                   inputs, inputs[1:] + [1], u, block)
+                   inputs, inputs[1:] + [1], u, block, examples)
 
     @classmethod
     def of_groups(cls, groups: Sequence[LayerGroup]) -> "LayerSizes":
         """From stacked derivative blocks already computed (no per-layer views)."""
-        params, outputs, u, block = [], [], [], []
+        params, outputs, u, block, examples = [], [], [], [], []
         for g in groups:
             d = g.blocks
             params += [g.params] * g.count
             outputs += [g.outputs] * g.count
             u += [d.u_gradient[0].numel() if g.closed else None] * g.count
             block += [(1 if d.diagonal else d.u_hessian.shape[-1]) if g.closed else None] * g.count
-        return cls(params, [0] + outputs[:-1], outputs, u, block)
+            examples += [d.num_examples if g.closed else None] * g.count
+        return cls(params, [0] + outputs[:-1], outputs, u, block, examples)
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
@@ -1954,7 +2555,9 @@ class LayerSizes:
         u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
         block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
                  for d, c in zip(derivs, closed)]
-        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block)
+        examples = [d.num_examples if c else None for d, c in zip(derivs, closed)]
+        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block,
+                   examples)
 
 
 @dataclass
@@ -2122,6 +2725,38 @@ def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64,
     return RouteCost(setup, solve, bytes_, 40 * groups, 10 * groups) + factor
 
 
+def riccati_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of the layer-wise route (:class:`RiccatiSolver`), same terms.
+
+    A closed-form layer with B examples, h outputs and q = p / h parameters per output
+    pivots on n = min(B, q) h unknowns: forming P (~ 2 a_u B h (r + h)), its LU
+    (2/3 n^3), N, K = P^{-1} N and the Schur complement (~ 2 a_u a_in h + 2 n^2 a_in +
+    2 n a_in^2), Phi (2 a_u a_in); a dense layer the same with n = p plus J^T Ghat J.
+    A solve: ~ 4 a a_in + 4 n a_in + 2 n^2 + 8 B p per layer.  Bytes: P, its factors, K
+    and Phi per layer, plus one layer's temporaries.
+    """
+    setup = solve = 0.0
+    stored = peak = 0
+    for l, (p, a_in, a, a_u, B) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                  sizes.u, sizes.examples)):
+        a_in = a_in if l > 0 else 0
+        if a_u is not None:
+            h = a_u // B
+            n = min(B, p // h) * h
+            setup += 2 * a_u * B * h * (n // h + h) + 2 / 3 * n ** 3
+            solve += 8 * B * p
+        else:
+            n = p
+            setup += 2 / 3 * n ** 3 + 2 * p * a * (a + p)
+            solve += 4 * a * p
+        setup += 2 * a_u * a_in * max(a_u // B, 1) if a_u is not None else 2 * p * a * a_in
+        setup += 2 * n * n * a_in + 2 * n * a_in * a_in + 2 * a * a_in * (n + 1)
+        solve += 4 * a * a_in + 4 * n * a_in + 2 * n * n
+        stored += 2 * n * n + n * a_in + a * a_in
+        peak = max(peak, 3 * (a_u or a) ** 2 + 2 * a_in ** 2 + 2 * n * a_in)
+    return RouteCost(setup, solve, (stored + peak) * _itemsize(dtype), 20 * len(sizes.params))
+
+
 def _structured_auto_cost(sizes: LayerSizes, dtype: torch.dtype, device) -> RouteCost:
     kind = choose_factorization("auto", 2 * len(sizes.params), max(sizes.outputs), 2, device,
                                 dtype)
@@ -2133,6 +2768,8 @@ def _structured_auto_cost(sizes: LayerSizes, dtype: torch.dtype, device) -> Rout
 #: route takes part by registering here; :func:`choose_route` takes the fastest by
 #: :class:`DeviceModel` (setup and two solves, a refined one-shot solve).
 AUTO_ROUTES: dict = {
+    "riccati": (lambda damping, closed, curvature, sizes: damping > 0,
+                lambda sizes, dtype, device: riccati_cost(sizes, dtype)),
     "structured": (lambda damping, closed, curvature, sizes: closed and damping > 0,
                    _structured_auto_cost),
     "output": (lambda damping, closed, curvature, sizes: (
@@ -2192,7 +2829,12 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
     :func:`estimate_structured_bytes`).
     """
     p, a_in, a, u = sizes.params, sizes.inputs, sizes.outputs, sizes.u
-    if route == "output":
+    if route == "riccati":
+        l = max(range(len(p)), key=lambda l: max(p[l] if u[l] is None else u[l], a_in[l] if l else 0))
+        largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
+                   f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
+                   "layer without closed forms)")
+    elif route == "output":
         l = len(p) - 1
         largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
                    f"{u[-1] // sizes.u_block[-1] * (sizes.u_block[-1] - 1)} square; memory "
@@ -2208,9 +2850,9 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    "width); cost grows with (p + 2a)^2 per layer")
     if stage == "derivatives":
         need, what = 5 * estimate_derivative_bytes(sizes, dtype) // 4, "derivative blocks need"
-    elif route == "output":
-        need = 5 * (estimate_derivative_bytes(sizes, dtype) +
-                    output_space_cost(sizes, dtype).bytes) // 4
+    elif route in ("output", "riccati"):
+        cost = output_space_cost if route == "output" else riccati_cost
+        need = 5 * (estimate_derivative_bytes(sizes, dtype) + cost(sizes, dtype).bytes) // 4
         what = "factorisation needs"
     elif route == "structured":
         need, what = 5 * estimate_structured_bytes(p, a_in, a, u, dtype) // 4, "factorisation needs"
@@ -2287,13 +2929,19 @@ def _differentiable_in_v(v: torch.Tensor, apply: Callable) -> torch.Tensor:
     return apply(v)
 
 
-def _check_damping(damping) -> float:
+def _check_damping(damping, dtype: Optional[torch.dtype] = None) -> float:
+    """``damping`` as a float >= 0, finite in ``dtype`` (the model's) when given."""
     try:
         value = float(damping)
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise HessianInverseError(f"damping must be a finite number >= 0, got {damping!r}")
+    if dtype is not None and value > torch.finfo(dtype).max:
+        name = str(dtype).replace("torch.", "")
+        raise HessianInverseError(
+            f"damping {value:g} overflows the model's {name} (largest {torch.finfo(dtype).max:.3g})"
+            f": use a smaller damping, or model.double()")
     return value
 
 
@@ -2317,15 +2965,17 @@ def default_rtol(dtype: torch.dtype) -> float:
 def choose_route(path: str, damping: Optional[float], closed_forms: bool,
                  curvature: str = "hessian", sizes: Optional[LayerSizes] = None,
                  device=None, dtype: torch.dtype = torch.float64) -> str:
-    """The one place the route is decided: ``'structured'``, ``'generic'`` or ``'output'``.
+    """The one place the route is decided: ``'riccati'``, ``'structured'``,
+    ``'generic'`` or ``'output'`` (docs/ALGORITHM.md, "Choosing the route").
 
     A forced ``path`` is kept.  ``'auto'`` weighs the routes of :data:`AUTO_ROUTES`
-    that can run (the structured route when the chain has closed-form layers and
-    damping > 0; the output-space route for the GGN with a closed-form loss layer and
-    damping > 0) by their predicted time on ``device`` (:class:`DeviceModel`), and takes
-    the generic route when none can: damping 0 needs its pivoting, which copes with
-    singular A_l and the softmax gauge.  ``damping=None`` (an operator whose damping is
-    not chosen yet) keeps the closed forms (docs/ALGORITHM.md, "Choosing the route").
+    that can run with damping > 0 (the layer-wise LDL^T; the structured route when the
+    chain has closed-form layers; the output-space route for the GGN with a
+    closed-form loss layer) by their predicted time on ``device`` (:class:`DeviceModel`),
+    and takes the generic route at damping 0, whose pivoting copes with singular blocks
+    and the softmax gauge.  ``damping=None`` (an operator whose damping is not chosen
+    yet) keeps the closed forms.  A route that then fails hands over to the next
+    (:meth:`HessianInverse._fall_back`).
     """
     if path != "auto":
         return path
@@ -2364,6 +3014,12 @@ class HessianOperator:
     (closed form, views into the stack) per layer; ``gauge`` the loss layer's known null
     basis N, or None.  ``pending``: checks of the inputs not yet verified (the first
     use verifies them together with its own: one host synchronisation).
+
+    A snapshot of the tracked point: the blocks hold copies of what they need
+    (weights included), so after the parameters change (an optimizer step,
+    ``p.add_(...)``) ``H @ v`` still answers exactly for the point it was
+    computed at, as do factorisations made from it.  For the new point, run
+    the tracked forward pass again and build a new operator.
     """
 
     def __init__(self, groups: list, gauge: Optional[torch.Tensor],
@@ -2605,6 +3261,48 @@ class EliminatedSolver:
         return _flat(_recover_parameters(self.groups, self.eliminated, g, reduced))
 
 
+class RiccatiSolver:
+    """The layer-wise route: ``B + eps I = L^T diag(P_l) L`` (:class:`RiccatiFactor`).
+
+    Works for any chain; damping > 0, or 0 with the gauge fixed (``gauge``: ``B +
+    N N^T``).  P_l is factored by LU for the Hessian (indefinite in general) and by
+    Cholesky for the damped GGN (positive definite; LU where Cholesky fails to
+    rounding).  A solve is two sweeps of one product per layer.  Nothing pivots
+    across layers, so a singular P_l raises :class:`EliminationError` even where
+    ``B + eps I`` is invertible, and :class:`HessianInverse` refines every solve
+    against the exact product (docs/ALGORITHM.md, "Layer-wise LDL^T").
+    """
+
+    route = "riccati"
+    rcond = None
+
+    def __init__(self, operator: HessianOperator, damping: float,
+                 gauge: Optional[torch.Tensor] = None, checks: Optional[_Checks] = None):
+        pending = _Checks() if checks is None else checks
+        self.operator = operator
+        kind = "cholesky" if operator.curvature == "ggn" and damping > 0 else "lu"
+        self.factor = RiccatiFactor(operator.groups, damping, kind, gauge)
+        if kind == "cholesky" and not self.factor.ok:  # Cholesky failed to rounding: LU
+            self.factor = RiccatiFactor(operator.groups, damping, "lu", gauge)
+
+        def error(ok):
+            layer = int((~ok).nonzero()[-1]) + 1
+            return EliminationError(
+                f"layer {layer}: the layer-wise factorisation of {operator.symbol} + "
+                f"{damping:g} I broke down (its pivot block P_l = A_l + damping I + "
+                "J_l^T Ghat_l J_l is singular to working precision). The route does not "
+                "pivot across layers: path='structured' or 'generic' does, or use another "
+                "damping.")
+
+        pending.add(~self.factor.broken, error)
+        if checks is None:
+            pending.verify()
+
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """Both sweeps: (n, k) right-hand sides -> (n, k) solutions."""
+        return _flat(self.factor.solve_groups(_views(self.operator.groups, b)))
+
+
 class OutputSpaceSolver:
     """The output-space route: (GGN + eps I)^{-1} by Woodbury in the logits, damping > 0.
 
@@ -2677,10 +3375,13 @@ class _CastSolver:
 
 
 def _largest_block(operator: HessianOperator, route: str) -> int:
-    """The block size of the system ``route`` factors (a_l, or p_l + 2 a_l)."""
+    """The block size of the system ``route`` factors (a_l, the pivot size, or p_l + 2 a_l)."""
     sizes = operator.sizes
     if route == "structured":
         return max(sizes.outputs)
+    if route == "riccati":
+        return max(min(B, p // (u // B)) * (u // B) if u is not None else p
+                   for p, u, B in zip(sizes.params, sizes.u, sizes.examples))
     return max(p + 2 * a for p, a in zip(sizes.params, sizes.outputs))
 
 
@@ -2729,7 +3430,13 @@ class HessianInverse:
     ``(H + N N^T)^{-1} (v - N N^T v)``: the minimum-norm Newton direction.
     Vectors, or (n, k) matrices of them, are solved with the stored factors;
     the solve is differentiable in v (its backward is the same solve; H's own
-    dependence on the parameters is not differentiated).
+    dependence on the parameters is not differentiated).  Each column of v is
+    scaled by a power of two internally, so huge or tiny v (1e-300 .. 1e300)
+    are solved as accurately as v of order 1, and ``inv @ (2**k * v)`` is
+    exactly ``2**k * (inv @ v)``.
+
+    Like its :class:`HessianOperator`, a snapshot of the tracked point: later
+    changes to the parameters do not reach it.
     """
 
     def __init__(self, operator: HessianOperator, damping: float = 0.0,
@@ -2749,7 +3456,7 @@ class HessianInverse:
         if not (isinstance(rtol, (int, float)) and 0 < rtol < math.inf):
             raise HessianInverseError(f"rtol must be a number > 0, got {rtol!r}")
         self.operator = operator
-        self.damping = _check_damping(damping)
+        self.damping = _check_damping(damping, operator.dtype)
         self.check_condition = check_condition
         self.path = path
         self.rtol = float(rtol)
@@ -2766,11 +3473,15 @@ class HessianInverse:
                              sizes, operator.device, operator.dtype)
         self._factor_dtype_asked = factor_dtype
         self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
-        self.factorization = self._resolve_factorization(factorization, route, sizes)
+        self._cyclic_failed = False
         self.solver = self._first_solver(route, probe)
 
-    def _resolve_factorization(self, asked: str, route: str, sizes: LayerSizes) -> str:
-        """'banded' or 'cyclic' for the system ``route`` factors (:func:`choose_factorization`)."""
+    def _resolve_factorization(self, route: str) -> str:
+        """'banded' or 'cyclic' for the system ``route`` factors (:func:`choose_factorization`;
+        banded once cyclic reduction failed here)."""
+        if self._cyclic_failed:
+            return "banded"
+        sizes, asked = self.operator.sizes, self._factorization_asked
         if route == "structured":
             blocks, size, merge = 2 * len(sizes.params), max(sizes.outputs), 2
         else:
@@ -2797,19 +3508,20 @@ class HessianInverse:
     def _first_solver(self, route: str, probe: bool):
         """The solver for ``route`` in ``factor_dtype``; full precision, then (``'auto'``)
         the generic route, when that fails."""
+        self.factorization = self._resolve_factorization(route)
         try:
             return self._build(route, probe)
         except SingularHessianError as err:
-            if self.factorization == "cyclic" and route != "output":
+            if self.factorization == "cyclic" and route in ("structured", "generic"):
                 if isinstance(err, CyclicReductionFailed):
                     warnings.warn(f"{err}; factoring with the banded LU instead.", RuntimeWarning)
-                self.factorization = "banded"
+                self._cyclic_failed = True
                 return self._first_solver(route, probe)
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
                 return self._first_solver(route, probe)
             if route != "generic":
-                return self._fall_back(err, route)
+                return self._fall_back(err, route, probe)
             raise
 
     def _build(self, route: str, probe: bool):
@@ -2823,13 +3535,16 @@ class HessianInverse:
         elif route == "output":
             check_memory(op.sizes, "output", "factorization", low, op.device, op.memory_limit)
             solver = OutputSpaceSolver(op, self.damping, checks)
+        elif route == "riccati":
+            check_memory(op.sizes, "riccati", "factorization", low, op.device, op.memory_limit)
+            solver = RiccatiSolver(op.to(low), self.damping, gauge, checks)
         else:
             check_memory(op.sizes, "structured", "factorization", low, op.device, op.memory_limit)
             solver = EliminatedSolver(op.to(low), self.damping, self.factorization, checks)
         checks.verify()
         if low != op.dtype:
             solver = _CastSolver(solver, op.dtype)
-        if route == "structured" and self.check_condition and probe:
+        if route in ("structured", "riccati") and self.check_condition and probe:
             generator = torch.Generator(device=op.device).manual_seed(0)
             b = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
                             device=op.device)
@@ -2837,27 +3552,31 @@ class HessianInverse:
             if not self.probe_error <= self.rtol:
                 raise EliminationError(
                     "acceptance probe (a random right-hand side): "
-                    + self._inaccurate_message(self.probe_error, "structured")
-                    + " Eliminating the parameters can also make the reduced system too "
-                    "ill-conditioned: path='generic' (pivoted on the full lifted system) "
-                    "tells the two apart.")
+                    + self._inaccurate_message(self.probe_error, route)
+                    + " Eliminating without pivoting across layers can also lose accuracy "
+                    "on its own: path='generic' (pivoted on the full lifted system) tells "
+                    "the two apart.")
         return solver
 
-    def _fall_back(self, err: SingularHessianError, failed: str):
+    def _fall_back(self, err: SingularHessianError, failed: str, probe: bool = False):
         """``path='auto'`` after the ``failed`` route failed: warn, then the next route
-        (output, then structured, then generic)."""
+        of output, riccati, structured (with closed forms), generic (probed like the
+        first, if ``probe``)."""
         if self.path != "auto":
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
-        if failed == "output" and self.operator.has_closed_forms:
-            warnings.warn(f"{err} Falling back to the structured path.", RuntimeWarning)
-            return self._first_solver("structured", probe=False)
+        following = {"output": "riccati", "riccati": "structured"}.get(failed)
+        if following == "structured" and not (self.operator.has_closed_forms and self.damping):
+            following = None
+        if following is not None:
+            warnings.warn(f"{err} Falling back to the {following} path.", RuntimeWarning)
+            return self._first_solver(following, probe)
         try:
             dense = self.operator.densified()
         except InsufficientMemoryError:
             raise err from None
         warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
-        self.factorization = "banded"
+        self._cyclic_failed, self.factorization = True, "banded"
         return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
 
     def _name(self) -> str:
@@ -2959,8 +3678,8 @@ class HessianInverse:
         factored, float64 factors if they were lower, else ``'auto'``'s next route;
         None when nothing is left to try."""
         try:
-            if self.factorization == "cyclic" and self.route != "output":
-                self.factorization = "banded"
+            if self.factorization == "cyclic" and self.route in ("structured", "generic"):
+                self._cyclic_failed = True
                 return self._first_solver(self.route, probe=False)
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
@@ -2974,7 +3693,11 @@ class HessianInverse:
         return None
 
     def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
+        # Each column scaled by a power of two near its largest entry (exact both ways), so
+        # that norms and residuals neither overflow for huge v nor underflow for tiny v.
         b = v.detach().reshape(self.operator.num_params, -1)
+        scale = torch.ldexp(torch.ones_like(b[0]), torch.frexp(b.abs().amax(0)).exponent)
+        b = b / scale
         if self.gauge is not None:
             last = self.gauge.shape[0]
             b = torch.cat([b[:-last], b[-last:] - self.gauge @ (self.gauge.T @ b[-last:])])
@@ -2992,7 +3715,7 @@ class HessianInverse:
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(self._inaccurate_message(eta, self.route))
             warnings.warn(self._inaccurate_message(eta, self.route), RuntimeWarning)
-        return x.reshape(v.shape)
+        return (x * scale).reshape(v.shape)
 
     @property
     def route(self) -> str:
@@ -3141,7 +3864,7 @@ def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping:
     """
     validate_model(model, curvature)
     _check_path(path)
-    damping = _check_damping(damping)
+    damping = _check_damping(damping, next(model.parameters()).dtype)
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
                                           "factorization")
     return HessianInverse(operator, damping, path=path, rtol=rtol, on_inaccurate=on_inaccurate,
@@ -3186,7 +3909,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
     """
     validate_model(model, curvature)
     _check_path(path)
-    damping = _check_damping(damping)
+    damping = _check_damping(damping, next(model.parameters()).dtype)
     like, checks = next(model.parameters()), _Checks()
     _check_vector(v, [sum(p.numel() for p in layer.parameters()) for layer in model.layers],
                   like, "v", checks)

@@ -177,7 +177,8 @@ def test_factor_storage_grows_linearly_with_depth(factorization):
     counts, largest = {}, {}
     for depth in (8, 16, 32):
         model, x, t, loss = make_mlp(0, depth, 4, 3, "tanh")
-        inverse = hi.factorize(model, loss, damping=1e-3, factorization=factorization)
+        inverse = hi.factorize(model, loss, damping=1e-3, path="structured",
+                               factorization=factorization)
         assert inverse.factorization == factorization
         counts[depth] = _factor_elements(inverse)
         largest[depth] = max(t[0].numel() for t in _factor_tensors(inverse.solver.lu) if t.dim() > 2)

@@ -72,7 +72,8 @@ def mlp_layer_sizes(batch: int, input_dim: int, widths: Sequence[int], classes: 
     params = [o * (i + int(bias)) for i, o in zip(dims[:-1], dims[1:])]
     inputs = [batch * i for i in dims[:-1]]
     u = [batch * o for o in dims[1:]]
-    return hi.LayerSizes(params, inputs, inputs[1:] + [1], u, [1] * len(widths) + [classes])
+    return hi.LayerSizes(params, inputs, inputs[1:] + [1], u, [1] * len(widths) + [classes],
+                         [batch] * (len(widths) + 1))
 
 
 class DenseTanh(hi.AffineActivation):
@@ -294,7 +295,8 @@ def test_route_rule():
     wide_output = mlp_layer_sizes(4, 8, [4] * 3, 200)
     choose = hi.choose_route
     assert choose("auto", 1e-2, True, "ggn", bench) == "output"
-    assert choose("auto", 1e-2, True, "hessian", bench) == "structured"
+    assert choose("auto", 1e-2, True, "hessian", bench) == "riccati"
+    assert choose("auto", 1e-2, True, "hessian", wide_output) == "structured"
     assert choose("auto", 0.0, True, "ggn", bench) == "generic"
     assert choose("auto", None, True, "ggn", bench) == "structured"
     assert choose("auto", 1e-2, True, "ggn", wide_output) == "structured"
@@ -313,7 +315,7 @@ def test_auto_takes_the_output_route_through_the_public_entry_points():
     assert rel(inverse @ v, torch.linalg.solve(M, v)) < tolerance(M)
     y = hi.hessian_inverse_vector_product(model, loss, v, damping=1e-3, curvature="ggn")
     assert rel(y, torch.linalg.solve(M, v)) < tolerance(M)
-    assert hi.factorize(model, loss, 1e-3).route == "structured"
+    assert hi.factorize(model, loss, 1e-3).route == "riccati"
     assert hi.factorize(model, loss, 1e-3, curvature="ggn", path="structured").route == \
         "structured"
     with pytest.raises(hi.HessianInverseError, match="damping > 0"):

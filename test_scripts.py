@@ -7,14 +7,18 @@ CPU only, no network; tiny models and a generated ImageFolder (the
     python -m pytest test_scripts.py -q
 """
 
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import pytest
 import torch
 
 import train_imagenet
+import train_utils
 from conftest import imagenet
 
 
@@ -157,10 +162,11 @@ def test_imagenet_unreadable_image_mid_epoch_names_the_file(image_folder, tmp_pa
     bad = data / "train" / "n00001" / "img3.png"
     bad.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        imagenet(data, tmp_path / "c", "--epochs", "1", "--workers", workers)
+        imagenet(data, tmp_path / "c", "--epochs", "1", "--workers", workers, "--strict-images")
     message = one_line(e)
     assert message.startswith(f"error: cannot read image {bad} (") and "remove or replace" in message
     assert ("the file is empty" in message) == (content == b"")
+    assert "no checkpoint of this run had been written yet" in message
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -238,7 +244,7 @@ def test_imagenet_sigint_to_a_real_run_with_workers(image_folder, tmp_path, dela
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "is intact" in lines[0] and "--resume" in lines[0], err
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] >= 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
 
 
 def test_imagenet_first_signal_stops_at_the_next_batch_the_second_at_once(monkeypatch, capsys):
@@ -344,6 +350,225 @@ def test_imagenet_startup_line_and_epoch_counts_tell_the_truth(image_folder, tmp
     assert "nothing to do" in out and "1 epoch(s) done" in out and "done:" not in out
     imagenet(image_folder, tmp_path, "--epochs", "2", "--resume")
     assert "done: 1 epoch(s) in this run, 2 in all" in capsys.readouterr().out
+
+
+# train_imagenet.py: untrusted checkpoints, planted links, lost epochs, full disks (issue 18)
+
+
+class Payload:
+    """What an attacker puts in a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_imagenet_resume_never_runs_code_from_a_checkpoint(image_folder, tmp_path):
+    good = imagenet(image_folder, tmp_path / "good", "--epochs", "1")
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(Payload(proof)))  # the payload is real: unpickled, it runs
+    assert proof.exists()
+    marker = tmp_path / "marker"
+    optimizer = {**good["optimizer"], "state": {0: {"momentum_buffer": Payload(marker)}}}
+    files = {"extra-key": {**good, "note": Payload(marker)},  # a checkpoint carrying it
+             "nested": {**good, "optimizer": optimizer},
+             "not-a-checkpoint": Payload(marker)}
+    for name, content in files.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(content, path)
+        with pytest.raises(SystemExit) as e:
+            imagenet(image_folder, tmp_path / name, "--epochs", "2", "--resume", path)
+        message = one_line(e)
+        assert f"--resume: {path} holds a Python object (posix.system)" in message, message
+        assert "runs no code" in message and "refused" in message
+        assert not marker.exists(), name
+        assert not (tmp_path / name).exists()  # refused before any work
+    with open(tmp_path / "plain.pkl", "wb") as fh:  # a plain pickle, not torch's zip format
+        pickle.dump(Payload(marker), fh)
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path / "c", "--epochs", "2", "--resume", tmp_path / "plain.pkl")
+    assert "refused" in one_line(e) and not marker.exists()
+
+
+def test_imagenet_checkpoint_is_tensors_and_plain_values_with_a_checksum(image_folder, tmp_path):
+    ckpt = imagenet(image_folder, tmp_path / "a", "--use-hessian", "--epochs", "1")  # weights_only
+    assert ckpt["validated"] and ckpt["processes"] == 1 and ckpt["record"]["epoch"] == 1
+    stored = ckpt.pop("sha256")
+    assert stored == train_utils.sha256_of(ckpt)
+    blob = bytearray((tmp_path / "a" / "last.pt").read_bytes())
+    weight = ckpt["model"]["layers.0.linear.weight"]
+    at = blob.find(weight.numpy().tobytes())
+    assert at > 0
+    blob[at] ^= 1  # the lowest mantissa bit of one weight: still loads, silently different
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(blob))
+    loaded = torch.load(flipped, weights_only=True)["model"]["layers.0.linear.weight"]
+    assert not torch.equal(loaded, weight) and torch.allclose(loaded, weight)
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path / "b", "--epochs", "2", "--resume", flipped)
+    message = one_line(e)
+    assert f"--resume: {flipped} fails its checksum" in message and "intact copy" in message
+
+
+def test_imagenet_save_never_writes_through_a_planted_link(image_folder, tmp_path, monkeypatch):
+    ckpt, victim = tmp_path / "c", tmp_path / "victim"
+    imagenet(image_folder, ckpt, "--epochs", "1")
+    victim.write_text("precious")
+    (ckpt / "last.pt.tmp").symlink_to(victim)  # the fixed name older versions wrote through
+    (ckpt / ".last.pt.k3x9q_f1.tmp").write_bytes(b"left by a run killed while saving")
+    imagenet(image_folder, ckpt, "--epochs", "2", "--resume")
+    assert victim.read_text() == "precious"
+    assert not (ckpt / "last.pt").is_symlink() and torch.load(ckpt / "last.pt")["epoch"] == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "metrics.jsonl"]  # cleaned
+
+    for name in ("last.pt", "metrics.jsonl"):  # a link where the run writes: refused at start
+        planted = tmp_path / f"planted-{name}"
+        shutil.copytree(ckpt, planted)
+        (planted / name).unlink()
+        (planted / name).symlink_to(victim)
+        with pytest.raises(SystemExit) as e:
+            imagenet(image_folder, planted, "--epochs", "3")
+        message = one_line(e)
+        assert f"{planted / name} is a symbolic link (to {victim})" in message, message
+        assert victim.read_text() == "precious"
+
+    real_step, calls = train_imagenet.train_step, []
+
+    def plant(name):  # a link planted while the run trains
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                (ckpt / name).unlink()
+                (ckpt / name).symlink_to(victim)
+            return real_step(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(train_imagenet, "train_step", plant("last.pt"))
+    imagenet(image_folder, ckpt, "--epochs", "3", "--resume", "--log-interval", "1000")
+    assert victim.read_text() == "precious"  # the rename replaced the link, not its target
+    assert not (ckpt / "last.pt").is_symlink() and torch.load(ckpt / "last.pt")["epoch"] == 3
+    calls.clear()
+    monkeypatch.setattr(train_imagenet, "train_step", plant("metrics.jsonl"))
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, ckpt, "--epochs", "4", "--resume", "--log-interval", "1")
+    message = one_line(e)
+    assert f"cannot append to {ckpt / 'metrics.jsonl'}: it is a symbolic link" in message, message
+    assert victim.read_text() == "precious"
+
+
+def test_imagenet_disk_full_during_a_save_says_one_line_and_keeps_the_old(image_folder, tmp_path,
+                                                                          monkeypatch):
+    imagenet(image_folder, tmp_path, "--epochs", "1")
+    good, real_save = sha256(tmp_path / "last.pt"), torch.save
+
+    class FullDisk(io.RawIOBase):
+        """The file of a disk that fills up after a few kilobytes."""
+
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.fh.write(data)
+
+    monkeypatch.setattr(torch, "save", lambda obj, fh: real_save(obj, FullDisk(fh)))
+    with pytest.raises(SystemExit) as e:
+        imagenet(image_folder, tmp_path, "--epochs", "2", "--resume")
+    message = one_line(e)
+    assert f"cannot write the checkpoint {tmp_path / 'last.pt'}: no space left on device (ENOSPC)" \
+        in message and "(after epoch 1) is intact" in message and "--resume" in message, message
+    assert sha256(tmp_path / "last.pt") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # no temporary
+
+
+def test_imagenet_unusable_checkpoint_dir_refused_before_the_first_batch(image_folder, tmp_path,
+                                                                         monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_imagenet, "train_step", no_training)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse as it would anyone else
+        real = tempfile.TemporaryFile
+
+        def refusing(*args, dir=None, **kwargs):
+            if Path(dir) == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refusing)
+    cases = {tmp_path / "file": "is a file, not a folder",
+             tmp_path / "dangling": f"is a symbolic link to {tmp_path / 'gone'}, which does not exist",
+             tmp_path / "file" / "sub": "cannot write in --checkpoint-dir",
+             locked: "(permission denied (EACCES)): fix its permissions"}
+    try:
+        for folder, expected in cases.items():
+            with pytest.raises(SystemExit) as e:
+                imagenet(image_folder, folder, "--epochs", "1")
+            message = one_line(e)
+            assert message.startswith("error: ") and expected in message, message
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
+
+
+def test_imagenet_unreadable_images_are_skipped_named_and_counted(image_folder, tmp_path, capfd):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad_train, bad_val = data / "train" / "n00001" / "img3.png", data / "val" / "n00002" / "img0.png"
+    bad_train.write_bytes(b"")
+    bad_val.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ckpt = imagenet(data, tmp_path / "c", "--epochs", "2", "--workers", "1")
+    err = capfd.readouterr().err
+    assert err.count(f"warning: skipped unreadable train image {bad_train} (the file is empty)") == 2
+    assert err.count(f"warning: skipped unreadable val image {bad_val} (") == 2
+    epochs = [m for m in metrics(tmp_path / "c") if m["event"] == "epoch"]
+    assert [m["skipped_images"] for m in epochs] == [{"train": 1, "val": 1}] * 2
+    assert ckpt["global_step"] == 6  # the batches kept their size: 3 per epoch
+    with pytest.raises(SystemExit):  # the same run with --strict-images stops at the image
+        imagenet(data, tmp_path / "d", "--epochs", "1", "--strict-images")
+
+
+def test_imagenet_bad_validation_image_keeps_the_epoch_and_resume_validates_it(
+        image_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "val" / "n00001" / "img2.png"
+    intact = bad.read_bytes()
+    bad.write_bytes(intact[:40])  # truncated
+    with pytest.raises(SystemExit) as e:
+        imagenet(data, tmp_path / "a", "--use-hessian", "--epochs", "2", "--strict-images")
+    message = one_line(e)
+    assert message.startswith(f"error: cannot read image {bad} (")
+    assert f"{tmp_path / 'a' / 'last.pt'} (after epoch 1) is intact" in message, message
+    assert "continue with the same command and --resume" in message
+    kept = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert (kept["epoch"], kept["validated"]) == (1, False)  # the epoch's training was kept
+
+    bad.write_bytes(intact)
+    capsys.readouterr()
+    resumed = imagenet(data, tmp_path / "a", "--use-hessian", "--epochs", "2", "--resume")
+    assert "validating epoch 1 first" in capsys.readouterr().out
+    straight = imagenet(data, tmp_path / "b", "--use-hessian", "--epochs", "2")
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for run in ("a", "b"):
+        records = [m for m in metrics(tmp_path / run) if m["event"] == "epoch"]
+        assert [m["epoch"] for m in records] == [1, 2]
+    validated = [m for m in metrics(tmp_path / "a") if m["event"] == "epoch"]
+    assert validated[0]["val_loss"] == [m for m in metrics(tmp_path / "b")
+                                        if m["event"] == "epoch"][0]["val_loss"]
 
 
 # simple_example.py: test_simple_example.py

@@ -2,7 +2,7 @@
 set-up, one training step for either optimizer, evaluation, and the advice
 printed when a Hessian configuration does not fit in memory; and what
 ``train_imagenet.py`` needs to run as several processes under ``torchrun``
-(:class:`Processes`, :class:`Logits`, :func:`fingerprint`).
+(:class:`Processes`, :class:`Logits`, :func:`fingerprint`, :func:`collective_failure`).
 
 Kept out of ``hessian_inverse.py`` because it is script plumbing, not part of
 the solver's API.
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import math
 import os
 import random
+import re
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -259,13 +261,19 @@ class Processes:
                              "(cuda:LOCAL_RANK); use --device cuda")
         return device
 
-    def start(self, device: torch.device) -> None:
-        """Join the process group of all processes (no-op without torchrun)."""
+    def start(self, device: torch.device, timeout: float = 300.0) -> None:
+        """Join the process group of all processes (no-op without torchrun).
+
+        ``timeout`` (seconds): how long a collective waits for the other
+        processes before it fails (a process that died or stopped), instead
+        of torch's default of 30 minutes.
+        """
         if not self.launched:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
         self.device = device if device.type == "cuda" else torch.device("cpu")
 
     def stop(self) -> None:
@@ -332,8 +340,32 @@ class Processes:
         return parts[0], parts[1]
 
 
-def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """A SHA-256 of the parameters' bytes and the optimizer's state: equal iff bit-identical."""
+def collective_failure(err: BaseException) -> Optional[str]:
+    """What went wrong, if ``err`` is a collective that failed (None for anything else).
+
+    gloo raises plain RuntimeErrors: "Connection closed by peer" when another
+    process died, "Timed out waiting ..." when it did not answer within the
+    process group's timeout (stopped, hung, or far behind).
+    """
+    text = str(err)
+    known = isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and
+        re.search(r"gloo|nccl|closed by peer|reset by peer|timed out", text, re.I))
+    if not known:
+        return None
+    if re.search(r"timed? ?out", text, re.I):
+        return "another process did not answer within --dist-timeout (stopped or hung?)"
+    if re.search(r"closed by peer|reset by peer|broken pipe", text, re.I):
+        return "the connection to another process was lost (it died?)"
+    return "a collective operation failed: " + text.strip().splitlines()[0][:160]
+
+
+def sha256_of(value) -> str:
+    """A SHA-256 of tensors' bytes and plain values, nested in dicts, lists and tuples.
+
+    Dict keys are taken in sorted order; tensors by their bytes on the CPU
+    (so the same values give the same digest on any device).
+    """
     h = hashlib.sha256()
 
     def feed(value):
@@ -349,6 +381,10 @@ def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         else:
             h.update(repr(value).encode())
 
-    feed(list(model.state_dict().values()))
-    feed(optimizer.state_dict())
-    return h.hexdigest()[:16]
+    feed(value)
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """A SHA-256 of the parameters' bytes and the optimizer's state: equal iff bit-identical."""
+    return sha256_of([list(model.state_dict().values()), optimizer.state_dict()])[:16]

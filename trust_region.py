@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from hessian_inverse import (AffineLayerBlocks, HessianInverseError, HessianOperator,
-                             LayerDerivatives, SingularHessianError)
+from hessian_inverse import (AffinePivots, HessianInverseError, HessianOperator, RiccatiFactor,
+                             SingularHessianError)
 
 __all__ = ["EigenEstimate", "lowest_eigenpair", "Definiteness", "definiteness",
            "TrustRegionStep", "trust_region_step"]
@@ -104,225 +104,54 @@ class Definiteness:
 
 
 def definiteness(operator: HessianOperator, damping: float) -> Definiteness:
-    r"""Exact positive-definiteness test of ``B + damping I``: block Cholesky by layers.
+    r"""Exact positive-definiteness test of ``B + damping I``: a block Cholesky by layers.
 
-    B is the operator's curvature (with ``B + P_N`` at damping 0 when there
-    is a gauge, as in :meth:`HessianOperator.factorize`).  The quadratic form
-    is ``v^T B v = sum_l (v_l, t_{l-1})^T [[A_l, C_l], [C_l^T, G_l]] (v_l, t_{l-1})``
-    with the tangent ``t_l = J_l v_l + F_l t_{l-1}`` ("The Hessian-vector
-    product").  Eliminating the layers from the last one (a backward Riccati
-    recursion, ``Ghat_L = 0``):
-
-        P_l        = A_l + damping I + J_l^T Ghat_l J_l          (p_l, p_l)
-        N_l        = C_l + J_l^T Ghat_l F_l                      (p_l, a_{l-1})
-        Ghat_{l-1} = G_l + F_l^T Ghat_l F_l - N_l^T P_l^{-1} N_l (a_{l-1}, a_{l-1})
-
-    completes the square: with ``w_l = v_l + P_l^{-1} N_l t_{l-1}``,
-    ``v^T (B + damping I) v = sum_l w_l^T P_l w_l`` (expand the last layer's
-    terms, minimise over v_L, and recurse on the rest with ``G_{L-1}``
-    replaced by ``Ghat_{L-1}``).  v -> w is unit block-triangular, so by
-    Sylvester's law of inertia ``B + damping I`` is positive definite iff
-    every P_l is, which one Cholesky factorisation each decides
-    (Moré-Sorensen's Cholesky test, done layer by layer).  When P_l fails,
-    its lowest eigenvector w, continued through the later layers with
-    ``w_k = 0`` (``v_k = -P_k^{-1} N_k t_{k-1}``), gives a direction v with
+    B is the operator's curvature (``B + P_N`` at damping 0 when there is a gauge,
+    as in :meth:`HessianOperator.factorize`).  The core's layer-wise factorisation
+    (:class:`hessian_inverse.RiccatiFactor`, docs/ALGORITHM.md, "Layer-wise LDL^T")
+    writes ``v^T (B + damping I) v = sum_l w_l^T P_l w_l`` with ``w_l = v_l + K_l
+    t_{l-1}``, a unit block-triangular change of variables, so by Sylvester's law of
+    inertia ``B + damping I`` is positive definite iff every P_l is: one Cholesky
+    factorisation each (Moré-Sorensen's test, layer by layer; closed-form layers in
+    rotated coordinates, nothing p_l x p_l).  When P_l fails (the last layer that
+    fails, counting down from the loss: every P_k above it is positive definite), its
+    lowest eigenvector w, continued through the layers above with ``w_k = 0``
+    (``v_k = -K_k t_{k-1}``), gives a direction v with
     ``v^T (B + damping I) v = lambda_min(P_l) <= 0``.
 
-    Closed-form (affine) layers never form a p_l x p_l matrix.  There
-    ``J = S K``, ``F = S Wb``, ``A = K^T D K``, ``C = K^T D Wb + E``,
-    ``G = Wb^T D Wb`` (docs/ALGORITHM.md, "Structured layers"), so with
-    ``Dt = D + S^T Ghat_l S`` (B h square):
-
-        P_l = damping I + K^T Dt K,   N_l = K^T Dt Wb + E,   G_l + F_l^T Ghat_l F_l = Wb^T Dt Wb.
-
-    K acts on the layer's parameters X = [W, c] (h x q, q = m + 1 with a
-    bias) as ``X -> X Zt^T`` (Zt the B x q augmented input).  Take the thin SVD
-    ``Zt = U Sigma V_r^T`` (rank r <= B) and rotate the parameters, ``Y = X
-    [V_r, V_perp]``: K sees only ``Y_r`` (through ``K_r = (U Sigma) kron I_h``,
-    B h x r h), so P_l is block diagonal,
-
-        P_l = diag(P_r, M_perp kron I_{q-r}),   P_r = damping I + K_r^T Dt K_r   (r h square),
-
-    with ``M_perp = damping I_h``, or ``damping I + 1 1^T / h`` for the loss
-    layer at damping 0 (the gauge projector ``P_N = (1 1^T / C) kron I_q`` is
-    the same in the rotated coordinates).  So P_l is positive definite iff
-    P_r passes Cholesky and M_perp is positive definite (always when damping
-    > 0; at damping 0 only if r = q, or for the loss layer with one class):
-    otherwise a unit vector in Y_perp (rows summing to zero for the loss
-    layer) is an exact null direction of ``B + P_N`` (its tangent ``K x`` is
-    zero, so it meets no other block).  The Schur complement splits the same
-    way: E maps t to ``X_E = [r^T T, 0]`` (T = t as B x m), whose Y_perp part
-    is ``X_E (I - V_r V_r^T)``, so
-
-        Ghat_{l-1} = Wb^T Dt Wb - N_r^T P_r^{-1} N_r - (r M_perp^{-1} r^T) kron Pi,
-
-    ``N_r = K_r^T Dt Wb + E_r`` (E_r = the Y_r part of E), ``Pi = (I - V_r V_r^T)``
-    restricted to the m weight columns.  Cost per layer O(B q r + (r h)^3 +
-    (B h)^2 (r h + B m) + (B m)^2 m): for 3072 inputs x width 128 with 4
-    examples, a 512 x 512 Cholesky per hidden layer.  Dense layers use the
-    formulas above as written.  Linear in depth; no n x n matrix.
+    At damping 0 a rank-deficient layer input (batch below fan-in + 1, or repeated
+    examples) is decided first: a unit x_l with ``K x_l = 0`` (rows summing to zero
+    for the gauge-fixed loss layer) has ``v^T (B + P_N) v = 0``, so B + P_N is not
+    positive definite.  Such a v is an exact null vector of B + P_N for the first
+    layer (no C_1) and under the GGN (no E term); for a later layer of the Hessian it
+    couples to the layers below through the E term of C_l, ``(B + P_N) v != 0``, and
+    B + P_N is then indefinite, not singular.
     """
-    derivs = operator.derivs
     lam = float(damping)
-    num_layers = len(derivs)
-    gauge = operator.gauge is not None and lam == 0.0
-    if lam == 0.0:  # a rank-deficient layer input is an exact null direction: no recursion
-        for l, d in enumerate(derivs):
-            if isinstance(d, AffineLayerBlocks):
-                found = _AffinePivot(d, lam, gauge and l == num_layers - 1).null_direction()
-                if found is not None:
-                    blocks = [found.new_zeros(e.num_params) for e in derivs]
-                    blocks[l] = found
-                    return Definiteness(False, l, torch.cat(blocks), 0.0)
-    ghat = torch.zeros(1, 1, dtype=operator.dtype, device=operator.device)  # z_L: the loss
-    pivots: list = [None] * num_layers
-    for l in reversed(range(num_layers)):
-        d = derivs[l]
-        last_gauge = gauge and l == num_layers - 1
-        if isinstance(d, AffineLayerBlocks):
-            pivot = _AffinePivot(d, lam, last_gauge, ghat)
-        else:
-            pivot = _DensePivot(d, lam, operator.gauge if last_gauge else None, ghat)
-        if pivot.failed:
-            return _negative_direction(derivs, pivots, l, pivot)
-        pivots[l] = pivot
-        if l > 0:
-            ghat = pivot.schur()
-    return Definiteness(True)
-
-
-class _DensePivot:
-    """P_l, N_l and Ghat_{l-1} of a layer with dense blocks, as in :func:`definiteness`."""
-
-    def __init__(self, d: LayerDerivatives, lam: float, gauge: Optional[torch.Tensor],
-                 ghat: torch.Tensor):
-        self.d, self.ghat = d, ghat
-        JG = d.J.T @ ghat
-        P = d.A + JG @ d.J + lam * torch.eye(d.num_params, dtype=d.A.dtype, device=d.A.device)
-        if gauge is not None:
-            P = P + gauge @ gauge.T
-        self.P = 0.5 * (P + P.T)
-        self.chol, info = torch.linalg.cholesky_ex(self.P)
-        self.failed = info.item() != 0
-        if not self.failed and d.C is not None:
-            self.N = d.C + JG @ d.F
-
-    def lowest(self) -> tuple[float, torch.Tensor]:
-        values, vectors = torch.linalg.eigh(self.P)
-        return values[0].item(), vectors[:, 0]
-
-    def schur(self) -> torch.Tensor:
-        d = self.d
-        G = d.G + d.F.T @ self.ghat @ d.F - self.N.T @ torch.cholesky_solve(self.N, self.chol)
-        return 0.5 * (G + G.T)
-
-    def gain(self, t: torch.Tensor) -> torch.Tensor:
-        """v_l = -P_l^{-1} N_l t."""
-        return -torch.cholesky_solve((self.N @ t)[:, None], self.chol)[:, 0]
-
-
-class _AffinePivot:
-    """P_l, N_l and Ghat_{l-1} of a closed-form layer in rotated coordinates (see
-    :func:`definiteness`): nothing of size p_l squared is formed."""
-
-    def __init__(self, d: AffineLayerBlocks, lam: float, gauge: bool,
-                 ghat: Optional[torch.Tensor] = None):
-        self.d, self.lam, self.gauge = d, lam, gauge
-        Zt = d.augmented_inputs()
-        B, q = Zt.shape
-        h = d.weight.shape[0]
-        self.B, self.q, self.h, self.m = B, q, h, d.weight.shape[1]
-        U, sigma, Vh = torch.linalg.svd(Zt, full_matrices=False)
-        tol = sigma.max().item() * max(B, q) * torch.finfo(Zt.dtype).eps if sigma.numel() else 0.0
-        r = int((sigma > tol).sum())
-        self.r, self.Us, self.Vr = r, U[:, :r] * sigma[:r], Vh[:r].T  # (B, r), (q, r)
-        eye_h = torch.eye(h, dtype=Zt.dtype, device=Zt.device)
-        self.M_perp = lam * eye_h + (1.0 / h if gauge else 0.0) * torch.ones_like(eye_h)
-        self.failed = False
-        if ghat is None:
-            return
-        S = d.S_dense()
-        Dt = torch.block_diag(*d.D_blocks()) + S.T @ ghat @ S       # (B h, B h)
-        self.Dt4 = Dt.reshape(B, h, B, h)
-        P = torch.einsum("nj,nimk,mo->jiok", self.Us, self.Dt4, self.Us).reshape(r * h, r * h)
-        P = P + lam * torch.eye(r * h, dtype=P.dtype, device=P.device)
-        if gauge:  # P_N in the rotated coordinates: (1 1^T / h) on the class index
-            P = P + torch.kron(torch.eye(r, dtype=P.dtype, device=P.device),
-                               torch.ones_like(eye_h) / h)
-        self.P = 0.5 * (P + P.T)
-        self.chol, info = torch.linalg.cholesky_ex(self.P)
-        # M_perp kron I fails only at damping 0 on a rank-deficient input (null_direction)
-        self.perp_failed = self.null_direction() is not None
-        self.failed = info.item() != 0 or self.perp_failed
-
-    def null_direction(self) -> Optional[torch.Tensor]:
-        """At damping 0: a unit x_l with K x_l = 0 (and P_N x_l = 0) if there is one."""
-        if self.r == self.q or self.lam > 0 or (self.gauge and self.h == 1):
-            return None
-        k = int(self.Vr.norm(dim=1).argmin())          # e_k minus its part in range(V_r)
-        column = -self.Vr @ self.Vr[k]
-        column[k] += 1.0
-        rows = torch.zeros(self.h, dtype=column.dtype, device=column.device)
-        rows[0] = 1.0
-        if self.gauge:
-            rows[1] = -1.0
-        X = rows[:, None] * (column / column.norm())[None, :] / rows.norm()
-        return self._flat(X)
-
-    def _flat(self, X: torch.Tensor) -> torch.Tensor:
-        """The h x q parameter matrix [W, c] -> the layer's flat parameters (W row-major, c)."""
-        m = self.m
-        return torch.cat([X[:, :m].reshape(-1), X[:, m:].T.reshape(-1)])
-
-    def _tangent_terms(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For t (B m, k): N_r t (r h, k) and X_E (h, m, k), the weight part of E t."""
-        B, h, m = self.B, self.h, self.m
-        T = t.reshape(B, m, -1)
-        DtWb = torch.einsum("nimk,kq,mqc->nic", self.Dt4, self.d.weight, T)   # Dt Wb t (B, h, k)
-        X_E = torch.einsum("ni,nqc->iqc", self.d.u_gradient, T)             # (h, m, k)
-        Nr = torch.einsum("nj,nic->jic", self.Us, DtWb) \
-            + torch.einsum("iqc,qj->jic", X_E, self.Vr[:m])
-        return Nr.reshape(self.r * h, -1), X_E
-
-    def lowest(self) -> tuple[float, torch.Tensor]:
-        if self.perp_failed:
-            return 0.0, self.null_direction()
-        values, vectors = torch.linalg.eigh(self.P)
-        Y_r = vectors[:, 0].reshape(self.r, self.h)                          # (j, i)
-        return values[0].item(), self._flat(Y_r.T @ self.Vr.T)
-
-    def schur(self) -> torch.Tensor:
-        B, m, W = self.B, self.m, self.d.weight
-        G = torch.einsum("ik,nimj,jl->nkml", W, self.Dt4, W).reshape(B * m, B * m)
-        Nr, _ = self._tangent_terms(torch.eye(B * m, dtype=W.dtype, device=W.device))
-        G = G - Nr.T @ torch.cholesky_solve(Nr, self.chol)
-        if self.r < self.q:
-            Vw = self.Vr[:m]
-            Pi = torch.eye(m, dtype=W.dtype, device=W.device) - Vw @ Vw.T
-            r = self.d.u_gradient
-            G = G - torch.kron(r @ torch.linalg.solve(self.M_perp, r.T), Pi)
-        return 0.5 * (G + G.T)
-
-    def gain(self, t: torch.Tensor) -> torch.Tensor:
-        """v_l = -P_l^{-1} N_l t, assembled back into the layer's flat parameters."""
-        Nr, X_E = self._tangent_terms(t[:, None])
-        Y_r = torch.cholesky_solve(Nr, self.chol)[:, 0].reshape(self.r, self.h)
-        X = Y_r.T @ self.Vr.T                                                # (h, q)
-        if self.r < self.q:
-            XE = torch.cat([X_E[:, :, 0], X_E.new_zeros(self.h, self.q - self.m)], dim=1)
-            X = X + torch.linalg.solve(self.M_perp, XE - (XE @ self.Vr) @ self.Vr.T)
-        return -self._flat(X)
-
-
-def _negative_direction(derivs: Sequence, pivots: list, layer: int, pivot) -> Definiteness:
-    """v = (0, .., 0, w, -P^{-1} N t, ..) with w the failing P_layer's lowest eigenvector."""
-    value, w = pivot.lowest()
+    derivs = operator.derivs
+    gauge = operator.gauge if lam == 0.0 else None
+    factor = RiccatiFactor(derivs, lam, "cholesky", gauge)
+    if lam == 0.0:
+        for l in range(len(derivs)):
+            group, g = factor.pivot(l)
+            found = group.null_direction(g) if isinstance(group, AffinePivots) else None
+            if found is not None:
+                blocks = [found.new_zeros(d.num_params) for d in derivs]
+                blocks[l] = found
+                return Definiteness(False, l, torch.cat(blocks), 0.0)
+    failed = factor.broken.nonzero()
+    if not failed.numel():
+        return Definiteness(True)
+    layer = int(failed[-1])
+    group, g = factor.pivot(layer)
+    value, w = group.lowest(g)
     blocks = [w.new_zeros(d.num_params) for d in derivs[:layer]] + [w]
     t = derivs[layer].J @ w
-    for d, later in zip(derivs[layer + 1:], pivots[layer + 1:]):
-        v = later.gain(t)
+    for k in range(layer + 1, len(derivs)):
+        later, j = factor.pivot(k)
+        v = -later.select(j).gain(t[None, :, None])[0, :, 0]
         blocks.append(v)
-        t = d.J @ v + d.F @ t
+        t = derivs[k].J @ v + derivs[k].F @ t
     return Definiteness(False, layer, torch.cat(blocks), value)
 
 
