@@ -41,7 +41,7 @@ import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -926,8 +926,8 @@ def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
     """
     Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
     B, num_classes = u.shape
-    y = (targets.to(u.dtype) if targets.is_floating_point()
-         else F.one_hot(targets, num_classes).to(u.dtype))
+    y = (targets.to(u.dtype) if targets.is_floating_point()  # one-hot without a host read
+         else (targets[:, None] == torch.arange(num_classes, device=u.device)).to(u.dtype))
     mass = y.sum(-1, keepdim=True)
     p = torch.softmax(u, dim=-1)
     r = (mass * p - y) / B
@@ -1017,6 +1017,16 @@ class LayerGroup:
     blocks: object
     has_r: bool = True
     has_d: bool = True
+    _layers: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    def per_layer(self) -> tuple:
+        """(W_l, W_l^T, sigma'_l as (B, h)) of each layer of a hidden stack: views made once,
+        for the loops that are sequential in depth."""
+        if self._layers is None:
+            d = self.blocks
+            self._layers = (d.weight.unbind(), d.weight.mT.unbind(),
+                            d.out_map.view(self.count, d.num_examples, -1).unbind())
+        return self._layers
 
     @property
     def closed(self) -> bool:
@@ -1048,7 +1058,7 @@ class LayerGroup:
 
     def to(self, dtype: torch.dtype) -> "LayerGroup":
         cast = {name: t.to(dtype) for name, t in self.tensors()}
-        return replace(self, blocks=replace(self.blocks, **cast))
+        return replace(self, blocks=replace(self.blocks, **cast), _layers=None)
 
 
 def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
@@ -1279,9 +1289,20 @@ def _flat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
 # C = K^T D Wb + E, G = Wb^T D Wb these are the three lines of the product.
 
 
+def _by_column(x: torch.Tensor, B: int) -> torch.Tensor:
+    """(..., B w, k) -> (..., k, B, w), a view: the layout of the loops over layers, where a
+    layer's product with W is one GEMM of (k B, w) rows."""
+    return x.unflatten(-2, (B, -1)).movedim(-1, -3)
+
+
+def _by_row(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_by_column`: (..., k, B, w) -> (..., B w, k) (a view when k = 1)."""
+    return x.movedim(-3, -1).flatten(-3, -2)
+
+
 def _tangents(group: LayerGroup, v: torch.Tensor, t: Optional[torch.Tensor]):
-    """The forward sweep through a group: ``v`` (G, p, k) its directions, ``t`` the
-    tangent of its input (None for the first layer).  Returns (state for
+    """The forward sweep through a group: ``v`` (G, p, k) its directions, ``t`` (a_in, k)
+    the tangent of its input (None for the first layer).  Returns (state for
     :func:`_adjoints`, the tangent of its output)."""
     d = group.blocks
     if not group.closed:
@@ -1293,26 +1314,27 @@ def _tangents(group: LayerGroup, v: torch.Tensor, t: Optional[torch.Tensor]):
             _add_per_example(du[0], d.weight[0], t)
         out = d.S(du)
         return (None if t is None else t[None], du), out[-1]
-    s = d.out_map.unsqueeze(-1)
-    if t.shape != du.shape[1:]:  # input and output widths differ: a single layer
-        _add_per_example(du[0], d.weight[0], t)
-        return (t[None], du), s[0] * du[0]
-    # The tangents entering and leaving each layer, in one buffer.
-    buffer = du.new_empty(group.count + 1, *du.shape[1:])
-    if group.has_r:  # E t_{l-1} needs the entering tangent in the buffer
-        buffer[0] = t
+    # Hidden layers: du_l += Wb_l t_{l-1}, t_l = S_l du_l, two calls per layer on (k, B, w).
+    B, (h, m), k = d.num_examples, d.weight.shape[-2:], t.shape[-1]
+    _, Wt, s = group.per_layer()
+    du = _by_column(du, B).contiguous()
+    tangents = du.new_empty(group.count + 1, *du.shape[1:]) if m == h else None
+    previous = _by_column(t, B)
+    if tangents is not None and group.has_r:  # E t_{l-1} reads the entering tangent
+        tangents[0] = previous
     for i in range(group.count):
-        _add_per_example(du[i], d.weight[i], buffer[i] if i else t)
-        torch.mul(s[i], du[i], out=buffer[i + 1])
-    return (buffer[:-1], du), buffer[-1]
+        du[i].view(k * B, h).addmm_(previous.reshape(k * B, m), Wt[i])
+        previous = torch.mul(s[i], du[i], out=None if tangents is None else tangents[i + 1])
+    entering = t[None] if tangents is None else _by_row(tangents[:-1])
+    return (entering, _by_row(du)), _by_row(previous)
 
 
 def _adjoints(group: LayerGroup, v: Optional[torch.Tensor], state, u: Optional[torch.Tensor],
               first_order: bool = False):
-    """The backward sweep through a group: ``u`` the adjoint at its output (None: zero).
-    Returns the group's product (G, p, k) and the adjoint at its input (None for the
-    first layer).  ``first_order``: only ``J^T u`` and ``F^T u`` (the transposed tangent
-    map; ``v`` and ``state`` unused)."""
+    """The backward sweep through a group: ``u`` (a_out, k) the adjoint at its output
+    (None: zero).  Returns the group's product (G, p, k) and the adjoint at its input
+    (None for the first layer).  ``first_order``: only ``J^T u`` and ``F^T u`` (the
+    transposed tangent map; ``v`` and ``state`` unused)."""
     d = group.blocks
     if not group.closed:
         out = d.J.T @ u if u is not None else None
@@ -1331,26 +1353,36 @@ def _adjoints(group: LayerGroup, v: Optional[torch.Tensor], state, u: Optional[t
     use_r = group.has_r and not first_order
     q = d.D(du) if group.has_d and not first_order else None
     ev = d.E_t(v) if use_r and d.input_derivatives else None  # (G, B m, k)
-    if not d.diagonal:  # the loss layer: u_L = 0, G = 1
-        q = q if u is None else (d.S_t(u[None]) if q is None else q + d.S_t(u[None]))
-        back = d.Wb_t(q)[0] if d.input_derivatives else None
+    if not d.diagonal or u is None:  # the loss layer (u_L = 0, G = 1) or the top of a chain
+        if u is not None:
+            q = d.S_t(u[None]) if q is None else q + d.S_t(u[None])
+        elif q is None:
+            q = d.weight.new_zeros(group.count, d.num_outputs, v.shape[-1])
+        back = d.Wb_t(q)[-1] if d.input_derivatives else None
         if back is not None and ev is not None:
-            back = back + ev[0]
+            back = back + ev[-1]
     else:
-        s, fresh = d.out_map.unsqueeze(-1), q is None
-        if fresh:
-            q = d.weight.new_empty(group.count, s.shape[1], (u if u is not None else v).shape[-1])
+        # Hidden layers: q_l = D_l du_l + S_l^T u_l, u_{l-1} = Wb_l^T q_l + E_l^T v_l, two
+        # calls per layer on (k, B, w).
+        B, (h, m), k = d.num_examples, d.weight.shape[-2:], u.shape[-1]
+        W, _, s = group.per_layer()
+        fresh = q is None
+        q = d.weight.new_empty(group.count, k, B, h) if fresh else _by_column(q, B).contiguous()
+        ev = None if ev is None else _by_column(ev, B).contiguous()
+        u = _by_column(u, B)
         for i in reversed(range(group.count)):
-            if u is not None and fresh:
+            if fresh:
                 torch.mul(s[i], u, out=q[i])
-            elif u is not None:
+            else:
                 q[i].addcmul_(s[i], u)
-            elif fresh:
-                q[i].zero_()
             if i or d.input_derivatives:
-                u = (_add_per_example(ev[i], d.weight[i].mT, q[i]) if ev is not None
-                     else _per_example(d.weight[i].mT, q[i]))
-        back = u if d.input_derivatives else None
+                if ev is not None:
+                    u = ev[i]
+                    u.view(k * B, m).addmm_(q[i].view(k * B, h), W[i])
+                else:
+                    u = (q[i].view(k * B, h) @ W[i]).view(k, B, m)
+        back = _by_row(u) if d.input_derivatives else None
+        q = _by_row(q)
     out = d.K_t(q)
     if use_r and t_prev is not None:
         out = out + d.E(t_prev)
@@ -1802,7 +1834,7 @@ def _blocked_group_gram(phi: torch.Tensor, d: AffineLayerBlocks):
     for i in reversed(range(G)):
         torch.mul(phi, scale[i], out=psi[i])
         phi = psi[i] @ d.weight[i] if i or d.input_derivatives else None
-    return _gram_sum(psi, d.gram()), phi
+    return _gram_sum(psi, d.gram()), phi, psi
 
 
 def _gram_sum(psi: torch.Tensor, gram: torch.Tensor, budget: int = 2 ** 22) -> torch.Tensor:
@@ -1831,17 +1863,62 @@ def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
     psi = (phi * d.out_map).reshape(m, B, h)
     spread = torch.einsum("nq,xqh->xnh", d.gram(), psi)
     gram = psi.reshape(m, -1) @ spread.reshape(m, -1).T
-    return gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None
+    return (gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None,
+            psi.reshape(m, -1))
 
 
 def _dense_layer_gram(phi: torch.Tensor, d: LayerDerivatives):
     """A dense hidden layer: Y = Phi_l J_l (m, p_l), U_l U_l^T = Y Y^T, Phi_{l-1} = Phi_l F_l."""
     Y = phi @ d.J
-    return Y @ Y.T, phi @ d.F if d.F is not None else None
+    return Y @ Y.T, phi @ d.F if d.F is not None else None, Y
 
 
-def logit_gram(groups: Sequence[LayerGroup], factor: OutputFactor) -> torch.Tensor:
-    """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l.
+@dataclass
+class LogitJacobian:
+    """U = R J_o (m rows) by layer groups, and its Gram matrix U U^T (:func:`logit_gram`).
+
+    ``loss``: the loss layer's :class:`OutputFactor`.  ``parts``, per hidden group in
+    chain order, that group's columns of U in a compact form: ``('blocked', psi)``, psi
+    (G, B, r, h) = Phi_l S_l by example (U_l v_l = psi_l K_l v_l per example);
+    ``('closed', [psi_l (m, B h)])`` (U_l v_l = psi_l K_l v_l); ``('dense', [Y_l (m, p_l)])``
+    (U_l = Y_l).  So U v and U^T y are a few batched calls per group, no sweep.
+    """
+
+    loss: OutputFactor
+    parts: list
+    gram: torch.Tensor
+
+    def apply(self, groups: Sequence[LayerGroup], views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """U v (m, k) for per-group directions (G, p, k)."""
+        out = self.loss.apply(views[-1][0], None)
+        for g, (kind, part), v in zip(groups, self.parts, views):
+            if kind == "blocked":
+                Kv = g.blocks.K(v).unflatten(-2, (g.blocks.num_examples, -1))  # (G, B, h, k)
+                out = out + (part @ Kv).sum(0).flatten(0, 1)
+            elif kind == "closed":
+                out = out + sum(p @ g.layer(i).K(v[i]) for i, p in enumerate(part))
+            else:
+                out = out + sum(Y @ v[i] for i, Y in enumerate(part))
+        return out
+
+    def apply_t(self, groups: Sequence[LayerGroup], y: torch.Tensor) -> list:
+        """U^T y as per-group (G, p, k) blocks for y (m, k)."""
+        out = []
+        for g, (kind, part) in zip(groups, self.parts):
+            if kind == "blocked":
+                B = g.blocks.num_examples
+                back = part.mT @ y.view(B, -1, y.shape[-1])                   # (G, B, h, k)
+                out.append(g.blocks.K_t(back.flatten(1, 2)))
+            elif kind == "closed":
+                out.append(torch.stack([g.layer(i).K_t(p.T @ y) for i, p in enumerate(part)]))
+            else:
+                out.append(torch.stack([Y.T @ y for Y in part]))
+        return out + [self.loss.apply_t(y)[0][None]]
+
+
+def logit_gram(groups: Sequence[LayerGroup], factor: OutputFactor) -> LogitJacobian:
+    """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l, with
+    each layer's columns of U kept compactly (:class:`LogitJacobian`).
 
     Example-blocked Phi_l (B, r, h_l) while every layer from l up is closed form with the
     loss's B examples (stacked groups: :func:`_blocked_group_gram`), dense (m, a_l) below
@@ -1850,38 +1927,24 @@ def logit_gram(groups: Sequence[LayerGroup], factor: OutputFactor) -> torch.Tens
     blocked; symmetrised at the end.
     """
     gram, phi, blocked = factor.gram, factor.phi, factor.blocked
+    parts = []
     for g in reversed(groups[:-1]):
         if blocked and g.closed and g.blocks.num_examples == phi.shape[0]:
-            share, phi = _blocked_group_gram(phi, g.blocks)
+            share, phi, psi = _blocked_group_gram(phi, g.blocks)
             gram = gram + share
+            parts.append(("blocked", psi))
             continue
+        kept = []
         for i in reversed(range(g.count)):
             d = g.layer(i)
             if blocked:
                 phi, blocked = _block_diagonal(phi), False
-            share, phi = (_dense_closed_form_layer_gram(phi, d) if g.closed
-                          else _dense_layer_gram(phi, d))
+            share, phi, part = (_dense_closed_form_layer_gram(phi, d) if g.closed
+                                else _dense_layer_gram(phi, d))
             gram = gram + share
-    return (gram + gram.T) / 2
-
-
-def output_tangent(groups: Sequence[LayerGroup], factor: OutputFactor,
-                   views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """U v (m, k) for per-group directions (G, p, k): the tangent sweep to the logits, then R."""
-    t = None
-    for g, v in zip(groups[:-1], views[:-1]):
-        t = _tangents(g, v, t)[1]
-    return factor.apply(views[-1][0], t)
-
-
-def output_adjoint(groups: Sequence[LayerGroup], factor: OutputFactor, y: torch.Tensor) -> list:
-    """U^T y as per-group (G, p, k) blocks for y (m, k): the adjoint sweep (J^T and F^T)."""
-    last, u = factor.apply_t(y)
-    out = [last[None]]
-    for g in reversed(groups[:-1]):
-        block, u = _adjoints(g, None, None, u, first_order=True)
-        out.append(block)
-    return out[::-1]
+            kept.insert(0, part)
+        parts.append(("closed" if g.closed else "dense", kept))
+    return LogitJacobian(factor, parts[::-1], (gram + gram.T) / 2)
 
 
 def _damped_cholesky(gram: torch.Tensor, damping: float, name: str,
@@ -2151,7 +2214,8 @@ class AffinePivots:
             rr = blocks.u_gradient @ self._perp_inverse(blocks.u_gradient.mT)
             self.perp_schur = (rr[:, :, None, :, None], Pi[:, None, :, None, :])  # kron
         self.P = torch.empty(count, rh, rh, **kw)
-        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw),) + (
+        # Factors column-major (LAPACK's), so that solves take them without copying.
+        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw).mT,) + (
             (torch.empty(count, rh, dtype=torch.int32, device=Zt.device),)
             if kind != "cholesky" else ()), torch.empty(count, dtype=torch.int32, device=Zt.device))
         self.K = torch.empty(count, rh, B * m, **kw) if blocks.input_derivatives else None
@@ -3308,9 +3372,11 @@ class OutputSpaceSolver:
 
     GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy), and
     (U^T U + eps I)^{-1} v = (v - U^T (eps I + U U^T)^{-1} U v) / eps.  Setup:
-    ``gram`` = U U^T (:func:`logit_gram`) and its damped Cholesky factor ``cholesky``;
-    O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3) time, O(m^2) memory beyond the operator's
-    blocks.  A solve: O(one GGN-vector product + m^2) per right-hand side.  Not backward
+    ``gram`` = U U^T (:func:`logit_gram`, which keeps U's columns compactly: ``jacobian``)
+    and its damped Cholesky factor ``cholesky``; O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3)
+    time, O(m^2 + sum_l m h_l) memory beyond the operator's blocks.  A solve: U v,
+    a Cholesky solve, U^T y, O(sum_l B r p_l + m^2) per right-hand side in a few batched
+    calls per group (no sweep over layers).  Not backward
     stable on its own (the subtraction loses about u cond(GGN + eps I) relative, u the
     unit roundoff), so :class:`HessianInverse` refines it like the structured route.
     Needs ``operator.curvature == 'ggn'`` (for the Hessian, U^T U misses the network's own
@@ -3336,7 +3402,8 @@ class OutputSpaceSolver:
         self.operator = operator
         self.damping = float(damping)
         self.factor = output_factor(operator.groups[-1].layer(0))
-        self.gram = logit_gram(operator.groups, self.factor)
+        self.jacobian = logit_gram(operator.groups, self.factor)
+        self.gram = self.jacobian.gram
         self.cholesky = _damped_cholesky(self.gram, self.damping,
                                          f"{operator.symbol} + {damping:g} I", pending)
         if checks is None:
@@ -3349,10 +3416,9 @@ class OutputSpaceSolver:
 
     def solve_once(self, b: torch.Tensor) -> torch.Tensor:
         """One un-refined solve: (n, k) right-hand sides -> (n, k) solutions."""
-        groups = self.operator.groups
-        y = torch.cholesky_solve(output_tangent(groups, self.factor, _views(groups, b)),
-                                 self.cholesky)
-        return (b - _flat(output_adjoint(groups, self.factor, y))) / self.damping
+        groups, U = self.operator.groups, self.jacobian
+        y = torch.cholesky_solve(U.apply(groups, _views(groups, b)), self.cholesky)
+        return (b - _flat(U.apply_t(groups, y))) / self.damping
 
 
 def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
