@@ -322,16 +322,24 @@ def banded_lu_solve(factor: BandedLU, rhs: torch.Tensor) -> torch.Tensor:
 # With L = S[0::2] (block (o, o-1)), R = S[1::2] (block (o+1, o)) and
 # Y = D_o^{-1} [L, R^T], a level is: one batched LU of the D_o, one batched solve for Y,
 # and three batched products, whatever N.
+#
+# Couplings are compact: S_e links only the first c rows ("head") of block e+1 with the
+# last c columns ("tail") of block e (c = n, unless runs of blocks were merged: then
+# head and tail are the runs' first and last original blocks).  The formulas keep that
+# shape at every level: S_e' joins the head of e+2 to the tail of e, and the updates of
+# D_e touch only its tail-by-tail and head-by-head corners, so a merged system costs the
+# flops of its couplings, not of full blocks.
 
 
 @dataclass
 class ReductionLevel:
     """One level of cyclic reduction (N = 2M + 1 blocks, padding included).
 
-    ``lu``, ``pivots`` (M, n, n), (M, n): LU factors of the odd blocks D_o.  ``left``
-    (M, n, n): S_{o-1}, block (o, o-1); ``right`` (M, n, n): S_o, block (o+1, o).
-    ``solved`` (M, n, 2n): D_o^{-1} [left, right^T].  ``pad``: whether the next
-    level's block count got an identity block appended.
+    ``lu``, ``pivots`` (M, b, b), (M, b): LU factors of the odd blocks D_o.  ``left``
+    (M, c, c): S_{o-1}, block (o, o-1) (head of o, tail of o-1); ``right`` (M, c, c):
+    S_o, block (o+1, o).  ``solved`` (M, b, 2c): D_o^{-1} [left, right^T], the two placed
+    in the head rows and the tail rows.  ``pad``: whether the next level's block count
+    got an identity block appended.
     """
 
     lu: torch.Tensor
@@ -348,7 +356,7 @@ class CyclicReductionFactor:
 
     ``levels``: finest first.  ``root``: LU factors (lu, pivots) of the last one or two
     blocks, factored as one dense matrix.  ``merge``: consecutive blocks of the input
-    joined into one block of the reduction (1 or 2).  ``first_pad``: whether the
+    joined into one block of the reduction.  ``first_pad``: whether the
     (merged) input got an identity block appended to make its count odd.
     ``pivot_ranges`` (levels + 1, 2): (min, max) of |U_ii| per level, the root last.
     """
@@ -382,10 +390,10 @@ class CyclicReductionFactor:
 def _merge_runs(diag: torch.Tensor, sub: torch.Tensor, merge: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs of ``merge`` consecutive blocks as single blocks of size merge * n (N a
-    multiple of ``merge``): O(merge) batched copies, whatever N."""
+    multiple of ``merge``), the compact n x n couplings between runs kept: O(merge)
+    batched copies, whatever N."""
     k, n = merge, diag.shape[-1]
-    M = diag.shape[0] // k
-    merged = diag.new_zeros(M, k * n, k * n)
+    merged = diag.new_zeros(diag.shape[0] // k, k * n, k * n)
     for j in range(k):
         rows = slice(j * n, (j + 1) * n)
         merged[:, rows, rows] = diag[j::k]
@@ -393,36 +401,39 @@ def _merge_runs(diag: torch.Tensor, sub: torch.Tensor, merge: int
             below = slice((j + 1) * n, (j + 2) * n)
             merged[:, below, rows] = sub[j::k]
             merged[:, rows, below] = sub[j::k].mT
-    links = diag.new_zeros(max(M - 1, 0), k * n, k * n)
-    links[:, :n, (k - 1) * n:] = sub[k - 1::k]
-    return merged, links
+    return merged, sub[k - 1::k]
 
 
 def _with_identity_block(diag: torch.Tensor, sub: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoupled identity block appended (N -> N + 1)."""
     eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)[None]
-    return torch.cat([diag, eye]), torch.cat([sub, torch.zeros_like(eye)])
+    return torch.cat([diag, eye]), torch.cat([sub, sub.new_zeros(1, *sub.shape[1:])])
 
 
 def _reduce(diag: torch.Tensor, sub: torch.Tensor) -> tuple[ReductionLevel, torch.Tensor,
                                                              torch.Tensor]:
-    """One level on N = 2M + 1 blocks: the level's factors and the even blocks' Schur
-    complement (M + 1 blocks, an identity block appended when that count is even > 2)."""
-    N, n = diag.shape[0], diag.shape[-1]
+    """One level on N = 2M + 1 blocks of size b with c x c couplings: the level's factors
+    and the even blocks' Schur complement (M + 1 blocks, an identity block appended when
+    that count is even > 2)."""
+    N, b, c = diag.shape[0], diag.shape[-1], sub.shape[-1]
     M = N // 2
     pad = (M + 1) % 2 == 0 and M + 1 > 2
     left, right = sub[0::2], sub[1::2]
     lu, pivots, _ = torch.linalg.lu_factor_ex(diag[1::2])
-    solved = torch.linalg.lu_solve(lu, pivots, torch.cat([left, right.mT], -1)).contiguous()
-    new_diag = diag.new_empty(M + 1 + pad, n, n)
-    new_sub = diag.new_empty(M + pad, n, n)
-    torch.baddbmm(diag[0:2 * M:2], left.mT, solved[..., :n], alpha=-1, out=new_diag[:M])
-    new_diag[M] = diag[2 * M]
-    new_diag[1:M + 1].baddbmm_(right, solved[..., n:], alpha=-1)
-    torch.baddbmm(new_sub[:M], right, solved[..., :n], beta=0, alpha=-1, out=new_sub[:M])
+    couplings = diag.new_zeros(M, b, 2 * c)
+    couplings[:, :c, :c] = left
+    couplings[:, b - c:, c:] = right.mT
+    solved = torch.linalg.lu_solve(lu, pivots, couplings).contiguous()
+    new_diag = diag.new_empty(M + 1 + pad, b, b)
+    new_sub = diag.new_empty(M + pad, c, c)
+    new_diag[:M + 1] = diag[0::2]
+    new_diag[:M, b - c:, b - c:].baddbmm_(left.mT, solved[:, :c, :c], alpha=-1)
+    new_diag[1:M + 1, :c, :c].baddbmm_(right, solved[:, b - c:, c:], alpha=-1)
+    torch.baddbmm(new_sub[:M], right, solved[:, b - c:, :c], beta=0, alpha=-1,
+                  out=new_sub[:M])
     if pad:
-        new_diag[M + 1] = torch.eye(n, dtype=diag.dtype, device=diag.device)
+        new_diag[M + 1] = torch.eye(b, dtype=diag.dtype, device=diag.device)
         new_sub[M].zero_()
     return ReductionLevel(lu, pivots, left, right, solved, pad), new_diag, new_sub
 
@@ -434,10 +445,10 @@ def cyclic_reduction(system: BlockTridiagonal, merge: int = 1,
     ceil(log2 N) - 1 levels (N = blocks after merging), each a constant number of
     batched calls over all its blocks, then one dense LU of the last two blocks.
     ``merge`` > 1 first joins runs of that many consecutive blocks into one (``merge=2``
-    for systems whose every other diagonal block may be singular, e.g. zero).  Cost about 1.4 times the banded LU's
-    flops on equal blocks (blocks of size 2n: 8 times per block, half as many blocks,
-    for ``merge=2``); storage O(N n^2).  No host synchronisation until the pivot check
-    (``check``, one; else the caller checks ``smallest_pivot``).
+    for systems whose every other diagonal block may be singular, e.g. zero).  Cost about
+    1.4 times the banded LU's flops on equal blocks, 1.8 times for ``merge=2`` (the
+    couplings stay compact); storage O(N n^2).  No host synchronisation until the pivot
+    check (``check``, one; else the caller checks ``smallest_pivot``).
 
     Pivoting is only within each diagonal block D_o, never across blocks: this is
     Gaussian elimination in odd-even order, stable for block diagonally dominant or
@@ -461,10 +472,14 @@ def cyclic_reduction(system: BlockTridiagonal, merge: int = 1,
         levels.append(level)
         ranges.append(_pivot_range(level.lu))
     if diag.shape[0] == 2:
-        diag = torch.cat([torch.cat([diag[0], sub[0].mT], 1), torch.cat([sub[0], diag[1]], 1)])
+        b, c = diag.shape[-1], sub.shape[-1]
+        root = diag.new_zeros(2 * b, 2 * b)
+        root[:b, :b], root[b:, b:] = diag[0], diag[1]
+        root[b:b + c, b - c:b] = sub[0]
+        root[b - c:b, b:b + c] = sub[0].mT
     else:
-        diag = diag[0]
-    lu, pivots, _ = torch.linalg.lu_factor_ex(diag)
+        root = diag[0]
+    lu, pivots, _ = torch.linalg.lu_factor_ex(root)
     ranges.append(_pivot_range(lu))
     factor = CyclicReductionFactor(levels, (lu, pivots), system.sizes, merge, first_pad,
                                    torch.stack(ranges))
@@ -477,9 +492,9 @@ def cyclic_reduction_solve(factor: CyclicReductionFactor, rhs: torch.Tensor) -> 
     """Solve with the factors of :func:`cyclic_reduction`: rhs (N, n, k) -> x (N, n, k).
 
     Down the levels each eliminated block's ``y_o = D_o^{-1} b_o`` updates its
-    neighbours' right-hand sides; the root is solved; up the levels
-    ``x_o = y_o - solved [x_{o-1}; x_{o+1}]``.  O(N n^2 k), a constant number of batched
-    calls per level.
+    neighbours' right-hand sides (tail rows of the left one, head rows of the right
+    one); the root is solved; up the levels ``x_o = y_o - solved [x_{o-1}[tail];
+    x_{o+1}[head]]``.  O(N n^2 k), a constant number of batched calls per level.
     """
     N, n, k = rhs.shape
     b = rhs
@@ -492,21 +507,22 @@ def cyclic_reduction_solve(factor: CyclicReductionFactor, rhs: torch.Tensor) -> 
         b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])
     m, ys = b.shape[1], []
     for level in factor.levels:
-        M = level.lu.shape[0]
+        M, c = level.lu.shape[0], level.left.shape[-1]
         y = torch.linalg.lu_solve(level.lu, level.pivots, b[1::2])
         coarse = b.new_empty(M + 1 + level.pad, m, k)
-        torch.baddbmm(b[0:2 * M:2], level.left.mT, y, alpha=-1, out=coarse[:M])
-        coarse[M] = b[2 * M]
-        coarse[1:M + 1].baddbmm_(level.right, y, alpha=-1)
+        coarse[:M + 1] = b[0::2]
+        coarse[:M, m - c:].baddbmm_(level.left.mT, y[:, :c], alpha=-1)
+        coarse[1:M + 1, :c].baddbmm_(level.right, y[:, m - c:], alpha=-1)
         if level.pad:
             coarse[M + 1].zero_()
         ys.append(y)
         b = coarse
     x = torch.linalg.lu_solve(*factor.root, b.reshape(-1, k)).reshape(b.shape).contiguous()
     for level, y in zip(reversed(factor.levels), reversed(ys)):
-        M = level.lu.shape[0]
-        # [x_{o-1}; x_{o+1}] for every odd o: overlapping windows of the even blocks.
-        windows = x.as_strided((M, 2 * m, k), (m * k, k, 1), x.storage_offset())
+        M, c = level.lu.shape[0], level.left.shape[-1]
+        # [x_{o-1}[tail]; x_{o+1}[head]] for every odd o: the tail of one even block and the
+        # head of the next are adjacent rows, so these are overlapping windows (a view).
+        windows = x.as_strided((M, 2 * c, k), (m * k, k, 1), x.storage_offset() + (m - c) * k)
         finer = x.new_empty(2 * M + 1, m, k)
         finer[0::2] = x[:M + 1]
         torch.baddbmm(y, level.solved, windows, alpha=-1, out=finer[1::2])

@@ -9,7 +9,9 @@ comments cite by name; the module runs top to bottom in that order:
 - The derivative oracle: per layer ``J_l``, ``F_l`` and the second derivatives
   ``A_l``, ``C_l``, ``G_l`` of ``b_l . f_l`` (:func:`compute_layer_derivatives`),
   or their closed forms for affine layers (:class:`AffineLayerBlocks`), in one
-  backward sweep (:func:`chain_derivatives`).
+  backward sweep (:func:`chain_derivatives`) that stacks runs of equal layers
+  (:class:`LayerGroup`: "Stacked layers"), so that only what is sequential in depth
+  loops over layers.
 - The Hessian-vector product through those blocks
   (:func:`structured_hessian_vector_product`).
 - The lifted system: ``(H + eps I) x = g`` as a symmetric block-tridiagonal
@@ -19,9 +21,10 @@ comments cite by name; the module runs top to bottom in that order:
   layer's parameters are eliminated by the push-through identity, leaving a
   reduced system in (w_l, y_l) (:func:`assemble_reduced_system`): cost linear
   in the parameter count.
-- One memory guard, the operators users hold (:class:`HessianOperator`,
-  :class:`HessianInverse`, whose solver is the lifted or the eliminated one),
-  one function that chooses the route (:func:`choose_route`), and the entry
+- One memory guard and cost model, the operators users hold (:class:`HessianOperator`,
+  :class:`HessianInverse`, whose solver is the lifted, the eliminated, the layer-wise
+  or the output-space one), one function that chooses the route (:func:`choose_route`,
+  by :class:`DeviceModel`), and the entry
   points (:func:`hessian_operator`, :func:`factorize`,
   :func:`hessian_inverse_vector_product`, :func:`hessian_vector_product`).
 
@@ -895,24 +898,6 @@ def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
     bias = linear.bias.detach() if linear.bias is not None else None
     Z = z_prev.detach().reshape(-1, weight.shape[1])
     return Z, weight, bias, F.linear(Z, weight, bias)
-
-
-def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
-                             adjoint: torch.Tensor, input_derivatives: bool = True
-                             ) -> AffineLayerBlocks:
-    """Closed forms for ``sigma(W z + c)``.
-
-    S = diag(sigma'(u)), r = b sigma'(u), D = diag(b sigma''(u)).
-
-    ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
-    """
-    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
-    first, second = _pointwise_derivatives(layer.activation, u)
-    b = adjoint.detach().reshape(u.shape)
-    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
-                             out_map=first.reshape(-1), u_gradient=b * first,
-                             u_hessian=b * second, input_derivatives=input_derivatives,
-                             diagonal=True)
 
 
 def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
