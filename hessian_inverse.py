@@ -2598,15 +2598,8 @@ class LayerSizes:
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
-        """From derivative blocks already computed."""
-        outputs = [d.num_outputs for d in derivs]
-        closed = [isinstance(d, AffineLayerBlocks) for d in derivs]
-        u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
-        block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
-                 for d, c in zip(derivs, closed)]
-        examples = [d.num_examples if c else None for d, c in zip(derivs, closed)]
-        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block,
-                   examples)
+        """From per-layer derivative blocks already computed."""
+        return cls.of_groups([_one_layer_group(l, d) for l, d in enumerate(derivs)])
 
 
 @dataclass
