@@ -1171,6 +1171,8 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
     hessian = curvature == "hessian"
     groups: list = []
+    autograd_layers = [l for l, c in enumerate(closed) if not c]
+    rng_before = _rng_state(z_last.device) if autograd_layers else None
     for start, stop in reversed(_runs(model, closed)):
         if closed[start] and start != last:
             blocks, adjoint = _hidden_group(layers[start:stop], tracked.inputs[start:stop],
@@ -1178,7 +1180,7 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
             groups.append(LayerGroup(start, stop, blocks, hessian, hessian))
             continue
         checked = (contextlib.nullcontext() if closed[start]  # closed forms are deterministic
-                   else _deterministic(layers[start], start, z_last.device))
+                   else _no_random_draws(layers[start], start))
         with checked:
             d = _layer_derivatives(layers[start], tracked.inputs[start], adjoint,
                                    tracked.targets, start == last, start == 0, curvature,
@@ -1189,6 +1191,14 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
         if hessian and start > 0:
             adjoint = d.F.T @ adjoint
     groups.reverse()
+    if rng_before is not None and not torch.equal(rng_before, _rng_state(z_last.device)):
+        for l in reversed(autograd_layers):  # a draw outside vmap: whose forward, top down
+            state = _rng_state(z_last.device)
+            with torch.no_grad():
+                layers[l](tracked.inputs[l], *((tracked.targets,) if l == last else ()))
+            if not torch.equal(state, _rng_state(z_last.device)):
+                with _no_random_draws(layers[l], l):
+                    raise RuntimeError("randomness")
     pending = _Checks() if checks is None else checks
     _check_finite_blocks(groups, pending)
     if checks is None:
@@ -1196,31 +1206,31 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     return groups
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The default generator's state (a host tensor: reading it does not synchronise)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 @contextlib.contextmanager
-def _deterministic(layer: nn.Module, l: int, device: torch.device):
-    """Refuse a layer whose forward draws random numbers (``F.dropout`` called directly).
+def _no_random_draws(layer: nn.Module, l: int):
+    """Refuse layers whose forward draws random numbers (``F.dropout`` called directly).
 
-    Its derivatives are not a function of the parameters: the oracle's vmap
-    refuses the draw, and a Jacobian taken outside vmap would differentiate
-    another random mask than the tracked pass used.  ``nn.Dropout`` modules
-    are caught earlier (:meth:`TrackedChain.tracked_forward`).
+    Their derivatives are not a function of the parameters: the oracle's vmap refuses
+    the draw (caught here, per layer), and a Jacobian taken outside vmap would
+    differentiate another random mask than the tracked pass used (caught by
+    :func:`chain_derivatives` comparing the generator's state once per sweep, then
+    running each suspect's forward to find it).  ``nn.Dropout`` modules are caught
+    earlier (:meth:`TrackedChain.tracked_forward`).
     """
-    def rng_state():
-        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-    message = (f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward "
-               "(e.g. F.dropout called directly), so its Hessian is not a function of the "
-               "parameters: use an nn.Dropout module (model.eval() turns it off) or remove "
-               "the call")
-    before = rng_state()
     try:
         yield
     except RuntimeError as err:
-        if "randomness" in str(err):
-            raise HessianInverseError(message) from None
-        raise
-    if not torch.equal(before, rng_state()):
-        raise HessianInverseError(message)
+        if "randomness" not in str(err):
+            raise
+        raise HessianInverseError(
+            f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward (e.g. F.dropout called directly), "
+            "so its Hessian is not a function of the parameters: use an nn.Dropout module "
+            "(model.eval() turns it off) or remove the call") from None
 
 
 def _check_finite_blocks(groups: Sequence[LayerGroup], checks: _Checks) -> None:
