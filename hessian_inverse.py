@@ -58,8 +58,8 @@ from block_tridiagonal import solve as solve_factored
 
 __all__ = [
     # models
-    "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "TrackedChain",
-    "DeepMLPWithTracking",
+    "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "AffineSquaredError",
+    "TrackedChain", "DeepMLPWithTracking", "LOSSES",
     # the derivative oracle
     "LayerDerivatives", "compute_layer_derivatives",
     # operators and entry points
@@ -214,6 +214,47 @@ class AffineCrossEntropy(nn.Module):
         if self.linear.bias is not None:
             basis = torch.block_diag(basis, ones)
         return basis
+
+
+class AffineSquaredError(nn.Module):
+    """Output layer fused with the mean squared error: ``mean_{n,i} (W z_n + c - y_n)_i^2``.
+
+    ``F.mse_loss`` (its default mean over all B x C entries); targets are float
+    (B, C), converted to the outputs' dtype.  The regression counterpart of
+    :class:`AffineCrossEntropy`, split the same way (``logits`` are the predictions).
+    Unlike the softmax it has no gauge: no direction leaves the loss unchanged, so
+    there is no ``null_directions``.  A Gaussian negative log-likelihood with a fixed
+    variance s^2 is this loss times C / (2 s^2) plus a constant: the same curvature,
+    scaled.
+    """
+
+    def __init__(self, in_features: int, num_outputs: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_outputs, bias=bias)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not (isinstance(targets, torch.Tensor) and targets.is_floating_point()
+                and targets.shape == outputs.shape):
+            found = (f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor)
+                     else type(targets).__name__)
+            raise HessianInverseError(
+                f"the squared-error loss needs float targets of the outputs' shape "
+                f"{tuple(outputs.shape)}, got {found} (for one output, pass y[:, None]; "
+                "a broadcast would compare every prediction with every target)")
+        # F.mse_loss's value, written out: torch 2.14's forward-mode derivative of
+        # mse_loss's backward fails ("ZeroTensors are immutable"), and the generic
+        # derivative oracle differentiates forward-over-reverse.
+        return (outputs - targets.to(outputs.dtype)).square().mean()
+
+    def forward(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.logits(z), targets)
+
+
+#: The fused loss layers of :class:`DeepMLPWithTracking`, by the name its ``loss`` takes.
+LOSSES = {"cross_entropy": AffineCrossEntropy, "mse": AffineSquaredError}
 
 
 @dataclass
@@ -380,14 +421,21 @@ class DeepMLPWithTracking(TrackedChain):
     """The paper's tall-skinny MLP.
 
     ``num_hidden_layers`` layers ``tanh(W z + c)`` (input -> hidden, then
-    hidden -> hidden), then one output affine layer fused with the mean
-    cross-entropy loss: L = num_hidden_layers + 1 layers in the chain.  Inputs
-    of any shape ``(B, ...)`` are flattened to ``(B, input_dim)``.
+    hidden -> hidden), then one output affine layer fused with the loss: L =
+    num_hidden_layers + 1 layers in the chain.  ``loss='cross_entropy'`` (default):
+    the mean cross-entropy over ``num_classes`` logits, class-index or probability
+    targets (:class:`AffineCrossEntropy`); ``loss='mse'``: the mean squared error of
+    ``num_classes`` outputs against float targets (B, num_classes)
+    (:class:`AffineSquaredError`).  Inputs of any shape ``(B, ...)`` are flattened to
+    ``(B, input_dim)``.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, num_classes: int,
-                 num_hidden_layers: int, activation: str = "tanh", bias: bool = True):
+                 num_hidden_layers: int, activation: str = "tanh", bias: bool = True,
+                 loss: str = "cross_entropy"):
         _activation(activation)
+        if loss not in LOSSES:
+            raise HessianInverseError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
         if min(input_dim, num_classes) < 1 or num_hidden_layers < 0 or (
                 num_hidden_layers > 0 and hidden_dim < 1):
             raise HessianInverseError(
@@ -398,8 +446,9 @@ class DeepMLPWithTracking(TrackedChain):
         widths = [input_dim] + [hidden_dim] * num_hidden_layers
         hidden = [AffineActivation(widths[i], widths[i + 1], activation, bias)
                   for i in range(num_hidden_layers)]
-        super().__init__(hidden, AffineCrossEntropy(widths[-1], num_classes, bias))
+        super().__init__(hidden, LOSSES[loss](widths[-1], num_classes, bias))
         self.activation = activation
+        self.loss = loss
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
@@ -652,8 +701,10 @@ class AffineLayerBlocks:
     - ``u_hessian`` D: d2(b_l . z_l)/du2, one (h, h) block per example: (B, h, h),
       or (B, h) holding the diagonals when they are diagonal (hidden layers).
     - ``input_derivatives``: False for the first layer (its input is data).
-    - ``u_hessian_root``: R (B, r, h) with R_n^T R_n = D_n when known in closed form
-      (the softmax loss layer, r = h - 1), else None.
+    - ``u_hessian_root``: R (B, r, h) with R_n^T R_n = D_n, when the loss layer's closed
+      forms supply it (the softmax: r = h - 1, by a Householder reflector; the squared
+      error: r = h); None where the output-space route derives it from D
+      (:func:`softmax_curvature_root`).
 
     r and D are the only second-order terms; Gauss-Newton
     ("Gauss-Newton") is this with r = 0 in every layer and D = 0 except in the loss
@@ -939,19 +990,47 @@ def _softmax_root(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scale.sqrt()[:, :, None] * H[:, :-1] * s[:, None, :]
 
 
+def affine_squared_error_blocks(layer: AffineSquaredError, z_prev: torch.Tensor,
+                                targets: torch.Tensor, input_derivatives: bool = True
+                                ) -> AffineLayerBlocks:
+    """Closed forms for the fused loss ``mean_{n,i} (W z_n + c - y_n)_i^2`` (b_L = 1).
+
+    With k = 2 / (B C): gradient r = k (u - y), which is also S as one row; Hessian
+    D_n = k I_C for every example, and its root R_n = sqrt(k) I_C (C rows: no gauge).
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    B, C = u.shape
+    k = 2.0 / (B * C)
+    r = k * (u - targets.detach().to(u.dtype))
+    eye = torch.eye(C, dtype=u.dtype, device=u.device).expand(B, C, C)
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=r.reshape(1, -1), u_gradient=r, u_hessian=k * eye,
+                             input_derivatives=input_derivatives,
+                             u_hessian_root=math.sqrt(k) * eye)
+
+
+#: The closed forms of each fused loss layer type, (layer, z, targets, input_derivatives).
+_LOSS_BLOCKS = {AffineCrossEntropy: affine_cross_entropy_blocks,
+                AffineSquaredError: affine_squared_error_blocks}
+
+
 def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
                     targets: Optional[torch.Tensor] = None, check_range: bool = True) -> bool:
     """Whether the closed forms of "Structured layers" describe this layer exactly.
 
     Exact types only (a subclass may change ``forward``): ``AffineActivation``
-    as a hidden layer; ``AffineCrossEntropy`` as the loss layer on (B, m)
-    inputs with class-index targets in range or (B, C) probability targets.
+    as a hidden layer; as the loss layer on (B, m) inputs, ``AffineCrossEntropy``
+    with class-index targets in range or (B, C) probability targets, and
+    ``AffineSquaredError`` with (B, C) float targets.
     """
     if not is_loss_layer:
         return type(layer) is AffineActivation
-    if type(layer) is not AffineCrossEntropy or z_prev.dim() != 2 or targets is None:
+    if type(layer) not in _LOSS_BLOCKS or z_prev.dim() != 2 or targets is None:
         return False
     num_classes = layer.linear.out_features
+    if type(layer) is AffineSquaredError:
+        return targets.is_floating_point() and tuple(targets.shape) == (z_prev.shape[0],
+                                                                         num_classes)
     if targets.is_floating_point():
         return tuple(targets.shape) == (z_prev.shape[0], num_classes)
     return (tuple(targets.shape) == (z_prev.shape[0],) and
@@ -1141,7 +1220,7 @@ def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Te
     """One layer's blocks other than a hidden closed-form run: the closed-form loss layer,
     else autograd."""
     if closed_form:
-        d = affine_cross_entropy_blocks(layer, z_prev, targets, not first)
+        d = _LOSS_BLOCKS[type(layer)](layer, z_prev, targets, not first)
         return gauss_newton_blocks(d, True) if curvature == "ggn" else d
     if curvature == "ggn":
         return (compute_loss_layer_ggn_derivatives(layer, z_prev, targets, not first)
@@ -1751,10 +1830,11 @@ class OutputFactor:
 
 
 def closed_form_output_factor(d: AffineLayerBlocks) -> OutputFactor:
-    """:class:`OutputFactor` of the closed-form loss layer ``mean CE(W z + c, t)``.
+    """:class:`OutputFactor` of a closed-form loss layer (cross-entropy or squared error).
 
-    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C) (stored with
-    the blocks, else from :func:`softmax_curvature_root`).  With K K^T = gram kron I_C,
+    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C): the loss
+    layer's own ``u_hessian_root`` (the softmax: r = C - 1; the squared error: r = C),
+    else :func:`softmax_curvature_root` of D.  With K K^T = gram kron I_C,
     U_L U_L^T [(n, i), (n', j)] = gram[n, n'] (R_n R_n'^T)[i, j].  Cost O(B C^3 + m^2 C
     + m C w).
     """
@@ -2566,7 +2646,9 @@ class LayerSizes:
     not charged); ``outputs`` a_l (1 for the loss layer); ``u`` batch x width
     of u = W z + c for a closed-form layer, None for any other; ``u_block`` the
     width of D's per-example blocks there (1 when D is diagonal); ``examples`` the
-    batch B of a closed-form layer (None for any other).
+    batch B of a closed-form layer (None for any other).  ``root_rows``: the rows
+    per example of a closed-form loss layer's curvature root R_n
+    (:class:`OutputFactor`); None means C - 1, the softmax's.
     """
 
     params: list
@@ -2575,6 +2657,7 @@ class LayerSizes:
     u: list
     u_block: list
     examples: list
+    root_rows: Optional[int] = None
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
@@ -2590,8 +2673,9 @@ class LayerSizes:
         block[:-1] = [1 if c else None for c in closed[:-1]]
         examples = [a_in // layer.linear.in_features if c else None
                     for layer, a_in, c in zip(layers, inputs, closed)]
+        rows = block[-1] if closed[-1] and type(layers[-1]) is AffineSquaredError else None
         return cls([sum(p.numel() for p in layer.parameters()) for layer in layers],
-                   inputs, inputs[1:] + [1], u, block, examples)
+                   inputs, inputs[1:] + [1], u, block, examples, rows)
 
     @classmethod
     def of_groups(cls, groups: Sequence[LayerGroup]) -> "LayerSizes":
@@ -2604,7 +2688,10 @@ class LayerSizes:
             u += [d.u_gradient[0].numel() if g.closed else None] * g.count
             block += [(1 if d.diagonal else d.u_hessian.shape[-1]) if g.closed else None] * g.count
             examples += [d.num_examples if g.closed else None] * g.count
-        return cls(params, [0] + outputs[:-1], outputs, u, block, examples)
+        last = groups[-1]
+        root = last.blocks.u_hessian_root if last.closed else None
+        return cls(params, [0] + outputs[:-1], outputs, u, block, examples,
+                   None if root is None else root.shape[-2])
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
@@ -2699,36 +2786,61 @@ def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
     return classes, sizes.u[-1] // classes
 
 
-def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
-    """Cost of :class:`OutputSpaceSolver` from layer sizes (loss layer closed form).
+def output_rows(sizes: LayerSizes) -> int:
+    """m, the rows of U = R J_o that the output-space route factors (m x m).
 
-    m = B (C - 1); per hidden closed-form layer (h outputs, m_in inputs per example)
-    ~ 2 m^2 h + 2 m h m_in flops (the Gram share and Phi's propagation); loss layer
-    ~ 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None) turns Phi dense
-    from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A solve: the two sweeps,
-    ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2; kernels:
-    2 per layer in the setup, 4 per layer in a solve.  Bytes: Gram, factor and one
-    m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
+    A closed-form loss layer: B times the rows of its curvature root (``root_rows``;
+    C - 1 for the softmax).  Any other loss layer: at most p_L + a_{L-1}, the size of
+    its GGN block, whose eigen-root R has one row per nonzero eigenvalue
+    (:func:`dense_output_factor`).
     """
+    if sizes.u[-1] is None or not sizes.u_block[-1]:
+        return sizes.params[-1] + sizes.inputs[-1]
     classes, batch = _classes_and_batch(sizes)
-    m = batch * max(classes - 1, 1)
-    w_last = sizes.inputs[-1] // batch
-    setup = 2 * m * m * classes + 2 * m * classes * w_last
-    solve = 8 * batch * sizes.params[-1] + 2 * m * m
-    ops, phi_bytes, blocked = 40, m * w_last, True
+    rows = sizes.root_rows if sizes.root_rows is not None else max(classes - 1, 1)
+    return batch * rows
+
+
+def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of :class:`OutputSpaceSolver` from layer sizes.
+
+    m = :func:`output_rows`; for a closed-form loss layer (C outputs, w inputs per
+    example, its root in closed form) ~ 2 m^2 C + 2 m C w, and per hidden closed-form
+    layer (h outputs, m_in inputs per example) ~ 2 m^2 h + 2 m h m_in flops (the Gram
+    share and Phi's propagation).  Any other loss layer: the eigen-root of its block,
+    ~ 10 q^3 (q = p_L + a_{L-1}), and Phi dense from the start.  A dense layer (sizes.u
+    None) turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}, and
+    a closed-form layer under a dense Phi costs 2 m a_l (B + m + m_in).  Cholesky
+    m^3 / 3.  A solve: the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a
+    dense one), plus 2 m^2; kernels: 2 per layer in the setup, 4 per layer in a solve.
+    Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l
+    blocked).
+    """
+    m = output_rows(sizes)
+    if sizes.u[-1] is not None and sizes.u_block[-1]:
+        classes, batch = _classes_and_batch(sizes)
+        w_last = sizes.inputs[-1] // batch
+        setup = 2 * m * m * classes + 2 * m * classes * w_last
+        solve = 8 * batch * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 40, m * w_last, True
+    else:
+        setup = 10 * m ** 3 + 2 * m * m * sizes.params[-1]
+        solve = 4 * m * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 40, m * sizes.inputs[-1], False
     for l in reversed(range(len(sizes.params) - 1)):
         p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
         a_in = a_in if l > 0 else 0
         blocked = blocked and u is not None
         if u is not None:
-            h, m_in = a // batch, a_in // batch
+            b = sizes.examples[l]
+            h, m_in = a // b, a_in // b
             if blocked:
-                setup += 2 * m * m * h + 2 * m * h * m_in + 2 * batch * batch * (m_in + 1)
+                setup += 2 * m * m * h + 2 * m * h * m_in + 2 * b * b * (m_in + 1)
                 phi_bytes = max(phi_bytes, m * max(h, m_in))
             else:
-                setup += 2 * m * a * (batch + m + m_in)
+                setup += 2 * m * a * (b + m + m_in)
                 phi_bytes = max(phi_bytes, m * max(a, a_in))
-            solve += 8 * batch * p
+            solve += 8 * b * p
         else:
             setup += 2 * m * a * p + 2 * m * m * p + 2 * m * a * a_in
             solve += 4 * a * p
@@ -2887,10 +2999,9 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    f"p = {p[l]}); memory grows with (batch x width)^2 per layer (p^2 for a "
                    "layer without closed forms)")
     elif route == "output":
-        l = len(p) - 1
-        largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
-                   f"{u[-1] // sizes.u_block[-1] * (sizes.u_block[-1] - 1)} square; memory "
-                   "grows with m^2")
+        largest = (f"the Gram matrix of the logits, m = batch x rows of the loss curvature's "
+                   f"root (classes - 1 for cross-entropy) = {output_rows(sizes)} square; "
+                   "memory grows with m^2")
     elif route == "structured":
         l = max(range(len(p)), key=lambda l: max(u[l] or p[l], a[l], a_in[l] if l else 0))
         largest = (f"at layer {l + 1} (a = batch x width = {a[l]} outputs, {a_in[l]} inputs, "
@@ -3171,16 +3282,20 @@ class HessianOperator:
     def factorize(self, damping: float = 0.0, check_condition: bool = True,
                   path: str = "auto", rtol: Optional[float] = None,
                   on_inaccurate: str = "raise", factor_dtype="auto",
-                  factorization: str = "auto") -> "HessianInverse":
+                  factorization: str = "auto", max_refinement: int = 10
+                  ) -> "HessianInverse":
         """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
 
-        ``path``: ``'structured'`` eliminates every layer's parameters (needs
-        damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        decides by :func:`choose_route`.  ``rtol``, ``on_inaccurate``,
-        ``factor_dtype`` and ``factorization``: see :class:`HessianInverse`.
+        ``path``: ``'riccati'`` (the layer-wise LDL^T) and ``'structured'`` (every
+        layer's parameters eliminated) need damping > 0, ``'generic'`` factors the
+        lifted system, ``'output'`` the GGN in output space, ``'auto'`` decides by
+        :func:`choose_route`.  ``rtol``, ``on_inaccurate``, ``factor_dtype``,
+        ``factorization`` and ``max_refinement`` (corrections per solve; 0: the
+        un-refined solve, still held to ``rtol``): see :class:`HessianInverse`.
         """
         return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate,
-                              factor_dtype=factor_dtype, factorization=factorization)
+                              max_refinement, factor_dtype=factor_dtype,
+                              factorization=factorization)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -3358,7 +3473,8 @@ class RiccatiSolver:
 class OutputSpaceSolver:
     """The output-space route: (GGN + eps I)^{-1} by Woodbury in the logits, damping > 0.
 
-    GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy), and
+    GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy, B C for the
+    squared error), and
     (U^T U + eps I)^{-1} v = (v - U^T (eps I + U U^T)^{-1} U v) / eps.  Setup:
     ``gram`` = U U^T (:func:`logit_gram`, which keeps U's columns compactly: ``jacobian``)
     and its damped Cholesky factor ``cholesky``; O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3)
@@ -3368,8 +3484,8 @@ class OutputSpaceSolver:
     stable on its own (the subtraction loses about u cond(GGN + eps I) relative, u the
     unit roundoff), so :class:`HessianInverse` refines it like the structured route.
     Needs ``operator.curvature == 'ggn'`` (for the Hessian, U^T U misses the network's own
-    curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or any dense GGN
-    loss layer.
+    curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or
+    ``AffineSquaredError``, or any dense GGN loss layer.
     """
 
     route = "output"
@@ -3722,10 +3838,11 @@ class HessianInverse:
             found = (f"the solve's backward error ||v - A x|| / (||A|| ||x|| + ||v||) is "
                      f"{eta:.1e} (relative residual {self.residual:.1e}), above rtol = "
                      f"{self.rtol:.1e}")
+        wider = ("use float64 (model.double()) or increase the damping"
+                 if self.operator.dtype != torch.float64 else "increase the damping")
         return (f"{self._name()}: {found} ({route} route, {dtype}). Too ill-conditioned "
-                f"for {dtype} at this damping: use float64 (model.double()) or increase the "
-                "damping, or pass a looser rtol= (or on_inaccurate='warn' to take the result "
-                "anyway).")
+                f"for {dtype} at this damping: {wider}, or pass a looser rtol= (or "
+                "on_inaccurate='warn' to take the result anyway).")
 
     def _escalate(self, eta: float):
         """After a solve that missed the contract: the banded LU if cyclic reduction
