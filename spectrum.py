@@ -49,12 +49,15 @@ MOVES = 12
 #: :meth:`Spectrum.inverse_diagonal` refuses unless this many times the largest relative
 #: error on its checked entries is within ``rtol``.
 CHECK_MARGIN = 10.0
+#: A pivot block with entries above ``GROWTH * ||B||`` has grown (see Spectrum.merge).
+GROWTH = 1e4
 #: Largest pivot block (parameters) formed by merging layers whose pivots cannot be
 #: taken apart (stored densely: its square).
-MERGE_LIMIT = 4096
+MERGE_LIMIT = 1024
 #: :func:`inertia`'s default ``tol``, relative to ||B||: eigenvalues within it of the
-#: shift count as zero.
-ZERO_TOLERANCE = 1e-8
+#: shift count as zero (docs/spectrum.md, "Accuracy": nearer the shift, the recursion's
+#: growth at rank-deficient inputs costs merges and moved thresholds).
+ZERO_TOLERANCE = 1e-6
 
 
 class Spectrum:
@@ -119,10 +122,15 @@ class Spectrum:
         return RiccatiFactor(derivs, delta, kind, self.operator.gauge if gauge else None)
 
     def merge(self, factor: RiccatiFactor) -> bool:
-        """Merge the highest layer whose pivot broke down with its neighbour above (the
-        loss layer with the one below) into one dense layer, within ``MERGE_LIMIT``
-        parameters; whether it did."""
+        """Where the highest layer whose pivot broke down has grown (entries of its P_l
+        above ``GROWTH * ||B||``: a nearly singular pivot above, coupled to it), merge it
+        with its neighbour above (the loss layer with the one below) into one dense
+        layer, within ``MERGE_LIMIT`` parameters; whether it did.  A pivot that broke
+        down without growth means a threshold near an eigenvalue: nothing to merge."""
         layer = int(factor.broken.nonzero()[-1])
+        group, g = factor.pivot(layer)
+        if not (group.P[g].numel() and group.P[g].abs().max() > GROWTH * self.norm):
+            return False
         lower = layer if layer + 1 < len(self.derivs) else layer - 1
         if lower < 0:
             return False
@@ -179,7 +187,7 @@ class Spectrum:
                 moved.append((value, used))
         if moved:
             warnings.warn(
-                "count_eigenvalues: a pivot block was singular at " + ", ".join(
+                "a pivot block was singular at the threshold " + ", ".join(
                     f"{a:.6g} (counted below {b:.17g})" for a, b in moved)
                 + "; eigenvalues between the two are not counted", RuntimeWarning, stacklevel=3)
         if values.dim() == 0:
@@ -194,8 +202,11 @@ class Spectrum:
         if not (math.isfinite(tol) and tol >= 0) or not math.isfinite(shift):
             raise HessianInverseError(f"shift and tol must be finite, tol >= 0; got {shift!r}, "
                                       f"{tol!r}")
-        below, _ = self.count_below(shift - tol)
-        up_to, _ = self.count_below(shift + tol) if tol > 0 else (below, None)
+        below, low = self.count_below(shift - tol)
+        up_to, high = self.count_below(shift + tol) if tol > 0 else (below, low)
+        if (low, high) != (shift - tol, shift + tol):
+            warnings.warn(f"inertia: a pivot block was singular at a threshold; zero means in "
+                          f"[{low:.17g}, {high:.17g})", RuntimeWarning, stacklevel=2)
         return below, up_to - below, self.num_params - up_to
 
     # ---------------------------------------------------------------- determinant
@@ -204,14 +215,17 @@ class Spectrum:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sign, log|det|) of ``B + damping I`` as float64 tensors (0 and -inf if singular).
 
-        Where a pivot block is singular at ``damping`` the two neighbours damping +- t,
-        t = :attr:`rounding`, decide: a different count of negative eigenvalues means an
-        eigenvalue within t of -damping (singular: 0, -inf); otherwise log|det| is their
-        mean (second order in t: error ``t^2 tr(M^{-2}) / 2``).  The accuracy contract:
+        Where a pivot block is singular at ``damping`` even after merging layers
+        (:meth:`merge`), the two neighbours damping +- t, t = :attr:`rounding`, decide: a
+        different count of negative eigenvalues means an eigenvalue within t of -damping
+        (singular: 0, -inf); otherwise log|det| is their mean (second order in t: error
+        ``t^2 tr(M^{-2}) / 2``).  The accuracy contract:
         :func:`rounding_estimate`, a first-order bound on the rounding error of log|det|,
         must be at most ``atol``, else :class:`InaccurateSolveError`."""
         damping = _finite(damping, "damping")
         factor = self.factor(damping)
+        while not factor.ok and self.merge(factor):
+            factor = self.factor(damping)
         if factor.ok:
             factors = [factor]
         else:
@@ -236,13 +250,13 @@ class Spectrum:
     # ---------------------------------------------------------------- eigenvalues
 
     def bracket(self) -> tuple[float, float]:
-        """(lo, hi) with every eigenvalue in [lo, hi), verified by two counts."""
+        """(lo, hi) with every eigenvalue in [lo, hi), verified by two counts; not
+        centred on 0, so that bisection's first threshold misses the zero eigenvalues."""
         radius = 1.25 * self.norm + torch.finfo(F64).tiny
         for _ in range(60):
-            low, _ = self.count_below(-radius)
-            high, _ = self.count_below(radius)
-            if low == 0 and high == self.num_params:
-                return -radius, radius
+            lo, hi = -radius, 1.0625 * radius
+            if self.count_below(lo)[0] == 0 and self.count_below(hi)[0] == self.num_params:
+                return lo, hi
             radius *= 2
         raise SingularHessianError("no finite interval holds every eigenvalue of B "
                                    "(are the blocks finite?)")
@@ -307,7 +321,7 @@ class Spectrum:
                 edges[1:] > edges[:-1]).all():
             raise HessianInverseError("edges must be a 1-D increasing sequence of at least 2 "
                                       "finite numbers")
-        counts = torch.tensor([self.count_below(e)[0] for e in edges.tolist()])
+        counts = self.count(edges)
         return counts[1:] - counts[:-1]
 
     # ---------------------------------------------------------------- second moments
