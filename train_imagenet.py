@@ -763,256 +763,328 @@ def main(argv=None):
 
 
 def train(args, given: set, processes: Processes, saved: Saved):
-    say = print if processes.main else (lambda *a, **k: None)
-    where = "" if processes.world == 1 else f" (rank {processes.rank} of {processes.world})"
-    device = processes.resolve_device(args.device)
-    ckpt_dir = Path(args.checkpoint_dir)
-    ckpt_path, metrics_path = ckpt_dir / "last.pt", ckpt_dir / "metrics.jsonl"
-    saved.path = ckpt_path
-    ckpt, overrides, notes = None, {}, []
-    if args.resume:  # the settings that run: the checkpoint's, overridden by the command line
-        path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        path = path / "last.pt" if path.is_dir() else path
-        ckpt = load_checkpoint(path)
-        overrides = merge_resumed_args(args, given, ckpt["args"], path)
-        notes = keep_global_batch(args, given, ckpt, processes.world, path)
-        if path.resolve() == ckpt_path.resolve():
-            saved.epoch = ckpt["epoch"]
-    for note in notes + check_flags(args, given, processes):
-        say(f"note: {note}")
-    check_device(args, device)
-    if ckpt is not None and ckpt["epoch"] >= args.epochs and ckpt["validated"]:
-        say(f"nothing to do: {path} has {ckpt['epoch']} epoch(s) done and --epochs is "
-            f"{args.epochs}; give --epochs {ckpt['epoch'] + 1} or more to train further")
+    """Set up (or resume) the run, then per epoch: train, save, validate (and save again)."""
+    run = Run(args, given, processes, saved)
+    if run.finished:
         return
+    epoch = run.start_epoch
+    try:
+        if run.unvalidated is not None:
+            run.say(f"validating epoch {run.start_epoch} first: the run that wrote "
+                    f"{run.resumed_from} stopped before its validation ended")
+            run.validate(run.unvalidated)
+        for epoch in range(run.start_epoch, args.epochs):
+            record = run.train_epoch(epoch)
+            run.save(record)  # the epoch's training is kept before validation, which may fail
+            run.validate(record)
+    except KeyboardInterrupt:
+        raise Interrupted(f"in epoch {epoch + 1}; {saved}; {saved.advice()}") from None
+    finally:
+        run.close_bar()  # so that any message after it starts on a line of its own
+    run.say(f"done: {args.epochs - run.start_epoch} epoch(s) in this run, {args.epochs} in all; "
+            f"best val top-1 {run.best_top1:.3f}; checkpoint {run.ckpt_path}, metrics "
+            f"{run.metrics_path}")
 
-    processes.start(device, args.dist_timeout)
-    dtype = DTYPES[args.dtype]
-    seed_everything(args.seed)
-    train_set, val_set = image_folders(Path(args.data_dir), args.image_size, args.seed,
-                                       args.strict_images)
-    num_classes = len(train_set.classes)
-    prepare_checkpoint_dir(ckpt_dir, clean=processes.main)
 
-    model = build_model(3 * args.image_size ** 2, num_classes, args.hidden_dim, args.num_layers,
-                        args.activation, device, dtype)
-    optimizer = build_optimizer(model, args)
-    start_epoch, global_step, best_top1 = 0, 0, 0.0
-    if ckpt is not None:
-        if ckpt["classes"] != train_set.classes:
-            raise UsageError(f"--resume: {path} was trained on other classes than {args.data_dir}")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"--resume: {path} does not fit this model and optimizer "
-                             f"({str(err).splitlines()[0][:160]}); start afresh without --resume") from None
-        apply_settings(optimizer, args)
-        set_rng_state(ckpt["rng"])
-        start_epoch, global_step, best_top1 = ckpt["epoch"], ckpt["global_step"], ckpt["best_top1"]
+def resume_point(args, given: set, processes: Processes, saved: Saved, ckpt_path: Path):
+    """With --resume: (checkpoint, its path, {option: (checkpoint's, now)}, notes), the
+    settings that run applied to ``args`` (the checkpoint's, overridden by the command
+    line); without: (None, None, {}, [])."""
+    if not args.resume:
+        return None, None, {}, []
+    path = ckpt_path if args.resume == "auto" else Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(path)
+    overrides = merge_resumed_args(args, given, ckpt["args"], path)
+    notes = keep_global_batch(args, given, ckpt, processes.world, path)
+    if path.resolve() == ckpt_path.resolve():
+        saved.epoch = ckpt["epoch"]
+    return ckpt, path, overrides, notes
+
+
+def restore(model, optimizer, ckpt: dict, path: Path, args, classes: list) -> None:
+    """Model, optimizer (settings from ``args``) and random state from a checkpoint."""
+    if ckpt["classes"] != classes:
+        raise UsageError(f"--resume: {path} was trained on other classes than {args.data_dir}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise UsageError(f"--resume: {path} does not fit this model and optimizer "
+                         f"({str(err).splitlines()[0][:160]}); start afresh without --resume") from None
+    apply_settings(optimizer, args)
+    set_rng_state(ckpt["rng"])
+
+
+class Run:
+    """One training run: its settings, model, optimizer, data and bookkeeping, and the
+    steps ``train`` reads through (``train_epoch``, ``save``, ``validate``).
+
+    Set up in ``__init__``: the resume rule, the flag checks, the process group, the data,
+    the model and optimizer (restored from the checkpoint), the loaders, the start-up line
+    and the first metrics records.  ``finished``: the checkpoint already holds every epoch
+    asked for; ``unvalidated``: the record of a resumed epoch whose validation had not ended.
+    """
+
+    def __init__(self, args, given: set, processes: Processes, saved: Saved):
+        self.args, self.processes, self.saved = args, processes, saved
+        self.say = print if processes.main else (lambda *a, **k: None)
+        self.where = "" if processes.world == 1 else f" (rank {processes.rank} of {processes.world})"
+        self.device = device = processes.resolve_device(args.device)
+        ckpt_dir = Path(args.checkpoint_dir)
+        self.ckpt_path, self.metrics_path = ckpt_dir / "last.pt", ckpt_dir / "metrics.jsonl"
+        saved.path = self.ckpt_path
+        ckpt, path, overrides, notes = resume_point(args, given, processes, saved, self.ckpt_path)
+        self.resumed_from = path
+        for note in notes + check_flags(args, given, processes):
+            self.say(f"note: {note}")
+        check_device(args, device)
+        self.finished = ckpt is not None and ckpt["epoch"] >= args.epochs and ckpt["validated"]
+        if self.finished:
+            self.say(f"nothing to do: {path} has {ckpt['epoch']} epoch(s) done and --epochs is "
+                     f"{args.epochs}; give --epochs {ckpt['epoch'] + 1} or more to train further")
+            return
+
+        processes.start(device, args.dist_timeout)
+        self.dtype = DTYPES[args.dtype]
+        seed_everything(args.seed)
+        self.train_set, self.val_set = image_folders(Path(args.data_dir), args.image_size,
+                                                     args.seed, args.strict_images)
+        num_classes = len(self.train_set.classes)
+        prepare_checkpoint_dir(ckpt_dir, clean=processes.main)
+        self.model = build_model(3 * args.image_size ** 2, num_classes, args.hidden_dim,
+                                 args.num_layers, args.activation, device, self.dtype)
+        self.optimizer = build_optimizer(self.model, args)
+        self.start_epoch, self.global_step, self.best_top1 = 0, 0, 0.0
+        self.unvalidated = None
+        if ckpt is not None:
+            restore(self.model, self.optimizer, ckpt, path, args, self.train_set.classes)
+            self.start_epoch, self.global_step, self.best_top1 = (
+                ckpt["epoch"], ckpt["global_step"], ckpt["best_top1"])
+            self.unvalidated = None if ckpt["validated"] else ckpt["record"]
+            self._say_resumed(path, overrides)
+
+        # Several processes: DDP all-reduces the closure's gradients; each process sees its shard.
+        self.net = (DistributedDataParallel(Logits(self.model), device_ids=[device.index]
+                                            if device.type == "cuda" else None)
+                    if processes.launched else None)
+        self.sampler = DistributedSampler(self.train_set, num_replicas=processes.world,
+                                          rank=processes.rank, shuffle=True, seed=args.seed)
+        pin = device.type == "cuda"
+        self.train_loader = DataLoader(self.train_set, batch_size=args.batch_size,
+                                       sampler=self.sampler, num_workers=args.workers,
+                                       pin_memory=pin, collate_fn=collate)
+        self.val_loader = DataLoader(Subset(self.val_set, range(processes.rank, len(self.val_set),
+                                                                processes.world)),
+                                     batch_size=args.batch_size, num_workers=args.workers,
+                                     pin_memory=pin, collate_fn=collate)
+        self.topk = (1, 5) if num_classes > 5 else (1,)  # top-k with k >= classes is always 1
+        self.amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp
+                    else contextlib.nullcontext)
+        self.skipped = {"train": 0, "val": 0}  # unreadable images, this process, this epoch
+        self.bar = None
+        self._say_start(ckpt, path, overrides)
+
+    def _say_resumed(self, path: Path, overrides: dict) -> None:
+        args = self.args
         changed = ", ".join(f"{setting(k, now)} (checkpoint: "
                             f"{setting(k, was) if isinstance(was, bool) else was})"
                             for k, (was, now) in overrides.items())
-        say(f"resumed from {path}: {start_epoch} epoch(s) done, step {global_step}"
-            + (f"; from the command line: {changed}" if changed else ""))
+        self.say(f"resumed from {path}: {self.start_epoch} epoch(s) done, step "
+                 f"{self.global_step}" + (f"; from the command line: {changed}" if changed else ""))
         for key in ("damping", "radius"):
             if args.use_hessian and key in overrides:
-                say(f"note: {flag(key)} is an initial value; the {key} adapted so far continues "
-                    f"from the checkpoint (now {optimizer.stats[key]})")
+                self.say(f"note: {flag(key)} is an initial value; the {key} adapted so far "
+                         f"continues from the checkpoint (now {self.optimizer.stats[key]})")
 
-    # Several processes: DDP all-reduces the closure's gradients; each process sees its shard.
-    net = (DistributedDataParallel(Logits(model), device_ids=[device.index] if device.type == "cuda"
-                                   else None) if processes.launched else None)
-    sampler = DistributedSampler(train_set, num_replicas=processes.world, rank=processes.rank,
-                                 shuffle=True, seed=args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.workers, pin_memory=device.type == "cuda",
-                              collate_fn=collate)
-    val_loader = DataLoader(Subset(val_set, range(processes.rank, len(val_set), processes.world)),
-                            batch_size=args.batch_size, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", collate_fn=collate)
-    topk = (1, 5) if num_classes > 5 else (1,)  # top-k with k >= classes is always 1
-    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp
-           else contextlib.nullcontext)
-
-    num_params = sum(p.numel() for p in model.parameters())
-    say(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes; "
-        f"MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x {args.num_layers - 1} -> "
-        f"{num_classes}, {num_params:,} parameters, {args.dtype}"
-        f"{' (bf16 autocast)' if args.amp else ''} on {device}; "
-        + describe_steps(args, len(sampler), processes.world))
-    if num_classes == 1:
-        say("note: one class: the loss is 0 and the accuracy 1 by construction; nothing to learn")
-    if processes.main:
+    def _say_start(self, ckpt, path, overrides: dict) -> None:
+        """The start-up line, and the resume and start records of metrics.jsonl."""
+        args, processes = self.args, self.processes
+        num_classes = len(self.train_set.classes)
+        num_params = sum(p.numel() for p in self.model.parameters())
+        self.say(f"{len(self.train_set)} training / {len(self.val_set)} validation images, "
+                 f"{num_classes} classes; MLP {3 * args.image_size ** 2} -> {args.hidden_dim} x "
+                 f"{args.num_layers - 1} -> {num_classes}, {num_params:,} parameters, "
+                 f"{args.dtype}{' (bf16 autocast)' if args.amp else ''} on {self.device}; "
+                 + describe_steps(args, len(self.sampler), processes.world))
+        if num_classes == 1:
+            self.say("note: one class: the loss is 0 and the accuracy 1 by construction; "
+                     "nothing to learn")
+        if not processes.main:
+            return
         if ckpt is not None:
-            log_metrics(metrics_path, {
-                "event": "resume", "epoch": start_epoch, "step": global_step, "from": str(path),
-                "superseded": superseded_records(metrics_path, global_step),
+            log_metrics(self.metrics_path, {
+                "event": "resume", "epoch": self.start_epoch, "step": self.global_step,
+                "from": str(path), "superseded": superseded_records(self.metrics_path,
+                                                                    self.global_step),
                 "overrides": {k: now for k, (was, now) in overrides.items()}})
-        log_metrics(metrics_path, {"event": "start", "epoch": start_epoch, "step": global_step,
-                                   "args": vars(args), "num_params": num_params,
-                                   "processes": processes.world})
+        log_metrics(self.metrics_path, {"event": "start", "epoch": self.start_epoch,
+                                        "step": self.global_step, "args": vars(args),
+                                        "num_params": num_params,
+                                        "processes": processes.world})
 
-    def diverged(what, epoch, batch):
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def diverged(self, what: str, epoch: int, batch: int) -> UsageError:
         """Stop without saving: the last good checkpoint stays as it is."""
-        if processes.main:
-            log_metrics(metrics_path, {"event": "diverged", "epoch": epoch, "step": global_step,
-                                       "what": what})
-        kept = (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists()
+        if self.processes.main:
+            log_metrics(self.metrics_path, {"event": "diverged", "epoch": epoch,
+                                            "step": self.global_step, "what": what})
+        kept = (f"the last good checkpoint, {self.ckpt_path}, is kept" if self.ckpt_path.exists()
                 else "no checkpoint had been written yet")
-        hint = " or --newton-lr, or raise --damping" if args.use_hessian else ""
+        hint = " or --newton-lr, or raise --damping" if self.args.use_hessian else ""
         return UsageError(f"{what} at epoch {epoch + 1}, batch {batch + 1}; stopped without "
                           f"saving ({kept}). Lower --lr{hint}.")
 
-    def check_sync(log: bool):
+    def check_sync(self, log: bool) -> None:
         """All processes must hold the same parameters and optimizer state, bit for bit."""
-        prints = processes.gather(fingerprint(model, optimizer))
-        if log and processes.main:
-            log_metrics(metrics_path, {"event": "sync", "step": global_step, "fingerprints": prints})
+        prints = self.processes.gather(fingerprint(self.model, self.optimizer))
+        if log and self.processes.main:
+            log_metrics(self.metrics_path, {"event": "sync", "step": self.global_step,
+                                            "fingerprints": prints})
         if len(set(prints)) > 1:
             raise UsageError(f"the processes' parameters or optimizer state differ at step "
-                             f"{global_step} (fingerprints {prints}); please report this")
+                             f"{self.global_step} (fingerprints {prints}); please report this")
 
-    skipped = {"train": 0, "val": 0}  # unreadable images, this process, this epoch
-
-    def report(unreadable: list, split: str) -> None:
+    def report(self, unreadable: list, split: str) -> None:
+        """Count and name the unreadable images a batch skipped."""
         for item in unreadable:
-            skipped[split] += 1
+            self.skipped[split] += 1
             instead = " (the next readable image takes its place)" if split == "train" else ""
-            tqdm.write(f"warning{where}: skipped unreadable {split} image {item}{instead}",
+            tqdm.write(f"warning{self.where}: skipped unreadable {split} image {item}{instead}",
                        file=sys.stderr)
 
-    def readable(batches):
+    def readable(self, batches):
         """Validation batches without their unreadable images (reported)."""
         for x, y, unreadable in batches:
-            report(unreadable, "val")
+            self.report(unreadable, "val")
             if len(y):
                 yield x, y
 
-    def save(record: dict) -> None:
+    def train_step(self, x, y) -> tuple[float, int]:
+        """One optimizer step on a batch: (loss, correct predictions)."""
+        args, processes = self.args, self.processes
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        y = y.to(device=self.device, non_blocking=True)
+        # DampedNewton's every hessian_freq-th step (n_iter counts them) is a Newton step:
+        # no autocast, curvature on the global batch's first images (same on all processes).
+        newton = args.use_hessian and self.optimizer.stats["n_iter"] % args.hessian_freq == 0
+        curvature_batch = (processes.first_of_global_batch(x, y, args.hessian_batch_size)
+                           if args.use_hessian else None)
+        try:
+            return train_step(self.model, self.optimizer, x, y, curvature_batch, net=self.net,
+                              processes=processes,
+                              precision=contextlib.nullcontext if newton else self.amp)
+        except (InsufficientMemoryError, torch.cuda.OutOfMemoryError) as err:
+            raise curvature_too_large(err, self.model, "--hessian-batch-size",
+                                      args.hessian_batch_size) from None
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train one epoch (a progress bar with loss, accuracy and rate); its record."""
+        args, processes = self.args, self.processes
+        self.sampler.set_epoch(epoch)  # the order depends only on (seed, epoch)
+        self.train_set.set_epoch(epoch)  # so does every example's augmentation
+        self.model.train()
+        seen, correct, loss_sum, t0, batch = 0, 0, 0.0, time.time(), 0
+        self.skipped["train"] = 0
+        total = (len(self.train_loader) if not args.max_batches
+                 else min(args.max_batches, len(self.train_loader)))
+        self.bar = bar = tqdm(self.train_loader, total=total,
+                              desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                              dynamic_ncols=True, disable=not processes.main)
+        for batch, (x, y, unreadable) in enumerate(_Stop.checked(bar)):
+            if batch >= total:
+                break
+            self.report(unreadable, "train")
+            loss, hits = self.train_step(x, y)
+            if not math.isfinite(loss):
+                bar.close()
+                raise self.diverged(f"the training loss is {loss}", epoch, batch)
+            self.global_step += 1
+            seen += len(y) * processes.world  # every process's batch has the same length
+            correct += hits
+            loss_sum += loss * len(y) * processes.world
+            stats = {"loss": loss_sum / seen, "acc": correct / seen,
+                     "img_per_s": seen / (time.time() - t0)}
+            if args.use_hessian:
+                s = self.optimizer.stats
+                stats.update(damping=s["damping"], rejected=s["rejected"],
+                             fallbacks=s["gradient_fallbacks"])
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}",
+                            **{"img/s": f"{stats['img_per_s']:.0f}"},
+                            **({"damp": f"{stats['damping'] or 0:.2g}", "rej": stats["rejected"]}
+                               if args.use_hessian else {}))
+            if self.global_step % args.log_interval == 0 and processes.main:
+                log_metrics(self.metrics_path, {"event": "train", "epoch": epoch,
+                                                "step": self.global_step, "batch_loss": loss,
+                                                **stats})
+            if args.check_sync and self.global_step % args.check_sync == 0:
+                self.check_sync(log=True)
+        bar.close()
+        _Stop.check()
+
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise self.diverged("the weights are not finite", epoch, batch)
+        if processes.world > 1 and not (args.check_sync and self.global_step % args.check_sync == 0):
+            self.check_sync(log=bool(args.check_sync))  # not checked at this step yet
+        record = {"event": "epoch", "epoch": epoch + 1, "step": self.global_step,
+                  "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                  "epoch_seconds": time.time() - t0,
+                  "skipped_images": {"train": int(processes.sum([self.skipped["train"]])[0])}}
+        if args.use_hessian:
+            record["optimizer"] = self.optimizer.stats
+        return record
+
+    def save(self, record: dict) -> None:
         """last.pt after ``record['epoch']`` epochs, before validation and after it."""
+        processes, saved = self.processes, self.saved
         validated = "val_loss" in record
         if processes.main:
             try:
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": record["epoch"], "global_step": global_step, "best_top1": best_top1,
-                    "args": vars(args), "classes": train_set.classes, "rng": rng_state(),
+                save_checkpoint(self.ckpt_path, {
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "epoch": record["epoch"], "global_step": self.global_step,
+                    "best_top1": self.best_top1, "args": vars(self.args),
+                    "classes": self.train_set.classes, "rng": rng_state(),
                     "processes": processes.world, "validated": validated, "record": record})
             except (OSError, RuntimeError) as err:
-                raise UsageError(f"cannot write the checkpoint {ckpt_path}: {why_not_written(err)}"
-                                 f"; {saved}: free space or fix the folder, then "
-                                 f"{saved.advice()}") from None
+                raise UsageError(f"cannot write the checkpoint {self.ckpt_path}: "
+                                 f"{why_not_written(err)}; {saved}: free space or fix the "
+                                 f"folder, then {saved.advice()}") from None
             saved.epoch = record["epoch"]
-            log_metrics(metrics_path, {"event": "checkpoint", "epoch": record["epoch"],
-                                       "step": global_step, "rank": processes.rank,
-                                       "validated": validated})
+            log_metrics(self.metrics_path, {"event": "checkpoint", "epoch": record["epoch"],
+                                            "step": self.global_step, "rank": processes.rank,
+                                            "validated": validated})
         processes.sum([1.0])  # the others name it as kept once they know it was written
         saved.epoch = record["epoch"]
 
-    def validate(record: dict) -> None:
+    def validate(self, record: dict) -> None:
         """Validate the model after ``record['epoch']`` epochs; complete, print, log and save
         the epoch's record."""
-        nonlocal best_top1
         t0 = time.time()
-        skipped["val"] = 0
-        val = evaluate(model, readable(_Stop.checked(val_loader)), topk, processes)
+        self.skipped["val"] = 0
+        val = evaluate(self.model, self.readable(_Stop.checked(self.val_loader)), self.topk,
+                       self.processes)
         _Stop.check()
-        best_top1 = max(best_top1, val["top1"])
-        lost = {**record["skipped_images"], "val": int(processes.sum([skipped["val"]])[0])}
+        self.best_top1 = max(self.best_top1, val["top1"])
+        topk = self.topk
+        lost = {**record["skipped_images"],
+                "val": int(self.processes.sum([self.skipped["val"]])[0])}
         record = {**record, "val_loss": val["loss"],
                   **{f"val_top{k}": val[f"top{k}"] for k in topk},
                   "epoch_seconds": record["epoch_seconds"] + time.time() - t0,
                   "skipped_images": lost}
         lost = sum(lost.values())
-        say(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
-            f"{record['train_acc']:.3f} | val loss {val['loss']:.4f} "
-            + " ".join(f"top-{k} {val[f'top{k}']:.3f}" for k in topk)
-            + f" | {record['epoch_seconds']:.1f}s"
-            + (f" | {lost} unreadable image(s) skipped" if lost else ""))
-        if processes.main:
-            log_metrics(metrics_path, record)
-        save(record)
-
-    epoch, bar = start_epoch, None
-    try:
-        if ckpt is not None and not ckpt["validated"]:
-            say(f"validating epoch {start_epoch} first: the run that wrote {path} stopped before "
-                "its validation ended")
-            validate(ckpt["record"])
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)  # the order depends only on (seed, epoch)
-            train_set.set_epoch(epoch)  # so does every example's augmentation
-            model.train()
-            seen, correct, loss_sum, t0, batch = 0, 0, 0.0, time.time(), 0
-            skipped["train"] = 0
-            total = len(train_loader) if not args.max_batches else min(args.max_batches, len(train_loader))
-            bar = tqdm(train_loader, total=total, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="batch", dynamic_ncols=True, disable=not processes.main)
-            for batch, (x, y, unreadable) in enumerate(_Stop.checked(bar)):
-                if batch >= total:
-                    break
-                report(unreadable, "train")
-                x = x.to(device=device, dtype=dtype, non_blocking=True)
-                y = y.to(device=device, non_blocking=True)
-                # DampedNewton's every hessian_freq-th step (n_iter counts them) is a Newton step:
-                # no autocast, curvature on the global batch's first images (same on all processes).
-                newton = args.use_hessian and optimizer.stats["n_iter"] % args.hessian_freq == 0
-                curvature_batch = (processes.first_of_global_batch(x, y, args.hessian_batch_size)
-                                   if args.use_hessian else None)
-                try:
-                    loss, hits = train_step(model, optimizer, x, y, curvature_batch, net=net,
-                                            processes=processes,
-                                            precision=contextlib.nullcontext if newton else amp)
-                except (InsufficientMemoryError, torch.cuda.OutOfMemoryError) as err:
-                    raise curvature_too_large(err, model, "--hessian-batch-size",
-                                              args.hessian_batch_size) from None
-                if not math.isfinite(loss):
-                    bar.close()
-                    raise diverged(f"the training loss is {loss}", epoch, batch)
-                global_step += 1
-                seen += len(y) * processes.world  # every process's batch has the same length
-                correct += hits
-                loss_sum += loss * len(y) * processes.world
-                stats = {"loss": loss_sum / seen, "acc": correct / seen,
-                         "img_per_s": seen / (time.time() - t0)}
-                if args.use_hessian:
-                    s = optimizer.stats
-                    stats.update(damping=s["damping"], rejected=s["rejected"],
-                                 fallbacks=s["gradient_fallbacks"])
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.3f}",
-                                **{"img/s": f"{stats['img_per_s']:.0f}"},
-                                **({"damp": f"{stats['damping'] or 0:.2g}", "rej": stats["rejected"]}
-                                   if args.use_hessian else {}))
-                if global_step % args.log_interval == 0 and processes.main:
-                    log_metrics(metrics_path, {"event": "train", "epoch": epoch, "step": global_step,
-                                               "batch_loss": loss, **stats})
-                if args.check_sync and global_step % args.check_sync == 0:
-                    check_sync(log=True)
-            bar.close()
-            _Stop.check()
-
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise diverged("the weights are not finite", epoch, batch)
-            if processes.world > 1 and not (args.check_sync and global_step % args.check_sync == 0):
-                check_sync(log=bool(args.check_sync))  # not checked at this step yet
-            record = {"event": "epoch", "epoch": epoch + 1, "step": global_step,
-                      "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                      "epoch_seconds": time.time() - t0,
-                      "skipped_images": {"train": int(processes.sum([skipped["train"]])[0])}}
-            if args.use_hessian:
-                record["optimizer"] = optimizer.stats
-            save(record)  # the epoch's training is kept before validation, which may fail
-            validate(record)
-    except KeyboardInterrupt:
-        raise Interrupted(f"in epoch {epoch + 1}; {saved}; {saved.advice()}") from None
-    finally:
-        if bar is not None:
-            bar.close()  # so that any message after it starts on a line of its own
-
-    ran = args.epochs - start_epoch
-    say(f"done: {ran} epoch(s) in this run, {args.epochs} in all; best val top-1 {best_top1:.3f}; "
-        f"checkpoint {ckpt_path}, metrics {metrics_path}")
+        self.say(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
+                 f"{record['train_acc']:.3f} | val loss {val['loss']:.4f} "
+                 + " ".join(f"top-{k} {val[f'top{k}']:.3f}" for k in topk)
+                 + f" | {record['epoch_seconds']:.1f}s"
+                 + (f" | {lost} unreadable image(s) skipped" if lost else ""))
+        if self.processes.main:
+            log_metrics(self.metrics_path, record)
+        self.save(record)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Block cyclic reduction (``factorization='cyclic'``) against dense solves and the banded LU."""
+"""block_tridiagonal.py: block cyclic reduction (``factorization='cyclic'``) and the pivoted
+banded LU against dense solves and each other."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from itertools import accumulate
 import pytest
 import torch
 
+import block_tridiagonal as bt
 import hessian_inverse as hi
-from hessian_inverse import cyclic_reduction, cyclic_reduction_solve
+from block_tridiagonal import cyclic_reduction, cyclic_reduction_solve
 
 F64 = torch.float64
 DEPTHS = (1, 2, 3, 5, 8, 13, 64)
@@ -25,7 +27,7 @@ def dense_block_tridiagonal(diag, sub) -> torch.Tensor:
     return out
 
 
-def random_system(sizes, dtype, generator) -> hi.BlockTridiagonal:
+def random_system(sizes, dtype, generator) -> bt.BlockTridiagonal:
     """Symmetric, strictly block diagonally dominant (so both factorisations are stable)."""
     diag = [torch.randn(n, n, generator=generator, dtype=dtype) for n in sizes]
     diag = [d + d.T for d in diag]
@@ -33,7 +35,7 @@ def random_system(sizes, dtype, generator) -> hi.BlockTridiagonal:
            for l in range(len(sizes) - 1)]
     dense = dense_block_tridiagonal(diag, sub)
     shift = (dense.abs().sum(1) + 1).split(list(sizes))
-    return hi.BlockTridiagonal([d + torch.diag(s) for d, s in zip(diag, shift)], sub)
+    return bt.BlockTridiagonal([d + torch.diag(s) for d, s in zip(diag, shift)], sub)
 
 
 def end_sizes(depth: int) -> list:
@@ -45,7 +47,7 @@ def relative(x, y) -> float:
     return float((torch.cat(x) - torch.cat(y)).norm() / torch.cat(y).norm())
 
 
-def backward_error(system: hi.BlockTridiagonal, x, b) -> float:
+def backward_error(system: bt.BlockTridiagonal, x, b) -> float:
     r = torch.cat([bi - ai for bi, ai in zip(b, system.matmul(x))])
     x, b = torch.cat(x), torch.cat(b)
     return float((r.abs().amax(0) / (system.norm1() * x.abs().amax(0) + b.abs().amax(0))).max())
@@ -69,7 +71,7 @@ def test_random_systems_match_dense_and_banded(dtype, merge):
                                        torch.cat(rhs))
             assert relative(x, list(dense.split(sizes))) < tol, (depth, sizes)
             if depth == 13:
-                assert relative(x, hi.banded_lu_solve(hi.banded_lu(system), rhs)) < tol
+                assert relative(x, bt.banded_lu_solve(bt.banded_lu(system), rhs)) < tol
             # The factors serve any number of right-hand sides.
             one = cyclic_reduction_solve(factor, [r[:, 1:2] for r in rhs])
             assert relative(one, [xi[:, 1:2] for xi in x]) < tol
@@ -95,10 +97,10 @@ def test_structured_reduced_system(curvature):
     generator = torch.Generator().manual_seed(1)
     rhs = [torch.randn(n, 2, generator=generator, dtype=F64) for n in system.block_sizes]
     # Blocks w_1, y_1, ..: y_L's diagonal block R_{L+1} is 0 (and every R_l with 'ggn').
-    with pytest.raises(hi.SingularHessianError, match="zero .*pivot.*banded LU"):
+    with pytest.raises(bt.SingularSystemError, match="zero .*pivot.*banded LU"):
         cyclic_reduction(system)
     x = cyclic_reduction_solve(cyclic_reduction(system, merge=2), rhs)
-    assert relative(x, hi.banded_lu_solve(hi.banded_lu(system), rhs)) < 1e-10
+    assert relative(x, bt.banded_lu_solve(bt.banded_lu(system), rhs)) < 1e-10
     assert backward_error(system, x, rhs) < 1e-14
 
 
@@ -108,31 +110,31 @@ def test_generic_lifted_system(merge):
     generator = torch.Generator().manual_seed(2)
     rhs = [torch.randn(n, 2, generator=generator, dtype=F64) for n in system.block_sizes]
     x = cyclic_reduction_solve(cyclic_reduction(system, merge=merge), rhs)
-    assert relative(x, hi.banded_lu_solve(hi.banded_lu(system), rhs)) < 1e-10
+    assert relative(x, bt.banded_lu_solve(bt.banded_lu(system), rhs)) < 1e-10
     assert backward_error(system, x, rhs) < 1e-14
 
 
-def scalar_system(middle: float) -> hi.BlockTridiagonal:
+def scalar_system(middle: float) -> bt.BlockTridiagonal:
     """[[1, 1, 0], [1, middle, 1], [0, 1, 1]] as three 1 x 1 blocks (determinant -2 at 0)."""
     one = torch.ones(1, 1, dtype=F64)
-    return hi.BlockTridiagonal([one, middle * one, one], [one, one])
+    return bt.BlockTridiagonal([one, middle * one, one], [one, one])
 
 
 def test_no_pivoting_across_blocks():
     rhs = [torch.ones(1, 1, dtype=F64)] * 3
     # Nonsingular, but the eliminated block is 0: the banded LU pivots past it, CR cannot.
     system = scalar_system(0.0)
-    assert relative(hi.banded_lu_solve(hi.banded_lu(system), rhs),
+    assert relative(bt.banded_lu_solve(bt.banded_lu(system), rhs),
                     [torch.tensor([[0.5]], dtype=F64), torch.tensor([[0.5]], dtype=F64),
                      torch.tensor([[0.5]], dtype=F64)]) < 1e-15
-    with pytest.raises(hi.SingularHessianError, match="zero .*pivot"):
+    with pytest.raises(bt.SingularSystemError, match="zero .*pivot"):
         cyclic_reduction(system)
     # A tiny pivot instead: growth ~ 1/middle, a large backward error (the refinement
     # contract of HessianInverse is what catches it), where the banded LU stays exact.
     system = scalar_system(1e-14)
     x = cyclic_reduction_solve(cyclic_reduction(system), rhs)
     assert backward_error(system, x, rhs) > 1e-6
-    assert backward_error(system, hi.banded_lu_solve(hi.banded_lu(system), rhs), rhs) < 1e-16
+    assert backward_error(system, bt.banded_lu_solve(bt.banded_lu(system), rhs), rhs) < 1e-16
 
 
 def test_singular_system_raises():
@@ -142,12 +144,12 @@ def test_singular_system_raises():
     system.sub[3] = torch.zeros(3, 3, dtype=F64)
     system.sub[4] = torch.zeros(3, 3, dtype=F64)
     for merge in (1, 2, 4):
-        with pytest.raises(hi.SingularHessianError, match="zero"):
+        with pytest.raises(bt.SingularSystemError, match="zero"):
             cyclic_reduction(system, merge=merge)
-    with pytest.raises(hi.SingularHessianError):
-        hi.banded_lu(system)
+    with pytest.raises(bt.SingularSystemError):
+        bt.banded_lu(system)
     system.diag[4] = torch.full((3, 3), math.nan, dtype=F64)
-    with pytest.raises(hi.SingularHessianError, match="non-finite"):
+    with pytest.raises(bt.SingularSystemError, match="non-finite"):
         cyclic_reduction(system)
 
 
