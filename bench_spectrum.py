@@ -210,7 +210,8 @@ def run_ratios(args, out: dict) -> str:
          f"H {times['inverse_diagonal (H + eps I)'] / hvp_t:.1f}x, GGN "
          f"{times['inverse_diagonal (GGN + eps I)'] / hvp_t:.1f}x (unchecked "
          f"{times['inverse_diagonal (GGN + eps I), unchecked'] / hvp_t:.1f}x)",
-         "met" if times["inverse_diagonal (GGN + eps I)"] <= 15 * hvp_t else "not met"],
+         "met" if max(times["inverse_diagonal (GGN + eps I)"],
+                      times["inverse_diagonal (H + eps I)"]) <= 15 * hvp_t else "not met"],
         ["100 samples <= one solve + 100 HVPs",
          f"{times['100 samples (GGN + eps I)']:.3f} s vs {samples_budget:.3f} s",
          "met" if times["100 samples (GGN + eps I)"] <= samples_budget else "not met"],
