@@ -2148,6 +2148,21 @@ class PivotFactor:
             return torch.linalg.ldl_solve(*self.factors, X)
         return torch.linalg.lu_solve(*self.factors, X)
 
+    def inverse(self) -> torch.Tensor:
+        """P^{-1} (G, n, n)."""
+        if self.kind == "cholesky":
+            return torch.cholesky_inverse(self.factors[0])
+        eye = torch.eye(self.factors[0].shape[-1], dtype=self.factors[0].dtype,
+                        device=self.factors[0].device)
+        return self.solve(eye.expand_as(self.factors[0]).contiguous())
+
+    def solve_root(self, X: torch.Tensor) -> torch.Tensor:
+        """C^{-T} X for P = C C^T (kind 'cholesky'): unit noise X becomes noise of
+        covariance P^{-1}."""
+        if self.kind != "cholesky":
+            raise HessianInverseError("a square root of P^{-1} needs kind='cholesky'")
+        return torch.linalg.solve_triangular(self.factors[0].mT, X, upper=True)
+
     def values(self) -> torch.Tensor:
         if self.kind == "cholesky":
             return self.factors[0].diagonal(dim1=-2, dim2=-1).square()
@@ -2240,6 +2255,21 @@ class DensePivots:
         """The lowest eigenpair of P_l, the vector in the layer's parameters."""
         values, vectors = torch.linalg.eigh(self.P[0])
         return values[0].item(), vectors[:, 0]
+
+    # Second moments of the factorisation (docs/ALGORITHM.md, "The covariance sweep")
+
+    def second_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(P_l^{-1}) (1, p_l) and J_l P_l^{-1} J_l^T (1, a_l, a_l)."""
+        inverse = self.factor.inverse()
+        return inverse.diagonal(dim1=-2, dim2=-1), self.d.J @ inverse @ self.d.J.T
+
+    def gain_quadratic(self, S: torch.Tensor) -> torch.Tensor:
+        """diag(K_l S K_l^T) (1, p_l) for S (1, a_{l-1}, a_{l-1})."""
+        return ((self.K @ S) * self.K).sum(-1)
+
+    def inverse_root(self, e: torch.Tensor) -> torch.Tensor:
+        """Unit noise (1, p_l, k) -> noise of covariance P_l^{-1} (Cholesky pivots)."""
+        return self.factor.solve_root(e)
 
 
 class AffinePivots:
@@ -2478,6 +2508,70 @@ class AffinePivots:
             return perp_values.min().item(), self._flat(self._off_range(self.V[g]))
         return values[0].item(), self._unrotate(vectors[None, :, :1], None, self.V[g:g + 1])[0, :, 0]
 
+    # Second moments of the factorisation (docs/ALGORITHM.md, "The covariance sweep"), in the
+    # rotated parameters: P_l^{-1} = diag(P_V^{-1}, M^{-1} kron I), and K_l's Y_perp rows are
+    # rho kron Pi (rho = M^{-1} r^T, Pi = I - V V^T on the weight columns).
+
+    def _unit_major(self, X: torch.Tensor) -> torch.Tensor:
+        """(G, h, q) numbers per parameter [W, c] -> (G, p) in the layer's parameter order."""
+        X = X[..., None]
+        return self.blocks._join(X[..., :self.m, :], X[..., self.m, :] if self.blocks.bias
+                                 else None)[..., 0]
+
+    def _perp_projector(self) -> torch.Tensor:
+        """Pi = I - V V^T on the q input columns (G, q, q)."""
+        eye = torch.eye(self.q, dtype=self.V.dtype, device=self.V.device)
+        return eye - self.V @ self.V.mT
+
+    def second_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(P_l^{-1}) (G, p_l) and J_l P_l^{-1} J_l^T (G, a_l, a_l), from one P_V^{-1}:
+        the diagonal is the V-rotated unit-diagonal blocks of P_V^{-1} plus diag(M^{-1})
+        times diag(Pi); J_l is S (Us kron I_h) on Y_V and zero on Y_perp."""
+        G, B, r, h = self.P.shape[0], self.B, self.r, self.h
+        kw = dict(dtype=self.V.dtype, device=self.V.device)
+        inverse = self.factor.inverse()
+        Z = inverse.view(G, r, h, r, h).diagonal(dim1=2, dim2=4)           # (G, r, r, h)
+        X = torch.einsum("gqj,gjki,gqk->giq", self.V, Z, self.V)
+        if self.perp:
+            m_inverse = self._perp_inverse(torch.eye(h, **kw)).diagonal()
+            X = X + m_inverse[:, None] * self._perp_projector().diagonal(dim1=-2, dim2=-1)[:, None]
+        T = self.blocks.S((self.Us[:, :, None, :, None] * torch.eye(h, **kw)[:, None, :])
+                          .reshape(G, B * h, r * h))
+        return self._unit_major(X), T @ inverse @ T.mT
+
+    def gain_quadratic(self, S: torch.Tensor) -> torch.Tensor:
+        """diag(K_l S K_l^T) (G, p_l) for S (G, a_{l-1}, a_{l-1}); row (i, k) of K_l is
+        sum_j V[k, j] K_V[(j, i)] + rho[i] kron Pi[:m, k]."""
+        G, r, h, B, m = self.P.shape[0], self.r, self.h, self.B, self.m
+        KS = self.K @ S
+        Z = torch.einsum("gjic,gkic->gijk", KS.view(G, r, h, -1), self.K.view(G, r, h, -1))
+        X = torch.einsum("gqj,gijk,gqk->giq", self.V, Z, self.V)
+        if self.perp:
+            rho = self._perp_inverse(self.blocks.u_gradient.mT)                # (G, h, B)
+            Pi = self._perp_projector()[:, :m]                                 # (G, m, q)
+            KS_rho = torch.einsum("gjink,gin->gjik", KS.view(G, r, h, B, m), rho)
+            X = X + 2 * torch.einsum("gqj,gjik,gkq->giq", self.V, KS_rho, Pi)
+            S_rho = torch.einsum("gnkpl,gin,gip->gikl", S.view(G, B, m, B, m), rho, rho)
+            X = X + torch.einsum("gkq,gikl,glq->giq", Pi, S_rho, Pi)
+        return self._unit_major(X)
+
+    def _perp_root(self, X: torch.Tensor) -> torch.Tensor:
+        """M^{-1/2} X on the unit index (dimension -2) of X (..., h, k)."""
+        if not self.gauge:
+            return X / math.sqrt(self.delta)
+        mean = X.mean(dim=-2, keepdim=True)     # M = delta I + 1 1^T / h: 1 has delta + 1
+        return (X - mean) / math.sqrt(self.delta) + mean / math.sqrt(self.delta + 1.0)
+
+    def inverse_root(self, e: torch.Tensor) -> torch.Tensor:
+        """Unit noise (G, p_l, k) -> noise of covariance P_l^{-1} (Cholesky pivots): the
+        rotation keeps the noise white, C_V^{-T} colours Y_V, M^{-1/2} colours Y_perp."""
+        Y, X = self._rotate(e)
+        perp = None
+        if self.perp:
+            X = X - torch.einsum("giqk,gqj,gsj->gisk", X, self.V, self.V)
+            perp = self._perp_root(X.flatten(-2)).view(X.shape)
+        return self._unrotate(self.factor.solve_root(Y), perp)
+
 
 class RiccatiFactor:
     """``B + delta I`` (plus N N^T with ``gauge``) factored layer by layer:
@@ -2499,6 +2593,7 @@ class RiccatiFactor:
         if kind not in PIVOT_FACTORS:
             raise HessianInverseError(f"kind must be one of {PIVOT_FACTORS}, got {kind!r}")
         stacks = (list(layers) if isinstance(layers[0], LayerGroup) else group_layers(layers))
+        self.check_blocks(stacks)
         self.delta, self.kind = float(delta), kind
         self.num_layers = stacks[-1].stop
         self.runs = [list(range(g.start, g.stop)) for g in stacks]
@@ -2517,6 +2612,20 @@ class RiccatiFactor:
                 ghat = group.step(g, ghat)
             group.finish()
         self.broken = torch.cat([group.factor.info for group in self.groups]) != 0
+
+    @staticmethod
+    def check_blocks(layers: Sequence) -> None:
+        """Refuse blocks the recursion cannot take (it has pivots for closed-form affine
+        layers and for dense blocks only); ``layers``: :class:`LayerGroup` s or per-layer
+        blocks."""
+        for l, g in enumerate(layers):
+            l, d = (g.start, g.blocks) if isinstance(g, LayerGroup) else (l, g)
+            if not isinstance(d, (AffineLayerBlocks, LayerDerivatives)):
+                raise HessianInverseError(
+                    f"layer {l + 1}: the layer-wise factorisation takes closed-form affine "
+                    f"blocks (AffineLayerBlocks) or dense blocks (LayerDerivatives), not "
+                    f"{type(d).__name__}; use path='structured' or 'generic' to solve with "
+                    "this model")
 
     @property
     def ok(self) -> bool:
@@ -2542,10 +2651,7 @@ class RiccatiFactor:
         for run, group, Gi in zip(runs, groups, G):
             if group.K is not None:
                 Ktg[run[0]:run[-1] + 1] = group.gain_t(Gi).unbind()
-        phi = [None] * num_layers
-        for run, group in zip(runs, groups):
-            if group.Phi is not None:
-                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        phi = self.transfers()
         s: list = [None] * num_layers                     # s[l]: the adjoint of t_l
         for l in reversed(range(1, num_layers)):
             s[l - 1] = Ktg[l] if s[l] is None else torch.addmm(Ktg[l], phi[l].T, s[l])
@@ -2555,7 +2661,21 @@ class RiccatiFactor:
             if s[run[-1]] is not None:
                 Gi = Gi - group.J_t(self._stacked(run, s))
             Z.append(group.solve(Gi))
-        # forward: t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}
+        return self.substitute(Z)
+
+    def transfers(self) -> list:
+        """Phi_l (a_l, a_{l-1}) per layer (None for the first)."""
+        phi: list = [None] * self.num_layers
+        for run, group in zip(self.runs, self.groups):
+            if group.Phi is not None:
+                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        return phi
+
+    def substitute(self, Z: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """x = L^{-1} z, the forward sweep: z per run stacked (G, p_l, k) -> x_l (p_l, k),
+        t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}."""
+        runs, groups, num_layers = self.runs, self.groups, self.num_layers
+        phi = self.transfers()
         Jz: list = [None] * num_layers
         for run, group, Zi in zip(runs, groups, Z):
             if run[0] < num_layers - 1:
