@@ -1,498 +1,585 @@
 """Block-tridiagonal linear algebra on stacked blocks: no knowledge of networks.
 
-A symmetric block-tridiagonal matrix (:class:`BlockTridiagonal`), its factorisation by
-Gaussian elimination with partial pivoting by blocks (:func:`banded_lu`, LAPACK's banded
-``gbtrf`` scheme) and by block cyclic reduction (:func:`cyclic_reduction`), their solves,
-and a symmetric equilibration (:func:`equilibrate`).  ``hessian_inverse.py`` builds the
-systems (docs/ALGORITHM.md, "The lifted system", "Parameter elimination") and factors them
-here; this module imports nothing of the project.
+A symmetric block-tridiagonal matrix (:class:`BlockTridiagonal`: its N diagonal and
+N - 1 sub-diagonal blocks as two stacked tensors), factored by Gaussian elimination with
+partial pivoting by blocks (:func:`banded_lu`, LAPACK's banded ``gbtrf`` scheme) or by
+block cyclic reduction (:func:`cyclic_reduction`); their solves; a symmetric
+equilibration (:func:`equilibrate`) and a condition estimate
+(:func:`reciprocal_condition`).  ``hessian_inverse.py`` builds its systems here
+(docs/ALGORITHM.md, "The lifted system", "Parameter elimination", "Banded LU with
+partial pivoting"); this module imports nothing of the project.
+
+**Storage.** Blocks of unequal sizes n_l are padded to one size n = max n_l: block l's
+entries are its first n_l rows and columns, the padding carries the identity on the
+diagonal and zeros elsewhere (and zeros in every coupling).  The padded matrix is then,
+up to a permutation, ``block_diag(A, I)``: it has the same solution on the real entries,
+zero on the padding, the same pivots there (pivoting never picks a padding row for a
+real column: it is zero in every real column), and its factorisation is a constant
+number of batched calls per step or level.  The price is the flops of size-n blocks for
+smaller ones (the ends of a chain).  Block vectors are stacked the same way, (N, n, k)
+with zeros on the padding (:meth:`BlockTridiagonal.stack`, :meth:`~BlockTridiagonal.unstack`).
+
+Host synchronisation: none in a factorisation or a solve; the pivot check of a
+factorisation is one (:meth:`BandedLU.check`), or none where the caller folds
+``smallest_pivot`` into its own check.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SingularSystemError", "BlockTridiagonal", "banded_lu", "banded_lu_solve",
-           "cyclic_reduction", "cyclic_reduction_solve", "merge_blocks", "equilibrate"]
+__all__ = ["SingularSystemError", "BlockTridiagonal", "BandedLU", "banded_lu",
+           "banded_lu_solve", "CyclicReductionFactor", "cyclic_reduction",
+           "cyclic_reduction_solve", "solve", "equilibrate", "reciprocal_condition"]
 
 
 class SingularSystemError(torch.linalg.LinAlgError):
     """A factorisation met an exactly zero (or non-finite) pivot."""
 
 
-
 @dataclass
 class BlockTridiagonal:
-    """A symmetric block-tridiagonal matrix.
+    """A symmetric block-tridiagonal matrix of N blocks, stored stacked (see the module).
 
-    ``diag[l]`` is (n_l, n_l); ``sub[l]`` is the block in block-row l+1, block-column
-    l, (n_{l+1}, n_l); the super-diagonal is ``sub[l].T``.
+    ``rows`` (N, n, 3n): block-row l in block-columns l-1, l, l+1 (zero beyond the
+    ends), so that ``diag`` (N, n, n) and ``sub`` (N - 1, n, n) are views: ``sub[l]`` is
+    the block in block-row l + 1, block-column l; its transpose, the super-diagonal, is
+    stored too (:meth:`symmetrize` writes it from ``sub``).  ``sizes``: the true block
+    sizes n_l <= n (identity padding beyond them).
     """
 
-    diag: list
-    sub: list
+    rows: torch.Tensor
+    sizes: tuple
+
+    @classmethod
+    def from_blocks(cls, diag: Sequence[torch.Tensor], sub: Sequence[torch.Tensor]
+                    ) -> "BlockTridiagonal":
+        """From lists of blocks ``diag[l]`` (n_l, n_l) and ``sub[l]`` (n_{l+1}, n_l)."""
+        sizes = tuple(d.shape[0] for d in diag)
+        out = cls.empty(sizes, diag[0])
+        if len(set(sizes)) == 1:
+            out.diag.copy_(torch.stack(list(diag)))
+            if sub:
+                out.sub.copy_(torch.stack(list(sub)))
+        else:
+            for l, d in enumerate(diag):
+                out.diag[l, :sizes[l], :sizes[l]] = d
+            for l, s in enumerate(sub):
+                out.sub[l, :sizes[l + 1], :sizes[l]] = s
+        return out.symmetrize()
+
+    @classmethod
+    def empty(cls, sizes: Sequence[int], like: torch.Tensor) -> "BlockTridiagonal":
+        """Zero blocks of ``sizes`` (identity on the padding), to be filled in (diagonal
+        and sub-diagonal blocks, then :meth:`symmetrize`)."""
+        sizes = tuple(int(s) for s in sizes)
+        N, n = len(sizes), max(sizes)
+        out = cls(torch.zeros(N, n, 3 * n, dtype=like.dtype, device=like.device), sizes)
+        if min(sizes) < n:
+            out.diag.diagonal(dim1=-2, dim2=-1).copy_(~_mask(sizes, like.device))
+        return out
+
+    @property
+    def diag(self) -> torch.Tensor:
+        n = self.size
+        return self.rows[:, :, n:2 * n]
+
+    @property
+    def sub(self) -> torch.Tensor:
+        return self.rows[1:, :, :self.size]
+
+    def symmetrize(self) -> "BlockTridiagonal":
+        """Write the super-diagonal blocks as the transposes of ``sub`` (in place)."""
+        if self.num_blocks > 1:
+            self.rows[:-1, :, 2 * self.size:] = self.sub.mT
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def size(self) -> int:
+        """n, the padded block size."""
+        return self.rows.shape[1]
 
     @property
     def block_sizes(self) -> list:
-        return [d.shape[0] for d in self.diag]
+        return list(self.sizes)
 
-    def matmul(self, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Block-wise product with a block vector (each block (n_l, k))."""
-        out = [d @ x for d, x in zip(self.diag, blocks)]
-        for l, s in enumerate(self.sub):
-            out[l + 1] = out[l + 1] + s @ blocks[l]
-            out[l] = out[l] + s.T @ blocks[l + 1]
+    @property
+    def padded(self) -> bool:
+        return min(self.sizes) < self.size
+
+    def mask(self) -> torch.Tensor:
+        """(N, n) bool: the real (not padding) entries of a stacked block vector."""
+        return _mask(self.sizes, self.rows.device, self.size)
+
+    def stack(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Blocks (n_l, k) as one (N, n, k) tensor, zero on the padding."""
+        if not self.padded:
+            return torch.stack(list(blocks))
+        out = blocks[0].new_zeros(self.num_blocks, self.size, blocks[0].shape[-1])
+        for l, b in enumerate(blocks):
+            out[l, :self.sizes[l]] = b
         return out
 
+    def unstack(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, n, k) -> blocks (n_l, k) (views)."""
+        return [x[l, :s] for l, s in enumerate(self.sizes)]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The product with a stacked block vector x (N, n, k): one batched product of
+        each block row with the window (x_{l-1}, x_l, x_{l+1})."""
+        return torch.bmm(self.rows, _windows(x))
+
     def norm1(self) -> torch.Tensor:
-        """The matrix 1-norm (largest absolute column sum)."""
-        sums = [d.abs().sum(0) for d in self.diag]
-        for l, s in enumerate(self.sub):
-            sums[l] = sums[l] + s.abs().sum(0)
-            sums[l + 1] = sums[l + 1] + s.abs().sum(1)
-        return torch.cat(sums).max()
+        """The matrix 1-norm (largest absolute column sum over the real entries; the
+        matrix is symmetric, so the largest row sum), 0-dim."""
+        sums = self.rows.abs().sum(-1)
+        if self.padded:
+            sums = sums * self.mask()
+        return sums.amax()
+
+
+def _windows(x: torch.Tensor) -> torch.Tensor:
+    """(N, n, ...) -> (N, 3n, ...): (x_{l-1}, x_l, x_{l+1}) stacked for each l, zero
+    beyond the ends (overlapping views of one zero-padded copy)."""
+    N, n = x.shape[:2]
+    padded = torch.cat([x.new_zeros(1, *x.shape[1:]), x, x.new_zeros(1, *x.shape[1:])])
+    inner = padded[0].numel()
+    return padded.as_strided((N, 3 * n, *x.shape[2:]), (inner, *padded.stride()[1:]))
+
+
+def _mask(sizes: Sequence[int], device, n: Optional[int] = None) -> torch.Tensor:
+    n = max(sizes) if n is None else n
+    return (torch.arange(n, device=device) <
+            torch.tensor(list(sizes), device=device)[:, None])
+
+
+def _pivot_range(lu: torch.Tensor, per_factor: bool = False) -> torch.Tensor:
+    """(min, max) of |U_ii| over a stack of LU factors (..., r, c): (2,), or (..., 2)
+    per factor.  NaN propagates to both; usable factors have min > 0 and max < inf."""
+    pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
+    return torch.stack(torch.aminmax(pivots, dim=-1) if per_factor else torch.aminmax(pivots),
+                       dim=-1)
+
+
+def _usable_pivots(ranges: torch.Tensor) -> torch.Tensor:
+    """min |U_ii| of each (min, max) pair (..., 2), 0 where some pivot is not finite."""
+    return torch.where(ranges[..., 1] < torch.inf, ranges[..., 0], 0.0)
+
+
+def _first_bad(ranges: torch.Tensor) -> int:
+    """Index of the first (min, max) pair with a zero or non-finite pivot."""
+    return int(torch.nonzero(~(_usable_pivots(ranges) > 0.0))[0])
 
 
 # --------------------------------------------------------------------------
 # Banded LU with partial pivoting (docs/ALGORITHM.md, "Banded LU with partial pivoting")
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class PanelFactor:
-    """Step l of the banded LU: ``P [D_l; S_{l+1}] = [L_11; L_21] U_ll``.
-
-    ``perm`` (n_l + n_{l+1},) reorders the panel's rows; ``lower`` is the unit
-    lower-trapezoidal factor; ``upper`` (n_l, n_l); ``right`` (n_l, n_{l+1} +
-    n_{l+2}) is block-row l of U in block-columns l+1 and l+2: ``right1`` and
-    ``right2`` (the second is the fill that row pivoting creates).
-    """
-
-    perm: torch.Tensor
-    lower: torch.Tensor
-    upper: torch.Tensor
-    right: torch.Tensor
-    split: int
-
-    @property
-    def right1(self) -> torch.Tensor:
-        return self.right[:, :self.split]
-
-    @property
-    def right2(self) -> torch.Tensor:
-        return self.right[:, self.split:]
+#
+# Step l factors the panel [D_l; S_l] (block-column l, block-rows l and l+1: nothing
+# else is nonzero below D_l) with row pivoting, P_l [D_l; S_l] = [L_1; L_2] U_ll.  The
+# rows of blocks l and l+1 in block-columns l+1 and l+2 (the second is the fill that
+# pivoting brings, rows of block l+1 reaching column l+2) are permuted alike; L_1^{-1}
+# of their top is block-row l of U there, and the bottom minus L_2 times that is the
+# next step's top rows: its D_{l+1} and block-row l+1's entry in column l+2.
+#
+# Each step's rows l, l+1 in columns l, l+1, l+2 (2n x 3n) are one of two small work
+# buffers, and every step is the same nine calls on views of preallocated storage: the
+# copy of block-row l+1 of the band, the panel's LU (into column-major storage,
+# LAPACK's) and a contiguous copy of its first n rows (which LAPACK's triangular solves
+# then take without a copy of their own), its row order (the permutation matrix times
+# 0..2n-1: a product, not an argmax; three calls), a row gather of the columns to its
+# right, a triangular solve for block-row l of U, and the update written straight into
+# the next step's rows.
 
 
 @dataclass
 class BandedLU:
-    """The factors of :func:`banded_lu`: one :class:`PanelFactor` per block."""
+    """The factors of :func:`banded_lu`, stacked over the N steps.
 
-    panels: list
-    block_sizes: list
-    min_pivot: float
+    - ``lu`` (N, 2n, n): compact LU of panel l (``lu_factor`` layout: unit lower L
+      below the diagonal, U_ll on and above it), column-major; ``top`` (N, n, n) its
+      first n rows (L_1 and U_ll), contiguous column-major copies.
+    - ``perm`` (N, 2n): the panel's row order, ``(P_l X)[i] = X[perm[i]]`` for the rows
+      of blocks l and l+1.
+    - ``right`` (N, n, 2n): block-row l of U in block-columns l+1 and l+2.
+    - ``pivot_ranges`` (N, 2): (min, max) of |U_ii| of each panel.
+    """
+
+    lu: torch.Tensor
+    top: torch.Tensor
+    perm: torch.Tensor
+    right: torch.Tensor
+    pivot_ranges: torch.Tensor
+    sizes: tuple
+
+    @property
+    def block_sizes(self) -> list:
+        return list(self.sizes)
+
+    @property
+    def smallest_pivot(self) -> torch.Tensor:
+        """min |U_ii| over all steps (0-dim; 0 when some pivot is zero or non-finite)."""
+        return _usable_pivots(self.pivot_ranges).amin()
+
+    def check(self) -> None:
+        """Raise :class:`SingularSystemError` on a zero or non-finite pivot (one host sync)."""
+        if not float(self.smallest_pivot) > 0.0:
+            at = _first_bad(self.pivot_ranges)
+            raise SingularSystemError(
+                f"the block-tridiagonal system is exactly singular (zero pivot in block "
+                f"{at + 1})")
 
 
-def _panel_rows(top: torch.Tensor, diag_next: Optional[torch.Tensor],
-                super_next: Optional[torch.Tensor], n2: int) -> torch.Tensor:
-    """Rows of panel l in block-columns l+1 and l+2: ``[[top, 0], [D_{l+1}, S_{l+2}^T]]``."""
-    n, n1 = top.shape
-    rows = top.new_zeros(n + (diag_next.shape[0] if diag_next is not None else 0), n1 + n2)
-    rows[:n, :n1] = top
-    if diag_next is not None:
-        rows[n:, :n1] = diag_next
-        if super_next is not None:
-            rows[n:, n1:] = super_next
-    return rows
-
-
-def banded_lu(system: BlockTridiagonal) -> BandedLU:
+def banded_lu(system: BlockTridiagonal, check: bool = True) -> BandedLU:
     """Factor a block-tridiagonal matrix by Gaussian elimination with partial pivoting.
 
-    Step l LU-factors the tall panel [diagonal block l; sub-diagonal block below]
-    with row pivoting, then updates the next diagonal block and the next
-    super-diagonal block.  Pivoting may swap rows of block l+1 into block l,
-    whose row then reaches block-column l+2: one extra super-diagonal of fill.
-    Cost O(sum_l n_l^3), storage O(sum_l n_l^2).  Raises
-    :class:`SingularSystemError` on an exactly zero (or non-finite) pivot.
+    Pivoting is over the whole panel of each step (true partial pivoting: nothing else
+    is nonzero below the diagonal block), so any nonsingular matrix factors.  Time
+    O(N n^3), storage O(N n^2); per step nine calls on preallocated storage, no host
+    synchronisation; ``check`` ends with :meth:`BandedLU.check` (one), else the caller
+    checks ``smallest_pivot``.
     """
-    diag, sub = system.diag, system.sub
-    sizes = system.block_sizes
-    num_blocks = len(diag)
-    panels = []
-    D = diag[0]
-    U1 = sub[0].T if num_blocks > 1 else D.new_zeros(sizes[0], 0)
-    pivots = []
-    for l in range(num_blocks):
-        n = sizes[l]
-        n2 = sizes[l + 2] if l + 2 < num_blocks else 0
-        has_next = l + 1 < num_blocks
-        panel = torch.cat([D, sub[l]]) if has_next else D
-        Pm, Lm, Um = torch.linalg.lu(panel)
-        perm = Pm.argmax(dim=0)  # (P^T X)[i] = X[perm[i]]
-        pivots.append(Um.diagonal().abs().min())
-        R = _panel_rows(U1, diag[l + 1] if has_next else None,
-                        sub[l + 1].T if l + 2 < num_blocks else None, n2)[perm]
-        Rt = torch.linalg.solve_triangular(Lm[:n], R[:n], upper=False, unitriangular=True)
-        panels.append(PanelFactor(perm, Lm, Um, Rt, U1.shape[1]))
-        if has_next:
-            Rb = torch.addmm(R[n:], Lm[n:], Rt, alpha=-1)
-            D, U1 = Rb[:, :U1.shape[1]], Rb[:, U1.shape[1]:]
-    smallest = torch.stack(pivots)
-    # A zero or NaN pivot: pivoting found nothing to divide by.
-    bad = torch.nonzero(~(smallest > 0.0))
-    if bad.numel():
-        raise SingularSystemError(
-            f"the block-tridiagonal system is exactly singular (zero pivot in block {int(bad[0]) + 1})")
-    return BandedLU(panels, sizes, float(smallest.min()))
+    N, n = system.num_blocks, system.size
+    rows = system.rows
+    kw = dict(device=rows.device)
+    # Step l's rows l, l+1 in columns l, l+1, l+2 (2n x 3n), alternately in two buffers:
+    # rows l+1 are block-row l+1 of the band as stored, rows l the previous update (the
+    # fill, column l+2 of rows l, stays zero).
+    work = rows.new_zeros(2, 2 * n, 3 * n)
+    work[0, :n, :2 * n] = rows[0, :, n:]
+    pivots, info = torch.empty(N, n, dtype=torch.int32, **kw), torch.empty(N, dtype=torch.int32, **kw)
+    perm = torch.empty(N, 2 * n, dtype=torch.int64, **kw)
+    lu, top = rows.new_empty(N, n, 2 * n).mT, rows.new_empty(N, n, n).mT  # column-major
+    right = rows.new_empty(N, n, 2 * n)
+    # Per-step temporaries, allocated once: the permutation matrix, its row order as
+    # floats, the permuted columns.
+    P, order, permuted = rows.new_empty(2 * n, 2 * n), rows.new_empty(2 * n), rows.new_empty(2 * n, 2 * n)
+    count, unused = torch.arange(2 * n, dtype=rows.dtype, **kw), rows.new_empty(0)
+    for l in range(N):
+        step, following = work[l % 2], work[(l + 1) % 2]
+        if l + 1 < N:
+            step[n:] = rows[l + 1]
+        else:
+            step[n:].zero_()
+        torch.linalg.lu_factor_ex(step[:, :n], out=(lu[l], pivots[l], info[l]))
+        top[l].copy_(lu[l, :n])
+        torch.lu_unpack(lu[l], pivots[l], unpack_data=False, out=(P, unused, unused))
+        perm[l].copy_(torch.mv(P.mT, count, out=order))
+        torch.index_select(step[:, n:], 0, perm[l], out=permuted)
+        torch.linalg.solve_triangular(top[l], permuted[:n], upper=False, unitriangular=True,
+                                      out=right[l])
+        torch.addmm(permuted[n:], lu[l, n:], right[l], alpha=-1, out=following[:n, :2 * n])
+    factor = BandedLU(lu, top, perm, right, _pivot_range(top, True), system.sizes)
+    if check:
+        factor.check()
+    return factor
 
 
-def banded_lu_solve(lu: BandedLU, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Solve with the factors of :func:`banded_lu`; ``rhs[l]`` is (n_l, k)."""
-    panels, sizes = lu.panels, lu.block_sizes
-    num_blocks = len(panels)
-    c = list(rhs)
-    # Forward: apply each panel's row permutation and unit-lower factor.
-    for l, f in enumerate(panels):
-        n = sizes[l]
-        rows = torch.cat([c[l], c[l + 1]]) if l + 1 < num_blocks else c[l]
-        rows = rows[f.perm]
-        top = torch.linalg.solve_triangular(f.lower[:n], rows[:n], upper=False,
-                                            unitriangular=True)
-        c[l] = top
-        if l + 1 < num_blocks:
-            c[l + 1] = torch.addmm(rows[n:], f.lower[n:], top, alpha=-1)
-    # Backward: block upper-triangular with two super-diagonals.
-    x: list[Optional[torch.Tensor]] = [None] * num_blocks
-    for l in reversed(range(num_blocks)):
-        f = panels[l]
-        r = c[l]
-        if l + 1 < num_blocks:
-            later = torch.cat(x[l + 1:l + 3]) if l + 2 < num_blocks else x[l + 1]
-            r = torch.addmm(r, f.right, later, alpha=-1)
-        x[l] = torch.linalg.solve_triangular(f.upper, r, upper=True)
-    return x
+def banded_lu_solve(factor: BandedLU, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve with the factors of :func:`banded_lu`: rhs (N, n, k) -> x (N, n, k).
+
+    Forward, each panel's permutation and unit lower factor; backward, block upper
+    triangular with two super-diagonals.  O(N n^2 k), five calls per block.
+    """
+    N, n, k = rhs.shape
+    c = rhs.new_zeros(N + 1, n, k)
+    c[:N] = rhs
+    for l in range(N):
+        rows = c[l:l + 2].view(2 * n, k).index_select(0, factor.perm[l])
+        torch.linalg.solve_triangular(factor.top[l], rows[:n], upper=False,
+                                      unitriangular=True, out=c[l])
+        torch.addmm(rows[n:], factor.lu[l, n:], c[l], alpha=-1, out=c[l + 1])
+    x = rhs.new_zeros(N + 2, n, k)
+    for l in reversed(range(N)):
+        r = torch.addmm(c[l], factor.right[l], x[l + 1:l + 3].view(2 * n, k), alpha=-1)
+        torch.linalg.solve_triangular(factor.top[l], r, upper=True, out=x[l])
+    return x[:N]
 
 
 # --------------------------------------------------------------------------
 # Block cyclic reduction (docs/ALGORITHM.md, "Banded LU with partial pivoting")
 # --------------------------------------------------------------------------
 #
-# An alternative factorisation for deep, narrow systems on GPUs: log2 N
-# sequential levels of batched calls instead of N sequential steps, no host
-# synchronisation until one pivot check at the end, but no pivoting across
-# blocks (HessianInverse checks every solve and falls back to the banded LU).
-#
-# One level eliminates every odd-indexed block o of the current system from its
-# own row, ``x_o = D_o^{-1} (b_o - S_{o-1} x_{o-1} - S_o^T x_{o+1})``.  The even
-# blocks keep a block-tridiagonal Schur complement of half the size,
+# For deep, narrow systems on GPUs: log2 N levels of batched calls instead of N
+# sequential steps, but no pivoting across blocks (callers must check the solve and
+# fall back to the banded LU).  A level of N = 2M + 1 blocks (a block of identity is
+# appended when N is even) eliminates the M odd-indexed blocks o from their own rows,
+# x_o = D_o^{-1} (b_o - S_{o-1} x_{o-1} - S_o^T x_{o+1}), leaving on the M + 1 even
+# blocks the block-tridiagonal Schur complement
 #
 #     D_e' = D_e - S_e^T D_{e+1}^{-1} S_e - S_{e-1} D_{e-1}^{-1} S_{e-1}^T
-#     S_e' = -S_{e+1} D_{e+1}^{-1} S_e            (block-row e+2, block-column e)
+#     S_e' = -S_{e+1} D_{e+1}^{-1} S_e            (block-row e+2, block-column e),
 #
-# (symmetric, as a Schur complement of a symmetric matrix), which is reduced in
-# turn: ceil(log2 N) levels for N blocks, then one LU of the last block.  All
-# blocks of a level are independent, so each level is a few batched calls
-# (``lu_factor``, ``lu_solve``, ``bmm``) per shape of block, instead of one
-# sequential step per block.
+# symmetric, reduced in turn until two blocks remain, which are factored together.
+# With L = S[0::2] (block (o, o-1)), R = S[1::2] (block (o+1, o)) and
+# Y = D_o^{-1} [L, R^T], a level is: one batched LU of the D_o, one batched solve for Y,
+# and three batched products, whatever N.
 #
-# Couplings are kept compact: ``sub[k]`` links only the first rows ("head") of
-# block k+1 with the last columns ("tail") of block k.  For the input system
-# head and tail are whole blocks; when runs of consecutive blocks are merged
-# into one (``merge``), they are the run's first and last original blocks, and
-# the formulas above keep that shape at every level: ``S_e'`` joins the head of
-# e+2 to the tail of e, and the updates of ``D_e`` touch only its tail-by-tail
-# and head-by-head corners.
-
-
-@dataclass
-class OddBlocks:
-    """The g blocks of one level that are eliminated together (all of one shape).
-
-    ``positions``: their (odd) indices o in the level.  ``lu``, ``pivots``: LU
-    factors of their diagonal blocks D_o, (g, n, n) and (g, n).  The rest of
-    block-column o: ``above`` (g, n_l, h) = S_{o-1}^T, rows the tail of block
-    o-1, columns block o's first h (its head); ``below`` (g, n_r, t) = S_o, rows
-    the head of block o+1, columns block o's last t (its tail); t = n_r = 0 for a
-    last block.  ``solved`` (g, n, n_l + n_r) = D_o^{-1} [above^T, below^T], the
-    transposes placed in their rows (block-row o outside the diagonal).
-    """
-
-    positions: list
-    lu: torch.Tensor
-    pivots: torch.Tensor
-    above: torch.Tensor
-    below: torch.Tensor
-    solved: torch.Tensor
-
-    def couple(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(above X[head], below X[tail])`` for X (g, n, c)."""
-        n, head, tail = X.shape[1], self.above.shape[2], self.below.shape[2]
-        return self.above @ X[:, :head], self.below @ X[:, n - tail:]
+# Couplings are compact: S_e links only the first c rows ("head") of block e+1 with the
+# last c columns ("tail") of block e (c = n, unless runs of blocks were merged: then
+# head and tail are the runs' first and last original blocks).  The formulas keep that
+# shape at every level: S_e' joins the head of e+2 to the tail of e, and the updates of
+# D_e touch only its tail-by-tail and head-by-head corners, so a merged system costs the
+# flops of its couplings, not of full blocks.
 
 
 @dataclass
 class ReductionLevel:
-    """One level of cyclic reduction of a system of ``num_blocks`` blocks.
+    """One level of cyclic reduction (N = 2M + 1 blocks, padding included).
 
-    ``odd``: its eliminated blocks as :class:`OddBlocks`, one per shape.
-    ``even``: the kept (even) positions, grouped by shape and neighbours for
-    the batched Schur update; kept block e is block e // 2 of the next level.
+    ``lu``, ``pivots`` (M, b, b), (M, b): LU factors of the odd blocks D_o.  ``left``
+    (M, c, c): S_{o-1}, block (o, o-1) (head of o, tail of o-1); ``right`` (M, c, c):
+    S_o, block (o+1, o).  ``solved`` (M, b, 2c): D_o^{-1} [left, right^T], the two placed
+    in the head rows and the tail rows.  ``pad``: whether the next level's block count
+    got an identity block appended.
     """
 
-    num_blocks: int
-    odd: list
-    even: list
+    lu: torch.Tensor
+    pivots: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    solved: torch.Tensor
+    pad: bool
 
 
 @dataclass
 class CyclicReductionFactor:
     """The factors of :func:`cyclic_reduction`.
 
-    ``levels``: one :class:`ReductionLevel` per level, finest first.  ``root``:
-    LU factors (lu, pivots), (1, n, n) and (1, n), of the one block left at the
-    end.  ``block_sizes``: the input system's; ``merge``: how many of its
-    consecutive blocks form one block of the reduction.  ``min_pivot``: the
-    smallest pivot magnitude over all levels.
+    ``levels``: finest first.  ``root``: LU factors (lu, pivots) of the last one or two
+    blocks, factored as one dense matrix.  ``merge``: consecutive blocks of the input
+    joined into one block of the reduction.  ``first_pad``: whether the
+    (merged) input got an identity block appended to make its count odd.
+    ``pivot_ranges`` (levels + 1, 2): (min, max) of |U_ii| per level, the root last.
     """
 
     levels: list
     root: tuple
-    block_sizes: list
+    sizes: tuple
     merge: int
-    min_pivot: float
+    first_pad: bool
+    pivot_ranges: torch.Tensor
+
+    @property
+    def block_sizes(self) -> list:
+        return list(self.sizes)
+
+    @property
+    def smallest_pivot(self) -> torch.Tensor:
+        return _usable_pivots(self.pivot_ranges).amin()
+
+    def check(self) -> None:
+        """Raise :class:`SingularSystemError` on a zero or non-finite pivot (one host sync)."""
+        if not float(self.smallest_pivot) > 0.0:
+            at = _first_bad(self.pivot_ranges)
+            raise SingularSystemError(
+                f"cyclic reduction met a zero (or non-finite) pivot (level {at + 1} of "
+                f"{len(self.pivot_ranges)}): it pivots only within diagonal blocks; "
+                "use the banded LU, whose pivoting across blocks does not need them "
+                "invertible")
 
 
-def _groups(keys: Sequence) -> list[list[int]]:
-    """Positions sharing a key, in order of first appearance: [[i, ...], ...]."""
-    groups: dict = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+def _merge_runs(diag: torch.Tensor, sub: torch.Tensor, merge: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of ``merge`` consecutive blocks as single blocks of size merge * n (N a
+    multiple of ``merge``), the compact n x n couplings between runs kept: O(merge)
+    batched copies, whatever N."""
+    k, n = merge, diag.shape[-1]
+    merged = diag.new_zeros(diag.shape[0] // k, k * n, k * n)
+    for j in range(k):
+        rows = slice(j * n, (j + 1) * n)
+        merged[:, rows, rows] = diag[j::k]
+        if j + 1 < k:
+            below = slice((j + 1) * n, (j + 2) * n)
+            merged[:, below, rows] = sub[j::k]
+            merged[:, rows, below] = sub[j::k].mT
+    return merged, sub[k - 1::k]
 
 
-def _smallest_pivot(lu: torch.Tensor) -> torch.Tensor:
-    """min |U_ii| over a batch of LU factors, a non-finite pivot counting as 0 (0-dim)."""
-    pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
-    return torch.where(torch.isfinite(pivots), pivots, 0.0).amin()
+def _with_identity_block(diag: torch.Tensor, sub: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoupled identity block appended (N -> N + 1)."""
+    eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)[None]
+    return torch.cat([diag, eye]), torch.cat([sub, sub.new_zeros(1, *sub.shape[1:])])
 
 
-def merge_blocks(system: BlockTridiagonal, merge: int) -> tuple[list, list]:
-    """Runs of ``merge`` consecutive blocks as single blocks (the last run may be shorter).
-
-    Returns the runs' dense diagonal blocks and the compact couplings between
-    runs: the original ``S`` at each boundary, linking the first block of run
-    k+1 to the last block of run k.  Runs of equal block sizes are assembled
-    together (O(merge) batched copies per shape).  For the reduced system of the
-    structured route, ``merge=2`` gives blocks (w_l, y_l) with diagonal
-    [[-Q_l, -I], [-I, R_{l+1}]], invertible iff I + R_{l+1} Q_l is: also where
-    R_{l+1} = 0 (always for the last layer, for every layer with curvature='ggn')
-    or Q_l is singular (first layer when the batch exceeds input_dim + 1).
-    """
-    if merge == 1:
-        return list(system.diag), list(system.sub)
-    sizes, num_blocks = system.block_sizes, len(system.diag)
-    runs = [list(range(i, min(i + merge, num_blocks))) for i in range(0, num_blocks, merge)]
-    keys = [tuple(sizes[i] for i in run) for run in runs]
-    diag: list[Optional[torch.Tensor]] = [None] * len(runs)
-    for group in _groups(keys):
-        ends = [0, *accumulate(keys[group[0]])]
-        out = system.diag[0].new_zeros(len(group), ends[-1], ends[-1])
-        for j in range(len(ends) - 1):
-            rows = slice(ends[j], ends[j + 1])
-            out[:, rows, rows] = torch.stack([system.diag[runs[k][j]] for k in group])
-            if j + 2 < len(ends):
-                below = slice(ends[j + 1], ends[j + 2])
-                s = torch.stack([system.sub[runs[k][j]] for k in group])
-                out[:, below, rows] = s
-                out[:, rows, below] = s.mT
-        for k, d in zip(group, out.unbind()):
-            diag[k] = d
-    return diag, [system.sub[run[0] - 1] for run in runs[1:]]
+def _reduce(diag: torch.Tensor, sub: torch.Tensor) -> tuple[ReductionLevel, torch.Tensor,
+                                                             torch.Tensor]:
+    """One level on N = 2M + 1 blocks of size b with c x c couplings: the level's factors
+    and the even blocks' Schur complement (M + 1 blocks, an identity block appended when
+    that count is even > 2)."""
+    N, b, c = diag.shape[0], diag.shape[-1], sub.shape[-1]
+    M = N // 2
+    pad = (M + 1) % 2 == 0 and M + 1 > 2
+    left, right = sub[0::2], sub[1::2]
+    lu, pivots, _ = torch.linalg.lu_factor_ex(diag[1::2])
+    couplings = diag.new_zeros(M, b, 2 * c)
+    couplings[:, :c, :c] = left
+    couplings[:, b - c:, c:] = right.mT
+    solved = torch.linalg.lu_solve(lu, pivots, couplings).contiguous()
+    new_diag = diag.new_empty(M + 1 + pad, b, b)
+    new_sub = diag.new_empty(M + pad, c, c)
+    new_diag[:M + 1] = diag[0::2]
+    new_diag[:M, b - c:, b - c:].baddbmm_(left.mT, solved[:, :c, :c], alpha=-1)
+    new_diag[1:M + 1, :c, :c].baddbmm_(right, solved[:, b - c:, c:], alpha=-1)
+    torch.baddbmm(new_sub[:M], right, solved[:, b - c:, :c], beta=0, alpha=-1,
+                  out=new_sub[:M])
+    if pad:
+        new_diag[M + 1] = torch.eye(b, dtype=diag.dtype, device=diag.device)
+        new_sub[M].zero_()
+    return ReductionLevel(lu, pivots, left, right, solved, pad), new_diag, new_sub
 
 
-def _eliminate_odd(diag: list, sub: list, positions: list) -> OddBlocks:
-    """Batched LU of D_o and D_o^{-1} [S_{o-1}, S_o^T] for positions o of one shape."""
-    D = torch.stack([diag[o] for o in positions])
-    above = torch.stack([sub[o - 1].T for o in positions])
-    if positions[0] + 1 < len(diag):
-        below = torch.stack([sub[o] for o in positions])
-    else:
-        below = D.new_zeros(len(positions), 0, 0)
-    (g, n, _), (_, n_l, head), (_, n_r, tail) = D.shape, above.shape, below.shape
-    coupling = D.new_zeros(g, n, n_l + n_r)
-    coupling[:, :head, :n_l] = above.mT
-    coupling[:, n - tail:, n_l:] = below.mT
-    lu, pivots, _ = torch.linalg.lu_factor_ex(D)
-    # Row-major: LAPACK returns column-major solutions, and batched CPU matmul is
-    # about 3x slower on those in the solve.
-    solved = torch.linalg.lu_solve(lu, pivots, coupling).contiguous()
-    return OddBlocks(positions, lu, pivots, above, below, solved)
-
-
-def _subtract_eliminated(values: list, level: ReductionLevel, to_left: list,
-                         to_right: list, square: bool) -> list:
-    """The next level's blocks: ``values[e] - to_left[e + 1] - to_right[e - 1]``, e even.
-
-    ``to_left[o]`` (odd o) goes into the tail rows of block o-1, ``to_right[o]``
-    into the head rows of block o+1 (and the same columns if ``square``: the
-    diagonal blocks).  Batched over each group of ``level.even``.
-    """
-    out: list[Optional[torch.Tensor]] = [None] * len(values[::2])
-    for group in level.even:
-        v = torch.stack([values[e] for e in group])
-        n = v.shape[1]
-        if group[0] + 1 < level.num_blocks:
-            u = torch.stack([to_left[e + 1] for e in group])
-            tail = slice(n - u.shape[1], n)
-            v[:, tail, tail if square else slice(None)] -= u
-        if group[0] > 0:
-            u = torch.stack([to_right[e - 1] for e in group])
-            head = slice(0, u.shape[1])
-            v[:, head, head if square else slice(None)] -= u
-        for e, ve in zip(group, v.unbind()):
-            out[e // 2] = ve
-    return out
-
-
-def _reduce(diag: list, sub: list) -> tuple[ReductionLevel, list, list]:
-    """One level: eliminate the odd blocks; returns the level and the Schur complement.
-
-    Per odd block, ``above D_o^{-1} above^T`` goes into the left neighbour's
-    tail corner, ``below D_o^{-1} below^T`` into the right one's head corner,
-    and ``-below D_o^{-1} above^T`` is the new coupling between them.
-    """
-    m = len(diag)
-    shapes = [tuple(d.shape) for d in diag] + [None]
-    links = [None] + [tuple(s.shape) for s in sub] + [None]  # links[i]: sub[i - 1]
-    odd = [_eliminate_odd(diag, sub, [2 * j + 1 for j in group])
-           for group in _groups([(shapes[o], links[o], links[o + 1]) for o in range(1, m, 2)])]
-    even = [[2 * j for j in group]
-            for group in _groups([(shapes[e], links[e], links[e + 1]) for e in range(0, m, 2)])]
-    level = ReductionLevel(m, odd, even)
-    to_left: list[Optional[torch.Tensor]] = [None] * m
-    to_right: list[Optional[torch.Tensor]] = [None] * m
-    new_sub: list[Optional[torch.Tensor]] = [None] * (len(diag[::2]) - 1)
-    for f in odd:
-        (_, n, _), (_, n_l, head), tail = f.solved.shape, f.above.shape, f.below.shape[2]
-        top = f.above @ f.solved[:, :head, :n_l]
-        bottom = f.below @ f.solved[:, n - tail:]
-        for o, u, w in zip(f.positions, top.unbind(), bottom[:, :, n_l:].unbind()):
-            to_left[o], to_right[o] = u, w
-        if bottom.shape[1]:
-            for o, s in zip(f.positions, (-bottom[:, :, :n_l]).unbind()):
-                new_sub[o // 2] = s
-    return level, _subtract_eliminated(diag, level, to_left, to_right, True), new_sub
-
-
-def cyclic_reduction(system: BlockTridiagonal, merge: int = 1) -> CyclicReductionFactor:
+def cyclic_reduction(system: BlockTridiagonal, merge: int = 1,
+                     check: bool = True) -> CyclicReductionFactor:
     """Factor a symmetric block-tridiagonal matrix by block cyclic reduction.
 
-    Each of the ceil(log2 N) levels (N = number of blocks) eliminates the
-    odd-indexed blocks of the current system at once, by batched LU of their
-    diagonal blocks grouped by shape, and leaves the even ones' Schur
-    complement (block tridiagonal, half the blocks); the last block is
-    LU-factored.  ``merge`` > 1 first joins runs of that many consecutive
-    blocks (:func:`merge_blocks`; use 2 for the structured route's reduced
-    system, whose y-blocks can be zero).
+    ceil(log2 N) - 1 levels (N = blocks after merging), each a constant number of
+    batched calls over all its blocks, then one dense LU of the last two blocks.
+    ``merge`` > 1 first joins runs of that many consecutive blocks into one (``merge=2``
+    for systems whose every other diagonal block may be singular, e.g. zero).  Cost about
+    1.4 times the banded LU's flops on equal blocks, 1.8 times for ``merge=2`` (the
+    couplings stay compact); storage O(N n^2).  No host synchronisation until the pivot
+    check (``check``, one; else the caller checks ``smallest_pivot``).
 
-    Cost O(sum_l n_l^3) when neighbouring blocks have comparable sizes (about
-    1.4 times the flops of :func:`banded_lu` for equal sizes, 1.8 times for
-    ``merge=2`` on pairs of equal blocks); in general block l is updated
-    once per level it survives, 1 + the number of trailing zero bits of l, so
-    block 0 log2 N times.  Storage O(sum_l n_l^2), linear in N.  No host
-    synchronisation until a single pivot check at the end.
-
-    Pivoting is only within each diagonal block D_o, never across blocks: this
-    is Gaussian elimination in odd-even order without pivoting between blocks,
-    stable for block diagonally dominant or definite matrices but not in
-    general, and it breaks down on a singular D_o (e.g. a zero diagonal block)
-    even when the matrix is invertible.  It can therefore be inaccurate, or
-    fail, where pivoted :func:`banded_lu` is not: callers must check the solve
-    (the refinement contract of :class:`HessianInverse`) and fall back to
-    banded LU.  Raises :class:`SingularSystemError` on a zero or non-finite
-    pivot.
+    Pivoting is only within each diagonal block D_o, never across blocks: this is
+    Gaussian elimination in odd-even order, stable for block diagonally dominant or
+    definite matrices but not in general; it breaks down on a singular D_o even when
+    the matrix is invertible (a zero pivot raises :class:`SingularSystemError`), and it
+    can lose accuracy where :func:`banded_lu` does not: callers must check the solve.
     """
-    diag, sub = merge_blocks(system, merge)
-    levels, smallest = [], []
-    while len(diag) > 1:
+    if not (isinstance(merge, int) and merge >= 1):
+        raise ValueError(f"merge must be an integer >= 1, got {merge!r}")
+    diag, sub = system.diag, system.sub
+    if merge > 1:
+        while diag.shape[0] % merge:
+            diag, sub = _with_identity_block(diag, sub)
+        diag, sub = _merge_runs(diag, sub, merge)
+    first_pad = diag.shape[0] > 2 and diag.shape[0] % 2 == 0
+    if first_pad:
+        diag, sub = _with_identity_block(diag, sub)
+    levels, ranges = [], []
+    while diag.shape[0] > 2:
         level, diag, sub = _reduce(diag, sub)
         levels.append(level)
-        smallest.extend(_smallest_pivot(f.lu) for f in level.odd)
-    lu, pivots, _ = torch.linalg.lu_factor_ex(diag[0][None])
-    smallest.append(_smallest_pivot(lu))
-    per_group = torch.stack(smallest)
-    min_pivot = float(per_group.min())  # the one host synchronisation
-    if not min_pivot > 0.0:
-        at = int(torch.nonzero(~(per_group > 0.0))[0])
-        raise SingularSystemError(
-            f"cyclic reduction met a zero (or non-finite) pivot (block group {at + 1} of "
-            f"{len(smallest)}, counted level by level): it pivots only within diagonal blocks; "
-            "use the banded LU, whose pivoting across blocks does not need them invertible")
-    return CyclicReductionFactor(levels, (lu, pivots), system.block_sizes, merge, min_pivot)
+        ranges.append(_pivot_range(level.lu))
+    if diag.shape[0] == 2:
+        b, c = diag.shape[-1], sub.shape[-1]
+        root = diag.new_zeros(2 * b, 2 * b)
+        root[:b, :b], root[b:, b:] = diag[0], diag[1]
+        root[b:b + c, b - c:b] = sub[0]
+        root[b - c:b, b:b + c] = sub[0].mT
+    else:
+        root = diag[0]
+    lu, pivots, _ = torch.linalg.lu_factor_ex(root)
+    ranges.append(_pivot_range(lu))
+    factor = CyclicReductionFactor(levels, (lu, pivots), system.sizes, merge, first_pad,
+                                   torch.stack(ranges))
+    if check:
+        factor.check()
+    return factor
 
 
-def cyclic_reduction_solve(factor: CyclicReductionFactor, rhs: Sequence[torch.Tensor]
-                           ) -> list[torch.Tensor]:
-    """Solve with the factors of :func:`cyclic_reduction`; ``rhs[l]`` is (n_l, k).
+def cyclic_reduction_solve(factor: CyclicReductionFactor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve with the factors of :func:`cyclic_reduction`: rhs (N, n, k) -> x (N, n, k).
 
     Down the levels each eliminated block's ``y_o = D_o^{-1} b_o`` updates its
-    neighbours' right-hand sides by ``-above y_o[head]`` and
-    ``-below y_o[tail]``; the root block is solved; up the levels
-    ``x_o = y_o - solved [x_{o-1}[tail]; x_{o+1}[head]]``.  O(sum_l n_l^2) per
-    column, the same batched calls per level as the factorisation.
+    neighbours' right-hand sides (tail rows of the left one, head rows of the right
+    one); the root is solved; up the levels ``x_o = y_o - solved [x_{o-1}[tail];
+    x_{o+1}[head]]``.  O(N n^2 k), a constant number of batched calls per level.
     """
-    merge, sizes = factor.merge, factor.block_sizes
-    b = list(torch.cat(list(rhs)).split([sum(sizes[i:i + merge])
-                                         for i in range(0, len(sizes), merge)]))
-    solved_odd = []
+    N, n, k = rhs.shape
+    b = rhs
+    if factor.merge > 1:
+        extra = -N % factor.merge
+        if extra:
+            b = torch.cat([b, b.new_zeros(extra, n, k)])
+        b = b.reshape(-1, factor.merge * n, k)
+    if factor.first_pad:
+        b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])
+    m, ys = b.shape[1], []
     for level in factor.levels:
-        to_left: list[Optional[torch.Tensor]] = [None] * level.num_blocks
-        to_right: list[Optional[torch.Tensor]] = [None] * level.num_blocks
-        ys = []
-        for f in level.odd:
-            y = torch.linalg.lu_solve(f.lu, f.pivots, torch.stack([b[o] for o in f.positions]))
-            top, bottom = f.couple(y)
-            for o, u, w in zip(f.positions, top.unbind(), bottom.unbind()):
-                to_left[o], to_right[o] = u, w
-            ys.append(y)
-        solved_odd.append(ys)
-        b = _subtract_eliminated(b, level, to_left, to_right, False)
-    x = list(torch.linalg.lu_solve(*factor.root, b[0][None]).unbind())
-    for level, ys in zip(reversed(factor.levels), reversed(solved_odd)):
-        finer: list[Optional[torch.Tensor]] = [None] * level.num_blocks
-        finer[::2] = x
-        for f, y in zip(level.odd, ys):
-            n_l, n_r = f.above.shape[1], f.below.shape[1]
-            neighbours = torch.stack([finer[o - 1][-n_l:] for o in f.positions])
-            if n_r:
-                neighbours = torch.cat(
-                    [neighbours, torch.stack([finer[o + 1][:n_r] for o in f.positions])], dim=1)
-            x_odd = torch.baddbmm(y, f.solved, neighbours, alpha=-1)
-            for o, xo in zip(f.positions, x_odd.unbind()):
-                finer[o] = xo
+        M, c = level.lu.shape[0], level.left.shape[-1]
+        y = torch.linalg.lu_solve(level.lu, level.pivots, b[1::2])
+        coarse = b.new_empty(M + 1 + level.pad, m, k)
+        coarse[:M + 1] = b[0::2]
+        coarse[:M, m - c:].baddbmm_(level.left.mT, y[:, :c], alpha=-1)
+        coarse[1:M + 1, :c].baddbmm_(level.right, y[:, m - c:], alpha=-1)
+        if level.pad:
+            coarse[M + 1].zero_()
+        ys.append(y)
+        b = coarse
+    x = torch.linalg.lu_solve(*factor.root, b.reshape(-1, k)).reshape(b.shape).contiguous()
+    for level, y in zip(reversed(factor.levels), reversed(ys)):
+        M, c = level.lu.shape[0], level.left.shape[-1]
+        # [x_{o-1}[tail]; x_{o+1}[head]] for every odd o: the tail of one even block and the
+        # head of the next are adjacent rows, so these are overlapping windows (a view).
+        windows = x.as_strided((M, 2 * c, k), (m * k, k, 1), x.storage_offset() + (m - c) * k)
+        finer = x.new_empty(2 * M + 1, m, k)
+        finer[0::2] = x[:M + 1]
+        torch.baddbmm(y, level.solved, windows, alpha=-1, out=finer[1::2])
         x = finer
-    return list(torch.cat(x).split(factor.block_sizes))
+    if factor.first_pad:
+        x = x[:-1]
+    return x.reshape(-1, rhs.shape[1], k)[:N]
 
 
+def solve(factor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve with either factorisation: rhs (N, n, k) -> x (N, n, k)."""
+    if isinstance(factor, CyclicReductionFactor):
+        return cyclic_reduction_solve(factor, rhs)
+    return banded_lu_solve(factor, rhs)
 
-def equilibrate(system: BlockTridiagonal) -> tuple[BlockTridiagonal, list[torch.Tensor]]:
-    """Symmetric diagonal scaling ``S K S``, s_i = 1 / sqrt(max_j |K_ij|) (one sweep of
-    LAPACK's syequb idea); returns the scaled system and the per-block scales.
 
-    Eliminating x_l leaves entries ~ 1/eps (in R, where A_l has little
-    curvature) beside O(1) couplings; scaled, the reduced system's condition
-    number is back near the lifted system's (e.g. 1e12 -> 3e7 at eps = 1e-3),
-    which is what pivoting and the condition check should see.
+# --------------------------------------------------------------------------
+# Equilibration and the condition estimate
+# --------------------------------------------------------------------------
+
+
+def equilibrate(system: BlockTridiagonal, inplace: bool = False
+                ) -> tuple[BlockTridiagonal, torch.Tensor]:
+    """Symmetric diagonal scaling ``S A S``, s_i = 1 / sqrt(max_j |A_ij|) (one sweep of
+    LAPACK's syequb idea); returns the scaled system (``system`` itself, scaled, if
+    ``inplace``) and the scales (N, n), 1 on the padding.  A constant number of batched
+    calls.
     """
-    row_max = [d.abs().amax(1) for d in system.diag]
-    for l, s in enumerate(system.sub):
-        row_max[l + 1] = torch.maximum(row_max[l + 1], s.abs().amax(1))
-        row_max[l] = torch.maximum(row_max[l], s.abs().amax(0))
-    scales = [torch.where(m > 0, m, torch.ones_like(m)).rsqrt() for m in row_max]
-    diag = [s[:, None] * d * s for s, d in zip(scales, system.diag)]
-    sub = [scales[l + 1][:, None] * s * scales[l] for l, s in enumerate(system.sub)]
-    return BlockTridiagonal(diag, sub), scales
+    row_max = torch.linalg.vector_norm(system.rows, math.inf, dim=-1)
+    scales = torch.where(row_max > 0, row_max, 1.0).rsqrt()
+    if not inplace:
+        system = BlockTridiagonal(system.rows.clone(), system.sizes)
+    system.rows.mul_(scales.unsqueeze(-1)).mul_(_windows(scales.unsqueeze(-1)).mT)
+    return system, scales
+
+
+def reciprocal_condition(system: BlockTridiagonal, factor, iterations: int = 5) -> float:
+    """Estimate 1 / cond_1 of a symmetric system from its factors (Hager-Higham, LAPACK
+    gecon): at most ``iterations`` pairs of solves ``y = A^{-1} e``, ``z = A^{-1} sign(y)``
+    give a lower bound on ||A^{-1}||_1, usually within a factor of 3 (A^{-T} = A^{-1}).
+    One host synchronisation per pair.  0.0 when a solve is not finite.
+    """
+    mask = system.mask().unsqueeze(-1).to(system.diag.dtype)
+    x = mask / mask.sum()
+    estimate = 0.0
+    for it in range(iterations):
+        y = solve(factor, x)
+        z = solve(factor, torch.sign(y))
+        j = z.abs().reshape(-1).argmax()
+        stats = torch.stack([torch.isfinite(y).all().to(y.dtype), y.abs().sum(),
+                             z.reshape(-1)[j].abs(), (z * x).sum()]).tolist()
+        if not stats[0]:
+            return 0.0
+        estimate = stats[1]
+        if it > 0 and stats[2] <= stats[3]:
+            break
+        x = torch.zeros_like(x)
+        x.view(-1)[j] = 1.0
+    norm = float(system.norm1())
+    return 1.0 / (norm * estimate) if estimate > 0 else 0.0

@@ -9,12 +9,13 @@ comments cite by name; the module runs top to bottom in that order:
   :class:`ConvNetWithTracking`).
 - The derivative oracle: per layer ``J_l``, ``F_l`` and the second derivatives
   ``A_l``, ``C_l``, ``G_l`` of ``b_l . f_l`` (:func:`compute_layer_derivatives`),
-  or blocks known by their action (:class:`LayerBlocks`): closed forms for
-  affine, convolutional, flattening and pooling layers
-  (:class:`AffineLayerBlocks`, :class:`ConvLayerBlocks`,
-  :class:`LinearLayerBlocks`), autograd products for any other large layer
-  (:class:`AutogradLayerBlocks`); all in one backward sweep
-  (:func:`chain_derivatives`).
+  or blocks known by their action (:class:`LayerBlocks`): closed forms for affine,
+  convolutional, flattening and pooling layers (:class:`AffineLayerBlocks`,
+  :class:`ConvLayerBlocks`, :class:`LinearLayerBlocks`), autograd products for any
+  other large layer (:class:`AutogradLayerBlocks`); all in one
+  backward sweep (:func:`chain_derivatives`) that stacks runs of equal layers
+  (:class:`LayerGroup`: "Stacked layers"), so that only what is sequential in depth
+  loops over layers.
 - The Hessian-vector product through those blocks
   (:func:`structured_hessian_vector_product`).
 - The lifted system: ``(H + eps I) x = g`` as a symmetric block-tridiagonal
@@ -27,9 +28,10 @@ comments cite by name; the module runs top to bottom in that order:
   output-space route (:class:`OutputSpaceSolver`) and, for networks with few
   parameters and huge states (CNNs), the parameter-space route
   (:class:`ParameterSpaceSolver`).
-- One memory guard, the operators users hold (:class:`HessianOperator`,
-  :class:`HessianInverse`, whose solver is the lifted or the eliminated one),
-  one function that chooses the route (:func:`choose_route`), and the entry
+- One memory guard and cost model, the operators users hold (:class:`HessianOperator`,
+  :class:`HessianInverse`, whose solver is the lifted, the eliminated, the layer-wise
+  or the output-space one), one function that chooses the route (:func:`choose_route`,
+  by :class:`DeviceModel`), and the entry
   points (:func:`hessian_operator`, :func:`factorize`,
   :func:`hessian_inverse_vector_product`, :func:`hessian_vector_product`).
 
@@ -51,7 +53,7 @@ import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import accumulate
 from typing import Callable, Optional, Sequence
 
@@ -60,14 +62,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from block_tridiagonal import (BlockTridiagonal, CyclicReductionFactor, SingularSystemError,
-                               banded_lu, banded_lu_solve, cyclic_reduction,
-                               cyclic_reduction_solve, equilibrate)
+from block_tridiagonal import (BlockTridiagonal, SingularSystemError, banded_lu,
+                               cyclic_reduction, equilibrate, reciprocal_condition)
+from block_tridiagonal import solve as solve_factored
 
 __all__ = [
     # models
-    "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "TrackedChain",
-    "DeepMLPWithTracking", "ConvActivation", "ConvNetWithTracking",
+    "ACTIVATIONS", "AffineActivation", "AffineCrossEntropy", "AffineSquaredError",
+    "TrackedChain", "DeepMLPWithTracking", "LOSSES", "ConvActivation", "ConvNetWithTracking",
     # the derivative oracle
     "LayerDerivatives", "compute_layer_derivatives",
     # operators and entry points
@@ -117,6 +119,30 @@ class InaccurateSolveError(SingularHessianError):
 
 class InsufficientMemoryError(MemoryError):
     """The computation would not fit in the memory of the model's device."""
+
+
+class _Checks:
+    """Conditions evaluated on the device and verified together: one host synchronisation.
+
+    ``add(ok, error)``: ``ok`` a bool tensor (all of it must hold), ``error(ok)`` builds
+    the exception to raise.  :meth:`verify` raises the first failing one, in the order
+    added, so that a stale input is reported before what it broke downstream.
+    """
+
+    def __init__(self, *items):
+        self.items = list(items)
+
+    def add(self, ok: torch.Tensor, error: Callable[[torch.Tensor], Exception]) -> "_Checks":
+        self.items.append((ok, error))
+        return self
+
+    def verify(self) -> None:
+        items, self.items = self.items, []
+        if items:
+            flags = torch.stack([ok.all() for ok, _ in items]).tolist()
+            for (ok, error), flag in zip(items, flags):
+                if not flag:
+                    raise error(ok)
 
 
 # --------------------------------------------------------------------------
@@ -209,6 +235,47 @@ class AffineCrossEntropy(nn.Module):
         return basis
 
 
+class AffineSquaredError(nn.Module):
+    """Output layer fused with the mean squared error: ``mean_{n,i} (W z_n + c - y_n)_i^2``.
+
+    ``F.mse_loss`` (its default mean over all B x C entries); targets are float
+    (B, C), converted to the outputs' dtype.  The regression counterpart of
+    :class:`AffineCrossEntropy`, split the same way (``logits`` are the predictions).
+    Unlike the softmax it has no gauge: no direction leaves the loss unchanged, so
+    there is no ``null_directions``.  A Gaussian negative log-likelihood with a fixed
+    variance s^2 is this loss times C / (2 s^2) plus a constant: the same curvature,
+    scaled.
+    """
+
+    def __init__(self, in_features: int, num_outputs: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_outputs, bias=bias)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not (isinstance(targets, torch.Tensor) and targets.is_floating_point()
+                and targets.shape == outputs.shape):
+            found = (f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor)
+                     else type(targets).__name__)
+            raise HessianInverseError(
+                f"the squared-error loss needs float targets of the outputs' shape "
+                f"{tuple(outputs.shape)}, got {found} (for one output, pass y[:, None]; "
+                "a broadcast would compare every prediction with every target)")
+        # F.mse_loss's value, written out: torch 2.14's forward-mode derivative of
+        # mse_loss's backward fails ("ZeroTensors are immutable"), and the generic
+        # derivative oracle differentiates forward-over-reverse.
+        return (outputs - targets.to(outputs.dtype)).square().mean()
+
+    def forward(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.logits(z), targets)
+
+
+#: The fused loss layers of :class:`DeepMLPWithTracking`, by the name its ``loss`` takes.
+LOSSES = {"cross_entropy": AffineCrossEntropy, "mse": AffineSquaredError}
+
+
 @dataclass
 class TrackedForward:
     """What a tracked forward pass records, checked before every use.
@@ -218,8 +285,9 @@ class TrackedForward:
       in place afterwards cannot change them.
     - ``targets``: a copy.
     - ``loss_ref``: a weak reference to the returned loss tensor.
-    - ``parameters``: copies of the parameter values the pass ran with.  Every
-      use compares them with the current values bit for bit, which catches
+    - ``parameters``: the parameter values the pass ran with, as one flat byte
+      copy, and ``layout`` their (shape, dtype, device).  Every use compares
+      them with the current values bit for bit (one comparison), which catches
       every way of changing a parameter (an optimizer step, fused or not,
       ``p.data = ...``, ``vector_to_parameters``, ``model.double()``).
     - ``stochastic``: modules that made the pass random or stateful
@@ -229,7 +297,8 @@ class TrackedForward:
     inputs: list
     targets: torch.Tensor
     loss_ref: Callable
-    parameters: tuple
+    parameters: torch.Tensor
+    layout: tuple
     stochastic: list
 
 
@@ -241,20 +310,24 @@ def _record(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return z.clone() if shares else z
 
 
-def _same_bits(current: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> bool:
-    """Whether two lists of tensors agree in shape, dtype, device and every bit.
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
 
-    One host synchronisation for the whole list, not one per tensor.
-    """
-    if len(current) != len(saved) or any(
-            (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)
-            for a, b in zip(current, saved)):
-        return False
+
+def _flat_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bits of a list of tensors as one flat uint8 tensor (a copy)."""
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _unchanged(current: Sequence[torch.Tensor], layout: tuple, saved: torch.Tensor
+               ) -> torch.Tensor:
+    """Whether tensors still have the layout and every bit of a snapshot (a bool tensor,
+    not synchronised): one comparison over the flat bytes."""
+    if _layout(current) != layout:
+        return torch.zeros((), dtype=torch.bool)
     if not current:
-        return True
-    equal = [(a.detach().reshape(-1).view(torch.uint8) ==
-              b.reshape(-1).view(torch.uint8)).all() for a, b in zip(current, saved)]
-    return bool(torch.stack(equal).all())
+        return torch.ones((), dtype=torch.bool)
+    return (_flat_bytes(current) == saved).all()
 
 
 def _stochastic_modules(model: nn.Module) -> list:
@@ -317,13 +390,20 @@ class TrackedChain(nn.Module):
                 inputs=inputs,
                 targets=targets.detach().clone(),
                 loss_ref=weakref.ref(loss),
-                parameters=tuple(p.detach().clone() for p in self.parameters()),
+                parameters=_flat_bytes(list(self.parameters())),
+                layout=_layout(list(self.parameters())),
                 stochastic=_stochastic_modules(self),
             )
         return loss
 
-    def tracked_forward(self, loss: Optional[torch.Tensor] = None) -> TrackedForward:
-        """The recorded forward pass, checked to be current and to match ``loss``."""
+    def tracked_forward(self, loss: Optional[torch.Tensor] = None,
+                        checks: Optional[_Checks] = None) -> TrackedForward:
+        """The recorded forward pass, checked to be current and to match ``loss``.
+
+        The bit-for-bit comparison of the parameters is added to ``checks`` when given
+        (verified with the caller's other checks: one host synchronisation), else
+        verified here.
+        """
         tracked = self._tracked
         rerun = "run loss = model(x, targets, track_activations=True) again"
         if tracked is None:
@@ -337,13 +417,18 @@ class TrackedChain(nn.Module):
                 "`loss` is not the output of the model's last tracked forward pass; "
                 "call loss = model(x, targets, track_activations=True) and pass that loss"
             )
-        if not _same_bits(list(self.parameters()), tracked.parameters):
-            raise NotTrackedError(
-                "the parameters changed since the tracked forward pass (their values, dtype "
-                "or device: an optimizer step, p.data = ..., vector_to_parameters, "
-                f"model.double(), ...); the recorded activations are stale: {rerun} at the "
-                "current parameters"
-            )
+        stale = NotTrackedError(
+            "the parameters changed since the tracked forward pass (their values, dtype "
+            "or device: an optimizer step, p.data = ..., vector_to_parameters, "
+            f"model.double(), ...); the recorded activations are stale: {rerun} at the "
+            "current parameters")
+        current = list(self.parameters())
+        if _layout(current) != tracked.layout:
+            raise stale
+        pending = _Checks() if checks is None else checks
+        pending.add(_unchanged(current, tracked.layout, tracked.parameters), lambda _: stale)
+        if checks is None:
+            pending.verify()
         stochastic = tracked.stochastic or _stochastic_modules(self)
         if stochastic:
             raise TrainingModeError(
@@ -358,14 +443,21 @@ class DeepMLPWithTracking(TrackedChain):
     """The paper's tall-skinny MLP.
 
     ``num_hidden_layers`` layers ``tanh(W z + c)`` (input -> hidden, then
-    hidden -> hidden), then one output affine layer fused with the mean
-    cross-entropy loss: L = num_hidden_layers + 1 layers in the chain.  Inputs
-    of any shape ``(B, ...)`` are flattened to ``(B, input_dim)``.
+    hidden -> hidden), then one output affine layer fused with the loss: L =
+    num_hidden_layers + 1 layers in the chain.  ``loss='cross_entropy'`` (default):
+    the mean cross-entropy over ``num_classes`` logits, class-index or probability
+    targets (:class:`AffineCrossEntropy`); ``loss='mse'``: the mean squared error of
+    ``num_classes`` outputs against float targets (B, num_classes)
+    (:class:`AffineSquaredError`).  Inputs of any shape ``(B, ...)`` are flattened to
+    ``(B, input_dim)``.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, num_classes: int,
-                 num_hidden_layers: int, activation: str = "tanh", bias: bool = True):
+                 num_hidden_layers: int, activation: str = "tanh", bias: bool = True,
+                 loss: str = "cross_entropy"):
         _activation(activation)
+        if loss not in LOSSES:
+            raise HessianInverseError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
         if min(input_dim, num_classes) < 1 or num_hidden_layers < 0 or (
                 num_hidden_layers > 0 and hidden_dim < 1):
             raise HessianInverseError(
@@ -376,8 +468,9 @@ class DeepMLPWithTracking(TrackedChain):
         widths = [input_dim] + [hidden_dim] * num_hidden_layers
         hidden = [AffineActivation(widths[i], widths[i + 1], activation, bias)
                   for i in range(num_hidden_layers)]
-        super().__init__(hidden, AffineCrossEntropy(widths[-1], num_classes, bias))
+        super().__init__(hidden, LOSSES[loss](widths[-1], num_classes, bias))
         self.activation = activation
+        self.loss = loss
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
@@ -847,6 +940,30 @@ class ChainRuleBlocks(LayerBlocks):
             return self.Wb_t(self.D(self.Wb(t)))
         return self._map(self.num_inputs, self.num_inputs, apply, apply)
 
+    def tangent(self, v: Optional[torch.Tensor], t: Optional[torch.Tensor]):
+        """The product's forward step with the chain rule's own recursion
+        ("The Hessian-vector product"): du = K v + Wb t, t_l = S du; returns (state for
+        :meth:`adjoint`, t_l).  ``v`` (p, k), ``t`` (a_in, k), either None for zero."""
+        du = _sum(None if v is None else self.K(v), None if t is None else self.Wb(t))
+        return (t, du), None if du is None else self.S(du)
+
+    def adjoint(self, v: Optional[torch.Tensor], state, u: Optional[torch.Tensor],
+                first_order: bool = False):
+        """The backward step: q = D du + S^T u, (H v)_l = K^T q + E t_{l-1},
+        u_{l-1} = Wb^T q + E^T v (four products where the blocks take twelve).
+        ``first_order``: J^T u and F^T u only.  Returns ((H v)_l or None, u_{l-1} or None)."""
+        t_prev, du = state
+        curved = self.curved and not first_order
+        q = _sum(self.D(du) if curved and du is not None else None,
+                 None if u is None else self.S_t(u))
+        out = _sum(None if q is None else self.K_t(q),
+                   self.E(t_prev) if curved and t_prev is not None else None)
+        back = None
+        if self.input_derivatives:
+            back = _sum(None if q is None else self.Wb_t(q),
+                        self.E_t(v) if curved and v is not None else None)
+        return out, back
+
     def gauss_newton(self, is_loss_layer: bool) -> "ChainRuleBlocks":
         """GGN keeps only the loss's curvature in the logits ("Gauss-Newton"): every
         layer loses the E term (r = 0: d2u/dx dz contracted with the backprop
@@ -873,6 +990,10 @@ class AffineLayerBlocks(ChainRuleBlocks):
     - ``u_hessian`` D: d2(b_l . z_l)/du2, one (h, h) block per example: (B, h, h),
       or (B, h) holding the diagonals when they are diagonal (hidden layers).
     - ``input_derivatives``: False for the first layer (its input is data).
+    - ``u_hessian_root``: R (B, r, h) with R_n^T R_n = D_n, when the loss layer's closed
+      forms supply it (the softmax: r = h - 1, by a Householder reflector; the squared
+      error: r = h); None where the output-space route derives it from D
+      (:func:`softmax_curvature_root`).
 
     r and D are the only second-order terms; Gauss-Newton
     ("Gauss-Newton") is this with r = 0 in every layer and D = 0 except in the loss
@@ -889,9 +1010,11 @@ class AffineLayerBlocks(ChainRuleBlocks):
     u_hessian: torch.Tensor
     input_derivatives: bool = True
     diagonal: bool = False
+    u_hessian_root: Optional[torch.Tensor] = None
 
     # Every tensor may carry leading dimensions (a stack of layers of the same
-    # shape, eliminated together); the methods act on each layer of the stack.
+    # shape, processed together); the methods act on each layer of the stack, and a
+    # direction carries the same leading dimensions.
 
     @property
     def num_examples(self) -> int:
@@ -938,26 +1061,28 @@ class AffineLayerBlocks(ChainRuleBlocks):
         return u.unflatten(-2, (self.num_examples, -1))
 
     def K(self, x: torch.Tensor) -> torch.Tensor:
-        """du/d(W, c) x: (p, k) -> (B h, k)."""
+        """du/d(W, c) x: (p, k) -> (B h, k).  One GEMM: Z (B, m) @ x_W^T (m, h k)."""
         x_w, x_c = self._split(x)
-        u = self.inputs.unsqueeze(-3) @ x_w  # (h, B, k)
+        h, m, k = x_w.shape[-3:]
+        u = (self.inputs @ x_w.movedim(-3, -2).reshape(*x_w.shape[:-3], m, h * k))
+        u = u.unflatten(-1, (h, k))
         if x_c is not None:
-            u = u + x_c
-        return u.transpose(-3, -2).flatten(-3, -2)
+            u = u + x_c.transpose(-3, -2)
+        return u.flatten(-3, -2)
 
     def K_t(self, u: torch.Tensor) -> torch.Tensor:
-        """K^T u: (B h, k) -> (p, k)."""
-        per_unit = self._examples(u).transpose(-3, -2)  # (h, B, k)
-        return self._join(self.inputs.mT.unsqueeze(-3) @ per_unit,
-                          per_unit.sum(-2) if self.bias else None)
+        """K^T u: (B h, k) -> (p, k).  One GEMM: Z^T (m, B) @ u (B, h k)."""
+        per = self._examples(u)  # (B, h, k)
+        x_w = (self.inputs.mT @ per.flatten(-2, -1)).unflatten(-1, per.shape[-2:])
+        return self._join(x_w.movedim(-2, -3), per.sum(-3) if self.bias else None)
 
     def Wb(self, t: torch.Tensor) -> torch.Tensor:
         """du/dz t = (I_B kron W) t: (B m, k) -> (B h, k)."""
-        return (self.weight.unsqueeze(-3) @ self._examples(t)).flatten(-3, -2)
+        return _per_example(self.weight, t)
 
     def Wb_t(self, u: torch.Tensor) -> torch.Tensor:
         """(I_B kron W)^T u: (B h, k) -> (B m, k)."""
-        return (self.weight.mT.unsqueeze(-3) @ self._examples(u)).flatten(-3, -2)
+        return _per_example(self.weight.mT, u)
 
     def S(self, u: torch.Tensor) -> torch.Tensor:
         """dz_l/du u: (B h, k) -> (a_out, k)."""
@@ -1001,6 +1126,23 @@ class AffineLayerBlocks(ChainRuleBlocks):
     @property
     def _like(self) -> torch.Tensor:
         return self.weight
+
+
+def _per_example(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(I_B kron M) x for M (..., r, c) and x (..., B c, k): one GEMM, x^T (B k, c) @ M^T."""
+    r, c = M.shape[-2:]
+    k = x.shape[-1]
+    xt = x.unflatten(-2, (-1, c)).mT  # (..., B, k, c)
+    out = (xt.reshape(*xt.shape[:-3], -1, c) @ M.mT).unflatten(-2, (-1, k))
+    return out.mT.flatten(-3, -2)
+
+
+def _add_per_example(out: torch.Tensor, M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out += (I_B kron M) x`` in place (one layer: M (r, c), x (B c, k), out (B r, k))."""
+    r, c = M.shape
+    if x.shape[-1] == 1:
+        return out.view(-1, r).addmm_(x.view(-1, c), M.T).view(out.shape)
+    return out.add_(_per_example(M, x))
 
 
 def gauss_newton_blocks(blocks: LayerBlocks, is_loss_layer: bool) -> LayerBlocks:
@@ -1051,24 +1193,6 @@ def _affine_inputs(linear: nn.Linear, z_prev: torch.Tensor):
     return Z, weight, bias, F.linear(Z, weight, bias)
 
 
-def affine_activation_blocks(layer: AffineActivation, z_prev: torch.Tensor,
-                             adjoint: torch.Tensor, input_derivatives: bool = True
-                             ) -> AffineLayerBlocks:
-    """Closed forms for ``sigma(W z + c)``.
-
-    S = diag(sigma'(u)), r = b sigma'(u), D = diag(b sigma''(u)).
-
-    ``adjoint`` is b_l (B h,), ``z_prev`` the layer's input (..., m).
-    """
-    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
-    first, second = _pointwise_derivatives(layer.activation, u)
-    b = adjoint.detach().reshape(u.shape)
-    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
-                             out_map=first.reshape(-1), u_gradient=b * first,
-                             u_hessian=b * second, input_derivatives=input_derivatives,
-                             diagonal=True)
-
-
 def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
                                 targets: torch.Tensor, input_derivatives: bool = True
                                 ) -> AffineLayerBlocks:
@@ -1080,45 +1204,103 @@ def affine_cross_entropy_blocks(layer: AffineCrossEntropy, z_prev: torch.Tensor,
     """
     Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
     B, num_classes = u.shape
-    y = (targets.to(u.dtype) if targets.is_floating_point()
-         else F.one_hot(targets, num_classes).to(u.dtype))
+    y = (targets.to(u.dtype) if targets.is_floating_point()  # one-hot without a host read
+         else (targets[:, None] == torch.arange(num_classes, device=u.device)).to(u.dtype))
     mass = y.sum(-1, keepdim=True)
     p = torch.softmax(u, dim=-1)
     r = (mass * p - y) / B
     D = mass[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
     return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
                              out_map=r.reshape(1, -1), u_gradient=r, u_hessian=D,
-                             input_derivatives=input_derivatives)
+                             input_derivatives=input_derivatives,
+                             u_hessian_root=_softmax_root(p, mass / B))
+
+
+def _softmax_root(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """R (B, C - 1, C) with R_n^T R_n = scale_n (diag(p_n) - p_n p_n^T), exactly.
+
+    With s = sqrt(p) (a unit vector, sum p = 1), diag(p) - p p^T = diag(s)(I - s s^T)diag(s),
+    and I - s s^T = H^T E H for the Householder reflector H = I - 2 w w^T / |w|^2,
+    w = s + e_C (H s = -e_C), E = I without its last entry: R_n = sqrt(scale_n)
+    H[:C-1] diag(s).  No eigendecomposition, no host synchronisation; O(B C^2).
+    """
+    s = p.sqrt()
+    w = s.clone()
+    w[:, -1] += 1.0
+    H = (torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) -
+         2 * w[:, :, None] * w[:, None, :] / w.square().sum(-1)[:, None, None])
+    return scale.sqrt()[:, :, None] * H[:, :-1] * s[:, None, :]
+
+
+def affine_squared_error_blocks(layer: AffineSquaredError, z_prev: torch.Tensor,
+                                targets: torch.Tensor, input_derivatives: bool = True
+                                ) -> AffineLayerBlocks:
+    """Closed forms for the fused loss ``mean_{n,i} (W z_n + c - y_n)_i^2`` (b_L = 1).
+
+    With k = 2 / (B C): gradient r = k (u - y), which is also S as one row; Hessian
+    D_n = k I_C for every example, and its root R_n = sqrt(k) I_C (C rows: no gauge).
+    """
+    Z, weight, bias, u = _affine_inputs(layer.linear, z_prev)
+    B, C = u.shape
+    k = 2.0 / (B * C)
+    r = k * (u - targets.detach().to(u.dtype))
+    eye = torch.eye(C, dtype=u.dtype, device=u.device).expand(B, C, C)
+    return AffineLayerBlocks(inputs=Z, weight=weight, bias=bias is not None,
+                             out_map=r.reshape(1, -1), u_gradient=r, u_hessian=k * eye,
+                             input_derivatives=input_derivatives,
+                             u_hessian_root=math.sqrt(k) * eye)
+
+
+#: The closed forms of each fused loss layer type, (layer, z, targets, input_derivatives).
+_LOSS_BLOCKS = {AffineCrossEntropy: affine_cross_entropy_blocks,
+                AffineSquaredError: affine_squared_error_blocks}
 
 
 def has_closed_form(layer: nn.Module, is_loss_layer: bool, z_prev: torch.Tensor,
-                    targets: Optional[torch.Tensor] = None) -> bool:
+                    targets: Optional[torch.Tensor] = None, check_range: bool = True) -> bool:
     """Whether closed forms describe this layer exactly.
 
-    Exact types only (a subclass may change ``forward``): a hidden layer whose type
-    is in :data:`HIDDEN_CLOSED_FORMS` (``AffineActivation``, ``ConvActivation``,
-    flattening and pooling) and that accepts ``z_prev``; ``AffineCrossEntropy`` as
-    the loss layer on (B, m) inputs (or (B, ...) flattened to m) with class-index
-    targets in range or (B, C) probability targets.
+    Exact types only (a subclass may change ``forward``): as a hidden layer
+    ``AffineActivation``, or a type in :data:`HIDDEN_CLOSED_FORMS` (``ConvActivation``,
+    flattening, pooling) that accepts ``z_prev``; as the loss layer on (B, m) inputs
+    (or (B, ...) flattened to m), ``AffineCrossEntropy`` with class-index targets in
+    range or (B, C) probability targets, and ``AffineSquaredError`` with (B, C) float
+    targets.
     """
     if not is_loss_layer:
         form = HIDDEN_CLOSED_FORMS.get(type(layer))
-        return form is not None and form.applies(layer, z_prev)
-    if (type(layer) is not AffineCrossEntropy or z_prev.dim() < 2 or targets is None
+        return type(layer) is AffineActivation or (form is not None
+                                                   and form.applies(layer, z_prev))
+    if (type(layer) not in _LOSS_BLOCKS or z_prev.dim() < 2 or targets is None
             or z_prev[0].numel() != layer.linear.in_features):
         return False
     num_classes = layer.linear.out_features
+    if type(layer) is AffineSquaredError:
+        return targets.is_floating_point() and tuple(targets.shape) == (z_prev.shape[0],
+                                                                         num_classes)
     if targets.is_floating_point():
         return tuple(targets.shape) == (z_prev.shape[0], num_classes)
     return (tuple(targets.shape) == (z_prev.shape[0],) and
-            bool(((targets >= 0) & (targets < num_classes)).all()))
+            (not check_range or bool(((targets >= 0) & (targets < num_classes)).all())))
 
 
-def closed_form_flags(model: TrackedChain, tracked: TrackedForward) -> list[bool]:
-    """Per layer, whether :func:`has_closed_form` holds at the tracked point."""
+def closed_form_flags(model: TrackedChain, tracked: TrackedForward,
+                      checks: Optional[_Checks] = None) -> list[bool]:
+    """Per layer, whether :func:`has_closed_form` holds at the tracked point.
+
+    With ``checks``, class-index targets are taken by shape and their range is added to
+    ``checks`` (out of range is an error either way: cross-entropy refuses them too).
+    """
     layers = list(model.layers)
-    return [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets)
-            for l, layer in enumerate(layers)]
+    flags = [has_closed_form(layer, l == len(layers) - 1, tracked.inputs[l], tracked.targets,
+                             checks is None) for l, layer in enumerate(layers)]
+    targets = tracked.targets
+    if checks is not None and flags[-1] and not targets.is_floating_point():
+        classes = layers[-1].linear.out_features
+        checks.add((targets >= 0) & (targets < classes), lambda _: HessianInverseError(
+            f"targets must be class indices in [0, {classes}) for the loss layer's "
+            f"{classes} classes; got values from {int(targets.min())} to {int(targets.max())}"))
+    return flags
 
 # --------------------------------------------------------------------------
 # Convolutional layers in closed form (docs/ALGORITHM.md, "Convolutional layers")
@@ -1281,7 +1463,7 @@ class ConvLayerBlocks(ChainRuleBlocks):
         U_l = psi K are per-example weight gradients, Y = psi_n Zh_n (m = B r rows, p_l
         columns), so U_l U_l^T = Y Y^T; Phi_{l-1} = psi Wb per example (conv2d_input of
         the B r rows as examples).  Cost O(m P q C_out + m^2 p_l), P positions, q = C_in
-        kh kw."""
+        kh kw.  Returns (U_l U_l^T, Phi_{l-1} or None, Y), or None if the batch differs."""
         B, r = phi.shape[:2]
         if B != self.inputs.shape[0]:
             return None
@@ -1293,16 +1475,18 @@ class ConvLayerBlocks(ChainRuleBlocks):
         if self.bias:
             Y = torch.cat([Y, psi.sum(-1).reshape(B * r, C_out)], dim=1)
         if not self.input_derivatives:
-            return Y @ Y.T, None
+            return Y @ Y.T, None, Y
         rows = psi.reshape(B * r, *self.out_map.shape[1:])
         prev = self._input_grad((B * r, *self.inputs.shape[1:]), self.weight, rows)
-        return Y @ Y.T, prev.reshape(B, r, -1)
+        return Y @ Y.T, prev.reshape(B, r, -1), Y
 
 
-def conv_activation_blocks(layer: ConvActivation, z_prev: torch.Tensor, adjoint: torch.Tensor,
+def conv_activation_blocks(layer: ConvActivation, z_prev: torch.Tensor,
+                           adjoint: Optional[torch.Tensor],
                            input_derivatives: bool = True) -> ConvLayerBlocks:
     """Closed forms for ``sigma(conv(z, W) + c)``: S = diag(sigma'(u)), r = b sigma'(u),
-    D = diag(b sigma''(u)), as for an affine layer ("Structured layers")."""
+    D = diag(b sigma''(u)), as for an affine layer ("Structured layers").  ``adjoint``
+    b_l, or None for the Gauss-Newton matrix (r = D = 0)."""
     conv = layer.conv
     weight = conv.weight.detach().clone()
     z = z_prev.detach()
@@ -1313,6 +1497,10 @@ def conv_activation_blocks(layer: ConvActivation, z_prev: torch.Tensor, adjoint:
     bias = conv.bias.detach() if conv.bias is not None else None
     u = F.conv2d(z, weight, bias, stride, padding)
     first, second = _pointwise_derivatives(layer.activation, u)
+    if adjoint is None:
+        zero = torch.zeros_like(u)
+        return ConvLayerBlocks(z, weight, bias is not None, stride, padding, first, zero, zero,
+                               input_derivatives, curved=False)
     b = adjoint.detach().reshape(u.shape)
     return ConvLayerBlocks(z, weight, bias is not None, stride, padding, first, b * first,
                            b * second, input_derivatives)
@@ -1396,13 +1584,14 @@ class LinearLayerBlocks(LayerBlocks):
                 else None)
 
     def example_gram(self, phi: torch.Tensor):
-        """The output route's step ("Convolutional layers"): no parameters, and
-        Phi_{l-1} = Phi_l F per example, the B r rows as examples of f^T."""
+        """The output route's step ("Convolutional layers"): no parameters (Y is m x 0),
+        and Phi_{l-1} = Phi_l F per example, the B r rows as examples of f^T."""
         B, r = phi.shape[:2]
-        if not self.input_derivatives:
-            return None, None
+        Y = phi.new_zeros(B * r, 0)
+        if B != self.in_shape[0] or not self.input_derivatives:
+            return None if B != self.in_shape[0] else (None, None, Y)
         prev = self.adjoint_map(phi.reshape(B * r, *self.out_shape[1:]))
-        return None, prev.reshape(B, r, -1)
+        return None, prev.reshape(B, r, -1), Y
 
 
 @dataclass
@@ -1428,12 +1617,13 @@ class MaxPoolBlocks(LinearLayerBlocks):
     def example_gram(self, phi: torch.Tensor):
         """Per example's own indices: the B r rows are r rows of each of B examples."""
         B, r = phi.shape[:2]
-        if not self.input_derivatives:
-            return None, None
+        Y = phi.new_zeros(B * r, 0)
+        if B != self.in_shape[0] or not self.input_derivatives:
+            return None if B != self.in_shape[0] else (None, None, Y)
         rows = phi.reshape(B, r, self.out_shape[1], -1).transpose(0, 1).reshape(
             B * r, *self.out_shape[1:])
         prev = self.adjoint_map(rows).reshape(r, B, -1).transpose(0, 1)
-        return None, prev.reshape(B, r, -1)
+        return None, prev.reshape(B, r, -1), Y
 
 
 def linear_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
@@ -1475,9 +1665,9 @@ def _pools_batch(layer: nn.Module, z_prev: torch.Tensor) -> bool:
     return z_prev.dim() == (3 if "1d" in type(layer).__name__ else 4)
 
 
-#: Hidden layers with closed forms, by exact type (:func:`has_closed_form`).
+#: Hidden layers with closed forms besides ``AffineActivation`` (whose runs
+#: :func:`chain_derivatives` stacks), by exact type (:func:`has_closed_form`).
 HIDDEN_CLOSED_FORMS: dict = {
-    AffineActivation: ClosedForm(affine_activation_blocks),
     ConvActivation: ClosedForm(conv_activation_blocks),
     nn.Flatten: ClosedForm(linear_layer_blocks, _flattens_examples),
     nn.Identity: ClosedForm(linear_layer_blocks),
@@ -1617,10 +1807,12 @@ class AutogradLayerBlocks(LayerBlocks):
         return self._second("z", "z") if self.input_derivatives else None
 
 
-def autograd_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
-                          targets: torch.Tensor, is_loss_layer: bool, input_derivatives: bool,
+def autograd_layer_blocks(layer: nn.Module, z_prev: torch.Tensor,
+                          adjoint: Optional[torch.Tensor], targets: torch.Tensor,
+                          is_loss_layer: bool, input_derivatives: bool,
                           curvature: str) -> AutogradLayerBlocks:
-    """:class:`AutogradLayerBlocks` of one layer at the tracked point."""
+    """:class:`AutogradLayerBlocks` of one layer at the tracked point (``adjoint`` None
+    for a hidden layer under Gauss-Newton, which needs none)."""
     z = z_prev.detach()
     extra = (targets.detach(),) if is_loss_layer else ()
     theta = _flat_parameters(layer, z)
@@ -1635,24 +1827,184 @@ def autograd_layer_blocks(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch
         with torch.no_grad():
             shape = layer.logits(z).shape
         loss = lambda o: layer.loss(o.view(shape), extra[0])  # noqa: E731
+    if adjoint is None:
+        with torch.no_grad():
+            adjoint = z.new_zeros(function(theta, z.reshape(-1)).numel())
     b = adjoint.detach().reshape(-1)
     return AutogradLayerBlocks(theta, z, b, function, b.numel() if not is_loss_layer else 1,
                                input_derivatives, kind, logits, loss)
 
 # --------------------------------------------------------------------------
-# All layers in one backward sweep
+# Stacked layers and the derivative sweep (docs/ALGORITHM.md, "Stacked layers")
 # --------------------------------------------------------------------------
 
+#: The fields of :class:`AffineLayerBlocks` that carry the layer dimension of a stack.
+_STACKED = ("inputs", "weight", "out_map", "u_gradient", "u_hessian", "u_hessian_root")
 
-def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Tensor,
+
+@dataclass
+class LayerGroup:
+    """Consecutive layers processed as one.
+
+    ``start``, ``stop``: their chain indices.  ``blocks``: the closed-form
+    :class:`AffineLayerBlocks` of layers of one shape stacked along a leading dimension
+    (a run of equal hidden layers is one group, whatever the depth), or one layer's dense
+    :class:`LayerDerivatives` (``stop = start + 1``).  ``has_r``, ``has_d``: whether the
+    closed forms' second-order terms r (the E blocks) and D are nonzero: both for the
+    Hessian, D alone in the Gauss-Newton loss layer, neither in its hidden layers.
+    Directions for a group are (G, p, k): G = ``count`` layers of p = ``params`` each.
+    """
+
+    start: int
+    stop: int
+    blocks: object
+    has_r: bool = True
+    has_d: bool = True
+    _layers: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    def per_layer(self) -> tuple:
+        """(W_l, W_l^T, sigma'_l as (B, h)) of each layer of a hidden stack: views made once,
+        for the loops that are sequential in depth."""
+        if self._layers is None:
+            d = self.blocks
+            self._layers = (d.weight.unbind(), d.weight.mT.unbind(),
+                            d.out_map.view(self.count, d.num_examples, -1).unbind())
+        return self._layers
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.blocks, AffineLayerBlocks)
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def params(self) -> int:
+        return self.blocks.num_params
+
+    @property
+    def outputs(self) -> int:
+        return self.blocks.num_outputs
+
+    def layer(self, i: int):
+        """Layer ``start + i``'s blocks: views into the stack."""
+        if not self.closed:
+            return self.blocks
+        b = self.blocks
+        return replace(b, **{f: getattr(b, f)[i] for f in _STACKED if getattr(b, f) is not None})
+
+    def tensors(self) -> list:
+        """(name, tensor) of every block stored."""
+        return [(f.name, getattr(self.blocks, f.name)) for f in fields(self.blocks)
+                if isinstance(getattr(self.blocks, f.name), torch.Tensor)]
+
+    def to(self, dtype: torch.dtype) -> "LayerGroup":
+        cast = {name: t.to(dtype) for name, t in self.tensors() if t.is_floating_point()}
+        return replace(self, blocks=replace(self.blocks, **cast), _layers=None)
+
+
+def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
+    """Closed-form blocks of same-shape layers stacked along a new leading dimension
+    (a view for one layer)."""
+    first = blocks[0]
+    return replace(first, **{f: (getattr(first, f)[None] if len(blocks) == 1 else
+                                 torch.stack([getattr(b, f) for b in blocks]))
+                             for f in _STACKED if getattr(first, f) is not None})
+
+
+def _one_layer_group(l: int, d) -> LayerGroup:
+    """A group of the single layer ``l`` (its closed forms get a stack dimension of 1)."""
+    return LayerGroup(l, l + 1, stack_blocks([d]) if isinstance(d, AffineLayerBlocks) else d)
+
+
+def _signature(d) -> Optional[tuple]:
+    if not isinstance(d, AffineLayerBlocks):
+        return None
+    return (d.inputs.shape, d.weight.shape, d.out_map.shape, d.u_hessian.shape, d.bias,
+            d.diagonal, d.input_derivatives)
+
+
+def group_layers(derivs: Sequence) -> list[LayerGroup]:
+    """Per-layer blocks as :class:`LayerGroup` s: runs of consecutive closed-form layers
+    of one shape stacked (copies), every other layer a group of its own."""
+    runs: list = []
+    for l, d in enumerate(derivs):
+        key = _signature(d)
+        if runs and key is not None and key == _signature(derivs[runs[-1][0]]):
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    return [LayerGroup(run[0], run[-1] + 1, stack_blocks([derivs[l] for l in run])
+                       if isinstance(derivs[run[0]], AffineLayerBlocks) else derivs[run[0]])
+            for run in runs]
+
+
+def _runs(model: TrackedChain, closed: Sequence[bool]) -> list[tuple[int, int]]:
+    """Chain index ranges of the groups: maximal runs of closed-form hidden layers of one
+    shape and activation (the first layer, whose input is data, on its own), single layers
+    otherwise."""
+    layers, last = list(model.layers), len(model.layers) - 1
+    runs, previous = [], None
+    for l, layer in enumerate(layers):
+        key = None
+        if closed[l] and l != last and type(layer) is AffineActivation:
+            lin = layer.linear
+            key = (lin.in_features, lin.out_features, lin.bias is not None, layer.activation,
+                   l == 0)
+        if runs and key is not None and key == previous:
+            runs[-1][1] = l + 1
+        else:
+            runs.append([l, l + 1])
+        previous = key
+    return [tuple(r) for r in runs]
+
+
+def _hidden_group(layers: Sequence[AffineActivation], inputs: Sequence[torch.Tensor],
+                  first: bool, adjoint: Optional[torch.Tensor]):
+    """Closed forms of a run of equal ``sigma(W z + c)`` layers, stacked.
+
+    The forward quantities are batched over the run (u = Z W^T + c by one batched GEMM,
+    sigma' and sigma'' elementwise); only the adjoint ``b_{l-1} = Wb_l^T (sigma'_l b_l)``
+    is a loop, two calls per layer.  ``adjoint``: b at the run's last output, or None for
+    the Gauss-Newton matrix (no second-order terms: r = D = 0).  Returns the stacked
+    :class:`AffineLayerBlocks` and the adjoint at the run's input.
+    """
+    W = torch.stack([layer.linear.weight.detach() for layer in layers])    # (G, h, m), a copy
+    Z = torch.stack([z.detach().reshape(-1, W.shape[-1]) for z in inputs])  # (G, B, m)
+    bias = layers[0].linear.bias is not None
+    u = (torch.baddbmm(torch.stack([layer.linear.bias.detach() for layer in layers])[:, None],
+                       Z, W.mT) if bias else Z @ W.mT)
+    first_derivative, second = _pointwise_derivatives(layers[0].activation, u)
+    if adjoint is None:
+        zero = torch.zeros_like(u)
+        return AffineLayerBlocks(Z, W, bias, first_derivative.flatten(-2), zero, zero,
+                                 not first, True), None
+    b = torch.empty_like(u)
+    b[-1] = adjoint.reshape(b.shape[1:])
+    entering = None
+    for i in reversed(range(len(layers))):
+        scaled = first_derivative[i] * b[i]
+        if i:
+            torch.mm(scaled, W[i], out=b[i - 1])
+        elif not first:
+            entering = (scaled @ W[0]).reshape(-1)
+    return AffineLayerBlocks(Z, W, bias, first_derivative.flatten(-2), b * first_derivative,
+                             b * second, not first, True), entering
+
+
+def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: Optional[torch.Tensor],
                        targets: torch.Tensor, is_loss: bool, first: bool, curvature: str,
                        closed_form: bool, matrix_free: bool = False):
-    """One layer's blocks: closed forms where ``closed_form``, autograd products where
-    ``matrix_free`` (:class:`AutogradLayerBlocks`), else dense autograd blocks."""
+    """One layer's blocks other than a hidden affine closed-form run: the closed-form loss
+    layer or a hidden layer of :data:`HIDDEN_CLOSED_FORMS`, autograd products where
+    ``matrix_free`` (:class:`AutogradLayerBlocks`), else dense autograd blocks.
+    ``adjoint``: b_l, or None under Gauss-Newton for a hidden layer (not needed)."""
+    if closed_form and not is_loss:
+        return HIDDEN_CLOSED_FORMS[type(layer)].blocks(layer, z_prev, adjoint, not first)
     if closed_form:
-        d = (affine_cross_entropy_blocks(layer, z_prev, targets, not first) if is_loss
-             else HIDDEN_CLOSED_FORMS[type(layer)].blocks(layer, z_prev, adjoint, not first))
-        return gauss_newton_blocks(d, is_loss) if curvature == "ggn" else d
+        d = _LOSS_BLOCKS[type(layer)](layer, z_prev, targets, not first)
+        return gauss_newton_blocks(d, True) if curvature == "ggn" else d
     if matrix_free:
         return autograd_layer_blocks(layer, z_prev, adjoint, targets, is_loss, not first,
                                      curvature)
@@ -1665,18 +2017,20 @@ def _layer_derivatives(layer: nn.Module, z_prev: torch.Tensor, adjoint: torch.Te
 
 def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: str = "hessian",
                       closed: Optional[Sequence[bool]] = None,
-                      matrix_free: Optional[Sequence[bool]] = None) -> list:
-    """All layers' derivatives in one backward sweep (l = L..1).
+                      checks: Optional[_Checks] = None,
+                      matrix_free: Optional[Sequence[bool]] = None) -> list[LayerGroup]:
+    """All layers' derivatives in one backward sweep (l = L..1), as :class:`LayerGroup` s.
 
-    The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l,
-    exactly backprop, so every layer's second derivatives are contracted with
-    the right adjoint.  ``curvature='ggn'`` gives the Gauss-Newton blocks
-    instead: first order only for hidden layers, and the loss layer's curvature
-    restricted to its logits (docs/ALGORITHM.md, "Gauss-Newton").  Layers
-    flagged in ``closed`` (from :func:`closed_form_flags`) get closed-form
-    blocks (:data:`HIDDEN_CLOSED_FORMS`), those flagged in ``matrix_free``
-    :class:`AutogradLayerBlocks`; the others get dense :class:`LayerDerivatives`.
-    ``tracked`` is the model's checked tracked forward pass.
+    The adjoint starts at b_L = 1 and is propagated as b_{l-1} = F_l^T b_l, exactly
+    backprop, so every layer's second derivatives are contracted with the right adjoint
+    (not needed for ``curvature='ggn'``, whose hidden layers are first order and whose
+    loss layer's curvature is restricted to its logits: docs/ALGORITHM.md,
+    "Gauss-Newton").  Runs of equal ``AffineActivation`` layers flagged in ``closed``
+    (from :func:`closed_form_flags`) get stacked :class:`AffineLayerBlocks`, other
+    flagged layers their closed forms (:data:`HIDDEN_CLOSED_FORMS`), layers flagged in
+    ``matrix_free`` :class:`AutogradLayerBlocks`; the others dense
+    :class:`LayerDerivatives`.  The check that every block is finite is added to
+    ``checks`` (verified here when None).
     """
     layers = list(model.layers)
     last = len(layers) - 1
@@ -1684,64 +2038,133 @@ def chain_derivatives(model: TrackedChain, tracked: TrackedForward, curvature: s
     matrix_free = [False] * len(layers) if matrix_free is None else matrix_free
     z_last = tracked.inputs[-1]
     adjoint = torch.ones(1, dtype=z_last.dtype, device=z_last.device)
-    derivs: list = [None] * len(layers)
-    for l in reversed(range(len(layers))):
-        checked = (contextlib.nullcontext() if closed[l]  # closed forms are deterministic
-                   else _deterministic(layers[l], l, z_last.device))
+    hessian = curvature == "hessian"
+    groups: list = []
+    autograd_layers = [l for l, c in enumerate(closed) if not c]
+    rng_before = _rng_state(z_last.device) if autograd_layers else None
+    for start, stop in reversed(_runs(model, closed)):
+        if closed[start] and start != last and type(layers[start]) is AffineActivation:
+            blocks, adjoint = _hidden_group(layers[start:stop], tracked.inputs[start:stop],
+                                            start == 0, adjoint if hessian else None)
+            groups.append(LayerGroup(start, stop, blocks, hessian, hessian))
+            continue
+        checked = (contextlib.nullcontext() if closed[start]  # closed forms are deterministic
+                   else _no_random_draws(layers[start], start))
         with checked:  # products of matrix-free blocks run the layer: inside the check too
-            d = _layer_derivatives(layers[l], tracked.inputs[l], adjoint, tracked.targets,
-                                   l == last, l == 0, curvature, closed[l], matrix_free[l])
-            if l > 0:
+            d = _layer_derivatives(layers[start], tracked.inputs[start],
+                                   adjoint if hessian or start == last else None,
+                                   tracked.targets, start == last, start == 0, curvature,
+                                   closed[start], matrix_free[start])
+            if hessian and start > 0:
                 adjoint = d.F.T @ adjoint
-            elif matrix_free[l]:
-                d.J.T @ adjoint
-        derivs[l] = d
-    _check_finite_blocks(derivs)
-    return derivs
+            elif matrix_free[start]:
+                (d.F if d.F is not None else d.J).T @ d._like.new_ones(d.num_outputs)
+        group = _one_layer_group(start, d)
+        group.has_r = hessian
+        groups.append(group)
+    groups.reverse()
+    if rng_before is not None and not torch.equal(rng_before, _rng_state(z_last.device)):
+        for l in reversed(autograd_layers):  # a draw outside vmap: whose forward, top down
+            state = _rng_state(z_last.device)
+            with torch.no_grad():
+                layers[l](tracked.inputs[l], *((tracked.targets,) if l == last else ()))
+            if not torch.equal(state, _rng_state(z_last.device)):
+                with _no_random_draws(layers[l], l):
+                    raise RuntimeError("randomness")
+    pending = _Checks() if checks is None else checks
+    _check_finite_blocks(groups, pending)
+    if checks is None:
+        pending.verify()
+    return groups
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The default generator's state (a host tensor: reading it does not synchronise)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 @contextlib.contextmanager
-def _deterministic(layer: nn.Module, l: int, device: torch.device):
-    """Refuse a layer whose forward draws random numbers (``F.dropout`` called directly).
+def _no_random_draws(layer: nn.Module, l: int):
+    """Refuse layers whose forward draws random numbers (``F.dropout`` called directly).
 
-    Its derivatives are not a function of the parameters: the oracle's vmap
-    refuses the draw, and a Jacobian taken outside vmap would differentiate
-    another random mask than the tracked pass used.  ``nn.Dropout`` modules
-    are caught earlier (:meth:`TrackedChain.tracked_forward`).
+    Their derivatives are not a function of the parameters: the oracle's vmap refuses
+    the draw (caught here, per layer), and a Jacobian taken outside vmap would
+    differentiate another random mask than the tracked pass used (caught by
+    :func:`chain_derivatives` comparing the generator's state once per sweep, then
+    running each suspect's forward to find it).  ``nn.Dropout`` modules are caught
+    earlier (:meth:`TrackedChain.tracked_forward`).
     """
-    def rng_state():
-        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-    message = (f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward "
-               "(e.g. F.dropout called directly), so its Hessian is not a function of the "
-               "parameters: use an nn.Dropout module (model.eval() turns it off) or remove "
-               "the call")
-    before = rng_state()
     try:
         yield
     except RuntimeError as err:
-        if "randomness" in str(err):
-            raise HessianInverseError(message) from None
-        raise
-    if not torch.equal(before, rng_state()):
-        raise HessianInverseError(message)
-
-
-def _check_finite_blocks(derivs: Sequence) -> None:
-    """NaN/Inf in any layer's blocks: one host synchronisation for the whole chain."""
-    tensors = [(l, field.name, getattr(d, field.name)) for l, d in enumerate(derivs)
-               for field in fields(d) if isinstance(getattr(d, field.name), torch.Tensor)]
-    finite = torch.stack([torch.isfinite(block).all() for _, _, block in tensors])
-    if not bool(finite.all()):
-        l, name, _ = tensors[int((~finite).nonzero()[0])]
+        if "randomness" not in str(err):
+            raise
         raise HessianInverseError(
-            f"layer {l + 1}: derivative block {name} has NaN/Inf entries; the "
-            "tracked forward pass is not finite (check inputs, weights and loss)"
-        )
+            f"layer {l + 1} ({type(layer).__name__}) draws random numbers in its forward (e.g. F.dropout called directly), "
+            "so its Hessian is not a function of the parameters: use an nn.Dropout module "
+            "(model.eval() turns it off) or remove the call") from None
+
+
+def _check_finite_blocks(groups: Sequence[LayerGroup], checks: _Checks) -> None:
+    """NaN/Inf in any block: one flag for the chain; the failing layer is looked up only
+    when it fails."""
+
+    def error(_):
+        for g in groups:
+            for i in range(g.count):
+                for name, t in g.tensors():
+                    block = t[i] if g.closed else t
+                    if not bool(torch.isfinite(block).all()):
+                        return HessianInverseError(
+                            f"layer {g.start + i + 1}: derivative block {name} has NaN/Inf "
+                            "entries; the tracked forward pass is not finite (check inputs, "
+                            "weights and loss)")
+        return HessianInverseError("a derivative block overflows")
+
+    checks.add(_all_finite([t for g in groups for _, t in g.tensors()]), error)
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a bool tensor (no host sync):
+    0 * x is 0 for finite x and NaN otherwise, and a sum of zeros cannot overflow."""
+    return torch.stack([(t * 0).sum() for t in tensors]).sum() == 0
+
+
+def _views(groups: Sequence[LayerGroup], x: torch.Tensor) -> list[torch.Tensor]:
+    """A flat (n, k) tensor as each group's (G, p, k) block: views, no copy."""
+    out, offset = [], 0
+    for g in groups:
+        size = g.count * g.params
+        out.append(x[offset:offset + size].view(g.count, g.params, x.shape[-1]))
+        offset += size
+    return out
+
+
+def _flat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-group (G, p, k) blocks back into one (n, k) tensor."""
+    return torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks])
 
 # --------------------------------------------------------------------------
 # The Hessian-vector product (docs/ALGORITHM.md, "The Hessian-vector product")
 # --------------------------------------------------------------------------
+#
+# For a stacked affine group the product needs, per layer, only the recursions
+#     du_l = K_l v_l + Wb_l t_{l-1},       t_l = S_l du_l                  (forward)
+#     q_l = D_l du_l + S_l^T u_l,          u_{l-1} = Wb_l^T q_l + E_l^T v_l (backward)
+# (two calls each way); K v, D du, E^T v and at the end (H v)_l = K_l^T q_l +
+# E_l t_{l-1} are batched over the group.  With J = S K, F = S Wb, A = K^T D K,
+# C = K^T D Wb + E, G = Wb^T D Wb these are the three lines of the product.
+
+
+def _by_column(x: torch.Tensor, B: int) -> torch.Tensor:
+    """(..., B w, k) -> (..., k, B, w), a view: the layout of the loops over layers, where a
+    layer's product with W is one GEMM of (k B, w) rows."""
+    return x.unflatten(-2, (B, -1)).movedim(-1, -3)
+
+
+def _by_row(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_by_column`: (..., k, B, w) -> (..., B w, k) (a view when k = 1)."""
+    return x.movedim(-3, -1).flatten(-3, -2)
 
 
 def _sum(*terms: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -1758,40 +2181,140 @@ def _times(block, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else block @ x
 
 
-def structured_hessian_vector_product(derivs: Sequence[LayerDerivatives],
-                                      v_blocks: Sequence[Optional[torch.Tensor]]
+def _tangents(group: LayerGroup, v: Optional[torch.Tensor], t: Optional[torch.Tensor]):
+    """The forward sweep through a group: ``v`` (G, p, k) its directions (None: zero, for
+    the parameter route's columns of one layer), ``t`` (a_in, k) the tangent of its input
+    (None for the first layer, or zero).  Returns (state for :func:`_adjoints`, the
+    tangent of its output)."""
+    d = group.blocks
+    if not group.closed and isinstance(d, ChainRuleBlocks):  # a convolution
+        return d.tangent(None if v is None else v[0], t)
+    if not group.closed:
+        return (t, None), _sum(_times(d.J, None if v is None else v[0]), _times(d.F, t))
+    du = d.K(v)  # (G, B h, k)
+    if t is None or not d.diagonal:
+        if t is not None:
+            _add_per_example(du[0], d.weight[0], t)
+        out = d.S(du)
+        return (None if t is None else t[None], du), out[-1]
+    # Hidden layers: du_l += Wb_l t_{l-1}, t_l = S_l du_l, two calls per layer on (k, B, w).
+    B, (h, m), k = d.num_examples, d.weight.shape[-2:], t.shape[-1]
+    _, Wt, s = group.per_layer()
+    du = _by_column(du, B).contiguous()
+    tangents = du.new_empty(group.count + 1, *du.shape[1:]) if m == h else None
+    previous = _by_column(t, B)
+    if tangents is not None and group.has_r:  # E t_{l-1} reads the entering tangent
+        tangents[0] = previous
+    for i in range(group.count):
+        du[i].view(k * B, h).addmm_(previous.reshape(k * B, m), Wt[i])
+        previous = torch.mul(s[i], du[i], out=None if tangents is None else tangents[i + 1])
+    entering = t[None] if tangents is None else _by_row(tangents[:-1])
+    return (entering, _by_row(du)), _by_row(previous)
+
+
+def _adjoints(group: LayerGroup, v: Optional[torch.Tensor], state, u: Optional[torch.Tensor],
+              first_order: bool = False):
+    """The backward sweep through a group: ``u`` (a_out, k) the adjoint at its output
+    (None: zero).  Returns the group's product (G, p, k) and the adjoint at its input
+    (None for the first layer).  ``first_order``: only ``J^T u`` and ``F^T u`` (the
+    transposed tangent map; ``v`` and ``state`` unused)."""
+    d = group.blocks
+    if not group.closed:
+        t_prev = state[0] if state is not None else None
+        v0 = None if v is None else v[0]
+        if isinstance(d, ChainRuleBlocks):  # a convolution: the recursion, not the blocks
+            out, back = d.adjoint(v0, state, u, first_order)
+            if out is None:
+                out = d._like.new_zeros(d.num_params, (v0 if v0 is not None else u).shape[-1])
+            return out[None], back
+        out = _times(d.J.T, u)
+        if not first_order:
+            out = _sum(out, _times(d.A, v0), _times(d.C, t_prev) if d.C is not None else None)
+        if out is None:  # nothing reaches this layer (a zero direction)
+            like = next(x for x in (u, v0, t_prev) if x is not None) if (
+                u is not None or v0 is not None or t_prev is not None) else None
+            out = torch.zeros(d.num_params, 1 if like is None else like.shape[-1],
+                              dtype=d.J.dtype, device=d.J.device)
+        if d.F is None:
+            return out[None], None
+        back = _times(d.F.T, u)
+        if not first_order:
+            back = _sum(back, _times(d.C.T, v0), _times(d.G, t_prev))
+        return out[None], back
+    t_prev, du = state if state is not None else (None, None)
+    use_r = group.has_r and not first_order
+    q = d.D(du) if group.has_d and not first_order else None
+    ev = d.E_t(v) if use_r and d.input_derivatives else None  # (G, B m, k)
+    if not d.diagonal or u is None:  # the loss layer (u_L = 0, G = 1) or the top of a chain
+        if u is not None:
+            q = d.S_t(u[None]) if q is None else q + d.S_t(u[None])
+        elif q is None:
+            q = d.weight.new_zeros(group.count, d.num_outputs, v.shape[-1])
+        back = d.Wb_t(q)[-1] if d.input_derivatives else None
+        if back is not None and ev is not None:
+            back = back + ev[-1]
+    else:
+        # Hidden layers: q_l = D_l du_l + S_l^T u_l, u_{l-1} = Wb_l^T q_l + E_l^T v_l, two
+        # calls per layer on (k, B, w).
+        B, (h, m), k = d.num_examples, d.weight.shape[-2:], u.shape[-1]
+        W, _, s = group.per_layer()
+        fresh = q is None
+        q = d.weight.new_empty(group.count, k, B, h) if fresh else _by_column(q, B).contiguous()
+        ev = None if ev is None else _by_column(ev, B).contiguous()
+        u = _by_column(u, B)
+        for i in reversed(range(group.count)):
+            if fresh:
+                torch.mul(s[i], u, out=q[i])
+            else:
+                q[i].addcmul_(s[i], u)
+            if i or d.input_derivatives:
+                if ev is not None:
+                    u = ev[i]
+                    u.view(k * B, m).addmm_(q[i].view(k * B, h), W[i])
+                else:
+                    u = (q[i].view(k * B, h) @ W[i]).view(k, B, m)
+        back = _by_row(u) if d.input_derivatives else None
+        q = _by_row(q)
+    out = d.K_t(q)
+    if use_r and t_prev is not None:
+        out = out + d.E(t_prev)
+    return out, back
+
+
+def _sweeps(groups: Sequence[LayerGroup], views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The product on per-group (G, p, k) directions: forward, then backward.  A None
+    direction is zero: skipped by blocks known by their action, zeros for stacks."""
+    k = next(v.shape[-1] for v in views if v is not None)
+    views = [v if v is not None or not g.closed else
+             g.blocks.weight.new_zeros(g.count, g.params, k) for g, v in zip(groups, views)]
+    states, t = [], None
+    for group, v in zip(groups, views):
+        state, t = _tangents(group, v, t)
+        states.append(state)
+    out: list = [None] * len(groups)
+    u = None
+    for j in reversed(range(len(groups))):
+        out[j], u = _adjoints(groups[j], views[j], states[j], u)
+    return out
+
+
+def structured_hessian_vector_product(derivs: Sequence, v_blocks: Sequence[torch.Tensor]
                                       ) -> list[torch.Tensor]:
     """``(H v)_l`` for every layer (docs/ALGORITHM.md, "The Hessian-vector product").
 
-    ``v_blocks[l]`` is (p_l, k), or None for a zero block (its products are skipped:
-    the parameter-space route forms Hessian columns of one layer at a time).  Forward
-    tangent ``t_l = J_l v_l + F_l t_{l-1}``, backward adjoint
-    ``u_l = C_{l+1}^T v_{l+1} + G_{l+1} t_l + F_{l+1}^T u_{l+1}`` (u_L = 0), then
-    ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.
+    ``derivs``: per-layer :class:`LayerDerivatives` or blocks (:class:`LayerBlocks`);
+    ``v_blocks[l]`` is (p_l, k), or None for a zero block whose products are skipped
+    (the parameter-space route forms Hessian columns of one layer at a time).  Forward tangent ``t_l = J_l v_l + F_l t_{l-1}``,
+    backward adjoint ``u_{l-1} = C_l^T v_l + G_l t_{l-1} + F_l^T u_l`` (u_L = 0), then
+    ``(H v)_l = A_l v_l + C_l t_{l-1} + J_l^T u_l``.  (:class:`HessianOperator` runs the
+    same sweeps on its stacked groups.)
     """
-    num_layers = len(derivs)
-    tangents: list = []
-    t = None
-    for l, d in enumerate(derivs[:-1]):  # the loss layer's tangent is never needed
-        t = _sum(_times(d.J, v_blocks[l]), _times(d.F, t) if l > 0 else None)
-        tangents.append(t)
-    like = next(v for v in v_blocks if v is not None)
-    out: list[Optional[torch.Tensor]] = [None] * num_layers
-    u = None
-    for l in reversed(range(num_layers)):
-        d, v = derivs[l], v_blocks[l]
-        t_prev = tangents[l - 1] if l > 0 else None
-        out[l] = _sum(_times(d.A, v), _times(d.J.T, u), _times(d.C, t_prev) if l > 0 else None)
-        if out[l] is None:
-            out[l] = like.new_zeros(d.num_params, like.shape[1])
-        if l > 0:
-            u = _sum(_times(d.C.T, v), _times(d.G, t_prev), _times(d.F.T, u))
-    return out
+    groups = [_one_layer_group(l, d) for l, d in enumerate(derivs)]
+    return [o[0] for o in _sweeps(groups, [None if v is None else v[None] for v in v_blocks])]
 
 # --------------------------------------------------------------------------
 # The lifted system (docs/ALGORITHM.md, "The lifted system")
 # --------------------------------------------------------------------------
-
 
 
 def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
@@ -1811,44 +2334,39 @@ def assemble_lifted_system(derivs: Sequence[LayerDerivatives], damping: float,
     last layer's parameters, adds ``N N^T`` to its x-block ("The softmax gauge").
     """
     num_layers = len(derivs)
-    diag, sub = [], []
+    system = BlockTridiagonal.empty([d.num_params + 2 * d.num_outputs for d in derivs],
+                                    derivs[0].J)
     for l, d in enumerate(derivs):
         p, a = d.num_params, d.num_outputs
-        kw = dict(dtype=d.J.dtype, device=d.J.device)
-        n = p + 2 * a
-        block = torch.zeros(n, n, **kw)
-        xx = d.A + damping * torch.eye(p, **kw)
+        block = system.diag[l]
+        block[:p, :p] = d.A
+        block[:p, :p].diagonal().add_(damping)
         if gauge is not None and l == num_layers - 1:
-            xx = xx + gauge @ gauge.T
-        block[:p, :p] = xx
-        block[:p, p + a:] = d.J.T
-        block[p + a:, :p] = d.J
+            block[:p, :p] += gauge @ gauge.T
+        block[:p, p + a:p + 2 * a] = d.J.T
+        block[p + a:p + 2 * a, :p] = d.J
         if l + 1 < num_layers:
             block[p:p + a, p:p + a] = derivs[l + 1].G
-        eye = torch.eye(a, **kw)
-        block[p:p + a, p + a:] = -eye
-        block[p + a:, p:p + a] = -eye
-        diag.append(block)
+        block[p:p + a, p + a:p + 2 * a].diagonal().fill_(-1.0)
+        block[p + a:p + 2 * a, p:p + a].diagonal().fill_(-1.0)
         if l > 0:
-            prev = derivs[l - 1]
-            pp, ap = prev.num_params, prev.num_outputs
-            s = torch.zeros(n, pp + 2 * ap, **kw)
-            s[:p, pp:pp + ap] = d.C
-            s[p + a:, pp:pp + ap] = d.F
-            sub.append(s)
-    return BlockTridiagonal(diag, sub)
+            pp, ap = derivs[l - 1].num_params, derivs[l - 1].num_outputs
+            system.sub[l - 1, :p, pp:pp + ap] = d.C
+            system.sub[l - 1, p + a:p + 2 * a, pp:pp + ap] = d.F
+    return system.symmetrize()
 
 
-def _lift(derivs: Sequence[LayerDerivatives], v_blocks: Sequence[torch.Tensor]) -> list:
-    """Right-hand side of the lifted system: (v_l, 0, 0) per layer."""
-    return [torch.cat([v, v.new_zeros(2 * d.num_outputs, v.shape[1])])
-            for d, v in zip(derivs, v_blocks)]
+def _lift(system: BlockTridiagonal, param_sizes: Sequence[int], b: torch.Tensor) -> torch.Tensor:
+    """Right-hand side of the lifted system, stacked: (b_l, 0, 0) per layer."""
+    out = b.new_zeros(system.num_blocks, system.size, b.shape[-1])
+    for l, part in enumerate(b.split(list(param_sizes))):
+        out[l, :part.shape[0]] = part
+    return out
 
 
-def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) -> list:
-    """The parameter part x_l of each lifted block."""
-    return [s[:d.num_params] for d, s in zip(derivs, blocks)]
-
+def _unlift(param_sizes: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """The parameter part x_l of each lifted block, as one (n, k) tensor."""
+    return torch.cat([x[l, :p] for l, p in enumerate(param_sizes)])
 
 
 # --------------------------------------------------------------------------
@@ -1860,19 +2378,20 @@ def _unlift(derivs: Sequence[LayerDerivatives], blocks: Sequence[torch.Tensor]) 
 # rows leaves a system in (w_l, y_l) alone, and the push-through identity
 # M^{-1} = (I - K^T D P^{-1} K) / eps, P = eps I + K K^T D, makes every
 # eliminated block of an affine layer a product of (batch x width)-sized matrices.
+# Every step below is batched over a group of equal layers.
 
 
 @dataclass
 class EliminatedLayer:
-    """Layer l's parameters eliminated from the lifted system, M_l = A_l + eps I.
+    """The parameters of a group's G layers eliminated, M_l = A_l + eps I (stacked).
 
-    - ``w_block`` Q_l (a_l, a_l) = J_l M_l^{-1} J_l^T; the reduced system has -Q_l
+    - ``w_block`` Q_l (G, a_l, a_l) = J_l M_l^{-1} J_l^T; the reduced system has -Q_l
       on the diagonal of w_l.
-    - ``coupling`` T_l (a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l, between w_l and
+    - ``coupling`` T_l (G, a_l, a_{l-1}) = F_l - J_l M_l^{-1} C_l, between w_l and
       y_{l-1}; None for the first layer.
-    - ``y_block`` R_l (a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l, on the diagonal
+    - ``y_block`` R_l (G, a_{l-1}, a_{l-1}) = G_l - C_l^T M_l^{-1} C_l, on the diagonal
       of y_{l-1}; None for the first layer.
-    - ``inverse``: X (p_l, k) -> M_l^{-1} X.
+    - ``inverse``: X (G, p_l, k) -> M_l^{-1} X.
     """
 
     w_block: torch.Tensor
@@ -1881,61 +2400,80 @@ class EliminatedLayer:
     inverse: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _nonsingular_lu(matrix: torch.Tensor, damping: float, layers: Sequence[int], what: str):
-    """LU factors of ``matrix + damping I`` (one or a stack); :class:`EliminationError` if singular.
+def _nonsingular_lu(matrix: torch.Tensor, damping: float, layers: Sequence[int], what: str,
+                    checks: _Checks, per_layer: int = 2):
+    """LU factors of ``matrix + damping I`` (a stack); its check added to ``checks``.
 
-    Singular to working precision means a pivot below rounding of the terms
-    that were summed, ``finfo.eps * (max |matrix| + damping)``.  ``layers``
-    (1-based) name the stacked matrices in the message.  One check for the
-    whole stack: no host synchronisation per layer.
+    Singular to working precision means a pivot below rounding of the terms that were
+    summed, ``finfo.eps * (max |matrix| + damping)``, the maximum over the last
+    ``per_layer`` dimensions (one layer's blocks).  ``layers`` (1-based) name the
+    stacked layers in the message; one check for the whole stack.
     """
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     LU, pivots, info = torch.linalg.lu_factor_ex(matrix + damping * eye)
     if not LU.numel():
         return LU, pivots
-    scale = matrix.abs().amax(dim=(-2, -1)) + damping
-    ok = ((info == 0) & torch.isfinite(LU).all(dim=-1).all(dim=-1) &
-          (LU.diagonal(dim1=-2, dim2=-1).abs().amin(-1) > torch.finfo(LU.dtype).eps * scale))
-    if not bool(ok.all()):
+    dims = tuple(range(-per_layer, 0))
+    scale = matrix.abs().amax(dim=dims, keepdim=True) + damping
+    smallest = LU.diagonal(dim1=-2, dim2=-1).abs().unsqueeze(-1) / scale
+    ok = ((info == 0).reshape(len(layers), -1).all(-1) &
+          (smallest.amin(dim=dims) > torch.finfo(LU.dtype).eps).reshape(len(layers), -1).all(-1))
+
+    def error(ok):
         layer = layers[int((~ok.reshape(-1)).nonzero()[0])]
-        raise EliminationError(
+        return EliminationError(
             f"layer {layer}: {what} is singular to working precision, so the structured "
             "path cannot eliminate this layer's parameters (A_l + damping I must be "
             "invertible for each layer, which is more than H + damping I being "
-            "invertible). Use path='generic', whose pivoting does not need it, or another damping."
-        )
+            "invertible). Use path='generic', whose pivoting does not need it, or another damping.")
+
+    checks.add(ok, error)
     return LU, pivots
 
 
-def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Sequence[int]
-                           ) -> EliminatedLayer:
+def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Sequence[int],
+                           checks: Optional[_Checks] = None) -> EliminatedLayer:
     """:class:`EliminatedLayer` of closed-form layers by the push-through identity.
 
     With Gamma = K K^T = gram kron I_h and P = eps I + Gamma D (B h square):
     K M^{-1} = P^{-1} K, so Q = S P^{-1} Gamma S^T and, with
     V = eps Wb - K E, T = S P^{-1} V and R = (V^T D P^{-1} V - E^T E) / eps
-    (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  Cost
-    O((B h)^3 + (B h)^2 a_{l-1} + a_{l-1}^3); nothing of size p_l squared.
-    ``blocks`` may be a stack of layers of one shape (``layers``, 1-based, one
-    per entry): every step is then one batched call for the whole stack.
+    (the eps-free forms of F - J M^{-1} C and G - C^T M^{-1} C).  For a hidden layer D
+    is diagonal, so P is block diagonal by output unit, P_i = eps I_B + gram diag(d_i):
+    h LUs of B x B instead of one of (B h)^2.  Cost O(h B^3 + B (B h)(a + a_in) +
+    (B h) a_in^2); nothing of size p_l squared.  ``blocks`` is a stack of layers of one
+    shape (``layers``, 1-based, one per entry): every step is one batched call.  The
+    singularity check of P is added to ``checks`` (verified here when None).
     """
-    eps, S, r, Z, W = damping, blocks.S_dense(), blocks.u_gradient, blocks.inputs, blocks.weight
+    pending = _Checks() if checks is None else checks
+    eps, r, Z, W = damping, blocks.u_gradient, blocks.inputs, blocks.weight
     B, h = r.shape[-2:]
     m, lead = Z.shape[-1], r.shape[:-2]
     kw = dict(dtype=r.dtype, device=r.device)
     gram = blocks.gram()
-    gamma_d = torch.einsum("...nm,...mij->...nimj", gram, blocks.D_blocks())
-    lu = _nonsingular_lu(gamma_d.reshape(*lead, B * h, B * h), eps, layers,
-                         "eps I + K K^T D (that is, A_l + eps I)")
+    what = "eps I + K K^T D (that is, A_l + eps I)"
+    if blocks.diagonal:
+        units = gram.unsqueeze(-3) * blocks.u_hessian.mT.unsqueeze(-2)  # (G, h, B, B)
+        lu = _nonsingular_lu(units, eps, layers, what, pending, per_layer=3)
 
-    def solve_p(X):
-        return torch.linalg.lu_solve(*lu, X)
+        def solve_p(X):  # (G, B h, c) in example-major order, solved unit by unit
+            by_unit = X.unflatten(-2, (B, h)).transpose(-3, -2)
+            return torch.linalg.lu_solve(*lu, by_unit).transpose(-3, -2).flatten(-3, -2)
+    else:
+        gamma_d = torch.einsum("...nm,...mij->...nimj", gram, blocks.D_blocks())
+        lu = _nonsingular_lu(gamma_d.reshape(*lead, B * h, B * h), eps, layers, what, pending)
+
+        def solve_p(X):
+            return torch.linalg.lu_solve(*lu, X)
 
     def inverse(X):
         return (X - blocks.K_t(blocks.D(solve_p(blocks.K(X))))) / eps
 
-    gamma_st = torch.einsum("...nm,...mio->...nio", gram, S.mT.unflatten(-2, (B, h)))
-    Q = S @ solve_p(gamma_st.flatten(-3, -2))
+    S_t = blocks.S_dense().mT
+    gamma_st = torch.einsum("...nm,...mio->...nio", gram, S_t.unflatten(-2, (B, h)))
+    Q = blocks.S(solve_p(gamma_st.flatten(-3, -2)))
+    if checks is None:
+        pending.verify()
     if not blocks.input_derivatives:
         return EliminatedLayer(Q, None, None, inverse)
     KE = torch.einsum("...nk,...mi->...nimk", Z, r).reshape(*lead, B * h, B * m)
@@ -1944,173 +2482,97 @@ def eliminate_affine_layer(blocks: AffineLayerBlocks, damping: float, layers: Se
     Y = solve_p(V)
     EtE = torch.einsum("...nN,kj->...nkNj", r @ r.mT, torch.eye(m, **kw))
     R = (V.mT @ blocks.D(Y) - EtE.reshape(*lead, B * m, B * m)) / eps
-    return EliminatedLayer(Q, S @ Y, (R + R.mT) / 2, inverse)
+    return EliminatedLayer(Q, blocks.S(Y), (R + R.mT) / 2, inverse)
 
 
-def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layers: Sequence[int]
-                          ) -> EliminatedLayer:
-    """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l square)."""
-    lu = _nonsingular_lu(derivs.A, damping, layers, "A_l + eps I")
+def eliminate_dense_layer(derivs: LayerDerivatives, damping: float, layers: Sequence[int],
+                          checks: Optional[_Checks] = None) -> EliminatedLayer:
+    """:class:`EliminatedLayer` of a layer without closed forms: LU of A_l + eps I (p_l
+    square); a stack of one."""
+    pending = _Checks() if checks is None else checks
+    lu = _nonsingular_lu(derivs.A, damping, layers, "A_l + eps I", pending)
+    if checks is None:
+        pending.verify()
 
     def inverse(X):
-        return torch.linalg.lu_solve(*lu, X) if X.shape[0] else X
+        return torch.linalg.lu_solve(*lu, X) if X.shape[-2] else X
 
     Q = derivs.J @ inverse(derivs.J.T)
     if derivs.C is None:
-        return EliminatedLayer(Q, None, None, inverse)
+        return EliminatedLayer(Q[None], None, None, inverse)
     MC = inverse(derivs.C)
-    return EliminatedLayer(Q, derivs.F - derivs.J @ MC, derivs.G - derivs.C.T @ MC, inverse)
+    return EliminatedLayer(Q[None], (derivs.F - derivs.J @ MC)[None],
+                           (derivs.G - derivs.C.T @ MC)[None], inverse)
 
 
-@dataclass
-class EliminatedGroup:
-    """Consecutive layers eliminated together.
-
-    ``layers``: their chain indices (0-based); ``blocks``: either one layer's
-    dense :class:`LayerDerivatives`, or the closed-form
-    :class:`AffineLayerBlocks` of layers of one shape stacked along a leading
-    dimension (the interior layers of an MLP: one group, whatever the depth);
-    ``eliminated``: their :class:`EliminatedLayer`, stacked the same way.
-    """
-
-    layers: list
-    blocks: object
-    eliminated: EliminatedLayer
-
-    @property
-    def stacked(self) -> bool:
-        return isinstance(self.blocks, AffineLayerBlocks)
-
-    def gather(self, per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The group's entries of a per-layer list, stacked if the group is."""
-        if self.stacked:
-            return torch.stack([per_layer[l] for l in self.layers])
-        return per_layer[self.layers[0]]
-
-    def scatter(self, stacked: torch.Tensor, per_layer: list) -> None:
-        """Write the group's results back into a per-layer list."""
-        parts = stacked.unbind(0) if self.stacked else [stacked]
-        for l, part in zip(self.layers, parts):
-            per_layer[l] = part
-
-
-def _shape_signature(d) -> Optional[tuple]:
-    if not isinstance(d, AffineLayerBlocks):
-        return None
-    return (d.inputs.shape, d.weight.shape, d.out_map.shape, d.u_hessian.shape, d.bias,
-            d.diagonal, d.input_derivatives)
-
-
-def same_shape_runs(derivs: Sequence) -> list[list[int]]:
-    """Runs of consecutive layers whose closed-form blocks have one shape (stackable);
-    every other layer is a run of its own."""
-    runs: list[list[int]] = []
-    for l, d in enumerate(derivs):
-        signature = _shape_signature(d)
-        if runs and signature is not None and signature == _shape_signature(derivs[runs[-1][0]]):
-            runs[-1].append(l)
-        else:
-            runs.append([l])
-    return runs
-
-
-def stack_blocks(blocks: Sequence[AffineLayerBlocks]) -> AffineLayerBlocks:
-    """Closed-form blocks of same-shape layers stacked along a new leading dimension."""
-    first = blocks[0]
-    return replace(first, **{name: torch.stack([getattr(b, name) for b in blocks])
-                             for name in ("inputs", "weight", "out_map", "u_gradient",
-                                          "u_hessian")})
-
-
-def eliminate_layers(derivs: Sequence, damping: float) -> list[EliminatedGroup]:
-    """Every layer's parameters eliminated, runs of same-shape closed-form layers at once."""
-    groups = []
-    for run in same_shape_runs(derivs):
-        numbers = [l + 1 for l in run]
-        if isinstance(derivs[run[0]], AffineLayerBlocks):
-            stacked = stack_blocks([derivs[l] for l in run])
-            groups.append(EliminatedGroup(run, stacked,
-                                          eliminate_affine_layer(stacked, damping, numbers)))
-        else:
-            groups.append(EliminatedGroup(run, derivs[run[0]],
-                                          eliminate_dense_layer(derivs[run[0]], damping, numbers)))
-    return groups
-
-
-def _per_layer(groups: Sequence[EliminatedGroup]) -> list[EliminatedLayer]:
-    """The groups' eliminated blocks as one :class:`EliminatedLayer` per layer (views)."""
+def eliminate_layers(groups: Sequence[LayerGroup], damping: float,
+                     checks: Optional[_Checks] = None) -> list[EliminatedLayer]:
+    """Every group's parameters eliminated: one batched elimination per group."""
+    pending = _Checks() if checks is None else checks
     out = []
-    for group in groups:
-        e = group.eliminated
-        if not group.stacked:
-            out.append(e)
-            continue
-        for i in range(len(group.layers)):
-            out.append(EliminatedLayer(e.w_block[i],
-                                       None if e.coupling is None else e.coupling[i],
-                                       None if e.y_block is None else e.y_block[i], None))
+    for g in groups:
+        numbers = list(range(g.start + 1, g.stop + 1))
+        eliminate = eliminate_affine_layer if g.closed else eliminate_dense_layer
+        out.append(eliminate(g.blocks, damping, numbers, pending))
+    if checks is None:
+        pending.verify()
     return out
 
 
-def assemble_reduced_system(eliminated: Sequence[EliminatedLayer]) -> BlockTridiagonal:
+def assemble_reduced_system(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer]
+                            ) -> BlockTridiagonal:
     """The lifted system with every x_l eliminated: unknowns (w_l, y_l) per layer.
 
-    Per layer the diagonal is ``[[-Q_l, -I], [-I, R_{l+1}]]`` (R_{L+1} = 0) and
-    the only coupling to the previous layer is ``T_l`` in (w_l, y_{l-1}).  Every
-    coupling is then between neighbours of the sequence w_1, y_1, w_2, y_2, ...,
-    so the matrix is block tridiagonal with 2L blocks of size a_l each: the same
-    matrix and pivoting as with (y_l, w_l) blocks of size 2 a_l, at a quarter of
-    the LU flops.
+    Per layer the diagonal is ``[[-Q_l, -I], [-I, R_{l+1}]]`` (R_{L+1} = 0) and the only
+    coupling to the previous layer is ``T_l`` in (w_l, y_{l-1}).  Every coupling is then
+    between neighbours of the sequence w_1, y_1, w_2, y_2, ..., so the matrix is block
+    tridiagonal with 2L blocks of size a_l each: the same matrix and pivoting as with
+    (y_l, w_l) blocks of size 2 a_l, at a quarter of the LU flops.  Written into the
+    stacked storage by a constant number of strided copies per group.
     """
-    diag, sub = [], []
-    for l, e in enumerate(eliminated):
-        q = e.w_block
-        if l > 0:
-            sub.append(e.coupling)
-        diag.append(-q)
-        sub.append(-torch.eye(q.shape[0], dtype=q.dtype, device=q.device))
-        diag.append(eliminated[l + 1].y_block if l + 1 < len(eliminated) else torch.zeros_like(q))
-    return BlockTridiagonal(diag, sub)
+    sizes = [g.outputs for g in groups for _ in range(2 * g.count)]
+    system = BlockTridiagonal.empty(sizes, eliminated[0].w_block)
+    for g, e in zip(groups, eliminated):
+        first, stop, a = 2 * g.start, 2 * g.stop, g.outputs
+        system.diag[first:stop:2, :a, :a] -= e.w_block
+        system.sub[first:stop:2, :a, :a].diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+        if e.coupling is not None:
+            a_in = e.coupling.shape[-1]
+            system.sub[first - 1:stop - 1:2, :a, :a_in] = e.coupling
+            system.diag[first - 1:stop - 1:2, :a_in, :a_in] = e.y_block
+    return system.symmetrize()
 
 
+def _reduced_rhs(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer],
+                 system: BlockTridiagonal, g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Reduced right-hand side, stacked (2L, n, k) in the order (w_1, y_1, w_2, ...).
 
-
-def _reduced_rhs(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor]
-                 ) -> list[torch.Tensor]:
-    """Reduced right-hand side, ordered (w_1, y_1, w_2, ...).
-
-    w_l gets -J_l M_l^{-1} g_l and y_l gets -C_{l+1}^T M_{l+1}^{-1} g_{l+1}
-    (0 for the last layer): one batched call per group.
+    w_l gets -J_l M_l^{-1} g_l and y_{l-1} gets -C_l^T M_l^{-1} g_l (y_L: 0): a few
+    batched calls per group; ``g`` the per-group (G, p, k) right-hand sides.
     """
-    num_layers = len(g_blocks)
-    rhs_w: list = [None] * num_layers
-    rhs_y: list = [None] * num_layers
-    for group in groups:
-        d = group.blocks
-        mg = group.eliminated.inverse(group.gather(g_blocks))
-        group.scatter(-(d.J @ mg), rhs_w)
+    rhs = g[0].new_zeros(system.num_blocks, system.size, g[0].shape[-1])
+    for group, e, gl in zip(groups, eliminated, g):
+        d, first, stop, a = group.blocks, 2 * group.start, 2 * group.stop, group.outputs
+        mg = e.inverse(gl)
+        rhs[first:stop:2, :a] -= d.J @ mg
         if d.C is not None:
-            shifted: list = [None] * num_layers
-            group.scatter(-(d.C.T @ mg), shifted)
-            for l in group.layers:
-                rhs_y[l - 1] = shifted[l]
-    rhs_y[-1] = rhs_w[-1].new_zeros(rhs_w[-1].shape)
-    return [block for pair in zip(rhs_w, rhs_y) for block in pair]
+            y = d.C.T @ mg
+            rhs[first - 1:stop - 1:2, :y.shape[-2]] -= y
+    return rhs
 
 
-def _recover_parameters(groups: Sequence[EliminatedGroup], g_blocks: Sequence[torch.Tensor],
-                        reduced: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), reduced = (w_1, y_1, w_2, ...)."""
-    w, y = reduced[0::2], reduced[1::2]
-    x: list = [None] * len(g_blocks)
-    for group in groups:
-        d = group.blocks
-        rest = group.gather(g_blocks) - d.J.T @ group.gather(w)
+def _recover_parameters(groups: Sequence[LayerGroup], eliminated: Sequence[EliminatedLayer],
+                        g: Sequence[torch.Tensor], reduced: torch.Tensor) -> list[torch.Tensor]:
+    """x_l = M_l^{-1} (g_l - C_l y_{l-1} - J_l^T w_l), ``reduced`` = (w_1, y_1, w_2, ...)
+    stacked; per group (G, p, k)."""
+    out = []
+    for group, e, gl in zip(groups, eliminated, g):
+        d, first, stop, a = group.blocks, 2 * group.start, 2 * group.stop, group.outputs
+        rest = gl - d.J.T @ reduced[first:stop:2, :a]
         if d.C is not None:
-            y_prev = [None] + list(y[:-1])
-            rest = rest - d.C @ group.gather(y_prev)
-        group.scatter(group.eliminated.inverse(rest), x)
-    return x
+            rest = rest - d.C @ reduced[first - 1:stop - 1:2, :d.C.shape[-1]]
+        out.append(e.inverse(rest))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -2191,14 +2653,15 @@ class OutputFactor:
 
 
 def closed_form_output_factor(d: AffineLayerBlocks) -> OutputFactor:
-    """:class:`OutputFactor` of the closed-form loss layer ``mean CE(W z + c, t)``.
+    """:class:`OutputFactor` of a closed-form loss layer (cross-entropy or squared error).
 
-    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C) from
-    :func:`softmax_curvature_root`.  With K K^T = gram kron I_C,
+    Logits tangent ``du = K v_L + Wb t`` (B C), then R per example (B, r, C): the loss
+    layer's own ``u_hessian_root`` (the softmax: r = C - 1; the squared error: r = C),
+    else :func:`softmax_curvature_root` of D.  With K K^T = gram kron I_C,
     U_L U_L^T [(n, i), (n', j)] = gram[n, n'] (R_n R_n'^T)[i, j].  Cost O(B C^3 + m^2 C
     + m C w).
     """
-    R = softmax_curvature_root(d.u_hessian)
+    R = d.u_hessian_root if d.u_hessian_root is not None else softmax_curvature_root(d.u_hessian)
     B, r, C = R.shape
     m = B * r
 
@@ -2285,17 +2748,35 @@ def _block_diagonal(phi: torch.Tensor) -> torch.Tensor:
     return out.reshape(B * r, B * w)
 
 
-def _blocked_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
-    """A closed-form hidden layer under example-blocked Phi_l (B, r, h).
+def _blocked_group_gram(phi: torch.Tensor, d: AffineLayerBlocks):
+    """A stack of G closed-form hidden layers under example-blocked Phi (B, r, h).
 
-    psi = Phi_l S_l; U_l U_l^T [(n, i), (n', j)] = gram[n, n'] (psi_n psi_n'^T)[i, j];
-    Phi_{l-1} = psi W (B, r, m_in).  Cost O(m^2 h + m h m_in), m = B r.
+    Per layer, from the top: psi_l = Phi_l S_l and Phi_{l-1} = psi_l W_l (two calls);
+    then, batched, U_l U_l^T [(n, i), (n', j)] = gram_l[n, n'] (psi_n psi_n'^T)[i, j]
+    summed over the stack (:func:`_gram_sum`).  Cost O(G (m^2 h + m h m_in)), m = B r.
     """
-    B, r, h = phi.shape
-    psi = phi * d.out_map.reshape(B, 1, h)
-    flat = psi.reshape(B * r, h)
-    gram = (flat @ flat.T).view(B, r, B, r) * d.gram()[:, None, :, None]
-    return gram.reshape(B * r, B * r), psi @ d.weight if d.input_derivatives else None
+    G, (B, r, h) = d.weight.shape[0], phi.shape
+    psi = phi.new_empty(G, B, r, h)
+    scale = d.out_map.view(G, B, 1, h)
+    for i in reversed(range(G)):
+        torch.mul(phi, scale[i], out=psi[i])
+        phi = psi[i] @ d.weight[i] if i or d.input_derivatives else None
+    return _gram_sum(psi, d.gram()), phi, psi
+
+
+def _gram_sum(psi: torch.Tensor, gram: torch.Tensor, budget: int = 2 ** 22) -> torch.Tensor:
+    """sum_l (psi_l psi_l^T) * (gram_l kron 1 1^T) for psi (G, B, r, h), gram (G, B, B):
+    batched in chunks of at most ``budget`` numbers of (m, m) products."""
+    G, B, r, h = psi.shape
+    m, total = B * r, None
+    flat = psi.reshape(G, m, h)
+    step = max(1, budget // (m * m))
+    for j in range(0, G, step):
+        chunk = flat[j:j + step]
+        share = torch.bmm(chunk, chunk.mT).view(-1, B, r, B, r)
+        share = (share * gram[j:j + step, :, None, :, None]).sum(0)
+        total = share if total is None else total + share
+    return total.reshape(m, m)
 
 
 def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
@@ -2309,7 +2790,8 @@ def _dense_closed_form_layer_gram(phi: torch.Tensor, d: AffineLayerBlocks):
     psi = (phi * d.out_map).reshape(m, B, h)
     spread = torch.einsum("nq,xqh->xnh", d.gram(), psi)
     gram = psi.reshape(m, -1) @ spread.reshape(m, -1).T
-    return gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None
+    return (gram, (psi @ d.weight).reshape(m, -1) if d.input_derivatives else None,
+            psi.reshape(m, -1))
 
 
 def _dense_layer_gram(phi: torch.Tensor, d):
@@ -2317,66 +2799,95 @@ def _dense_layer_gram(phi: torch.Tensor, d):
     action: Y = Phi_l J_l (m, p_l), U_l U_l^T = Y Y^T, Phi_{l-1} = Phi_l F_l (the m rows
     as m columns of J^T and F^T)."""
     Y = (d.J.T @ phi.T).T
-    return Y @ Y.T, (d.F.T @ phi.T).T if d.F is not None else None
+    return Y @ Y.T, (d.F.T @ phi.T).T if d.F is not None else None, Y
 
 
-def _example_gram(phi: torch.Tensor, d):
-    """A hidden layer's step under example-blocked Phi_l (B, r, w): (U_l U_l^T or None,
-    Phi_{l-1} blocked), or None where the layer cannot keep the blocks (its examples
-    are not the loss layer's, or it has no per-example closed form)."""
-    if isinstance(d, AffineLayerBlocks):
-        return _blocked_layer_gram(phi, d) if d.num_examples == phi.shape[0] else None
-    step = getattr(d, "example_gram", None)
-    return step(phi) if step is not None else None
+@dataclass
+class LogitJacobian:
+    """U = R J_o (m rows) by layer groups, and its Gram matrix U U^T (:func:`logit_gram`).
+
+    ``loss``: the loss layer's :class:`OutputFactor`.  ``parts``, per hidden group in
+    chain order, that group's columns of U in a compact form: ``('blocked', psi)``, psi
+    (G, B, r, h) = Phi_l S_l by example (U_l v_l = psi_l K_l v_l per example);
+    ``('closed', [psi_l (m, B h)])`` (U_l v_l = psi_l K_l v_l); ``('dense', [Y_l (m, p_l)])``
+    (U_l = Y_l).  So U v and U^T y are a few batched calls per group, no sweep.
+    """
+
+    loss: OutputFactor
+    parts: list
+    gram: torch.Tensor
+
+    def apply(self, groups: Sequence[LayerGroup], views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """U v (m, k) for per-group directions (G, p, k)."""
+        out = self.loss.apply(views[-1][0], None)
+        for g, (kind, part), v in zip(groups, self.parts, views):
+            if kind == "blocked":
+                Kv = g.blocks.K(v).unflatten(-2, (g.blocks.num_examples, -1))  # (G, B, h, k)
+                out = out + (part @ Kv).sum(0).flatten(0, 1)
+            elif kind == "closed":
+                out = out + sum(p @ g.layer(i).K(v[i]) for i, p in enumerate(part))
+            else:
+                out = out + sum(Y @ v[i] for i, Y in enumerate(part))
+        return out
+
+    def apply_t(self, groups: Sequence[LayerGroup], y: torch.Tensor) -> list:
+        """U^T y as per-group (G, p, k) blocks for y (m, k)."""
+        out = []
+        for g, (kind, part) in zip(groups, self.parts):
+            if kind == "blocked":
+                B = g.blocks.num_examples
+                back = part.mT @ y.view(B, -1, y.shape[-1])                   # (G, B, h, k)
+                out.append(g.blocks.K_t(back.flatten(1, 2)))
+            elif kind == "closed":
+                out.append(torch.stack([g.layer(i).K_t(p.T @ y) for i, p in enumerate(part)]))
+            else:
+                out.append(torch.stack([Y.T @ y for Y in part]))
+        return out + [self.loss.apply_t(y)[0][None]]
 
 
-def logit_gram(derivs: Sequence, factor: OutputFactor) -> torch.Tensor:
-    """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l.
+def logit_gram(groups: Sequence[LayerGroup], factor: OutputFactor) -> LogitJacobian:
+    """U U^T (m, m) = sum_l U_l U_l^T, one adjoint sweep of Phi_l = R d(logits)/dz_l, with
+    each layer's columns of U kept compactly (:class:`LogitJacobian`).
 
     Example-blocked Phi_l (B, r, h_l) while every layer from l up is closed form with the
-    loss's B examples (affine, convolutional, flattening, pooling: ``example_gram``),
-    dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l)
-    at most (O(m^2 + B r h_l) when blocked); U (m x n) is never formed.  Cost per
-    closed-form layer O(m^2 h_l + m h_l h_{l-1}) blocked; symmetrised at the end.
+    loss's B examples (stacked groups: :func:`_blocked_group_gram`; convolutions,
+    flattening and pooling: their ``example_gram``, which keep U_l = Y_l (m, p_l)
+    explicitly: few parameters), dense (m, a_l) below the first other layer.  Memory O(m^2 + m a_l) at most (O(m^2 + B r h_l) when blocked);
+    U (m x n) is never formed.  Cost per closed-form layer O(m^2 h_l + m h_l h_{l-1})
+    blocked; symmetrised at the end.
     """
     gram, phi, blocked = factor.gram, factor.phi, factor.blocked
-    for d in reversed(derivs[:-1]):
-        step = _example_gram(phi, d) if blocked else None
-        if blocked and step is None:
-            phi, blocked = _block_diagonal(phi), False
-        if step is not None:
-            share, phi = step
-        elif isinstance(d, AffineLayerBlocks):
-            share, phi = _dense_closed_form_layer_gram(phi, d)
-        else:
-            share, phi = _dense_layer_gram(phi, d)
-        if share is not None:
+    parts = []
+    for g in reversed(groups[:-1]):
+        if blocked and g.closed and g.blocks.num_examples == phi.shape[0]:
+            share, phi, psi = _blocked_group_gram(phi, g.blocks)
             gram = gram + share
-    return (gram + gram.T) / 2
+            parts.append(("blocked", psi))
+            continue
+        step = getattr(g.blocks, "example_gram", None) if blocked else None
+        result = step(phi) if step is not None else None
+        if result is not None:  # a convolution, flattening or pooling: still per example
+            share, phi, Y = result
+            gram = gram if share is None else gram + share
+            parts.append(("dense", [Y]))
+            continue
+        kept = []
+        for i in reversed(range(g.count)):
+            d = g.layer(i)
+            if blocked:
+                phi, blocked = _block_diagonal(phi), False
+            share, phi, part = (_dense_closed_form_layer_gram(phi, d) if g.closed
+                                else _dense_layer_gram(phi, d))
+            gram = gram + share
+            kept.insert(0, part)
+        parts.append(("closed" if g.closed else "dense", kept))
+    return LogitJacobian(factor, parts[::-1], (gram + gram.T) / 2)
 
 
-def output_tangent(derivs: Sequence, factor: OutputFactor, blocks: Sequence) -> torch.Tensor:
-    """U v (m, k) for per-layer blocks v_l (p_l, k): the tangent sweep to the logits, then R."""
-    t = None
-    for l, d in enumerate(derivs[:-1]):
-        t = d.J @ blocks[l] if t is None else d.J @ blocks[l] + d.F @ t
-    return factor.apply(blocks[-1], t)
-
-
-def output_adjoint(derivs: Sequence, factor: OutputFactor, y: torch.Tensor) -> list:
-    """U^T y as per-layer blocks (p_l, k) for y (m, k): the adjoint sweep."""
-    out: list = [None] * len(derivs)
-    out[-1], u = factor.apply_t(y)
-    for l in reversed(range(len(derivs) - 1)):
-        d = derivs[l]
-        out[l] = d.J.T @ u
-        if l > 0:
-            u = d.F.T @ u
-    return out
-
-
-def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``damping I + gram``; :class:`SingularHessianError` if none.
+def _damped_cholesky(gram: torch.Tensor, damping: float, name: str,
+                     checks: _Checks) -> torch.Tensor:
+    """Lower Cholesky factor of ``damping I + gram``; its check (a
+    :class:`SingularHessianError` if none) added to ``checks``.
 
     The matrix is positive definite with smallest eigenvalue >= damping, but it is
     singular to working precision once damping <= u max diag(gram) (u the unit roundoff;
@@ -2384,12 +2895,16 @@ def _damped_cholesky(gram: torch.Tensor, damping: float, name: str) -> torch.Ten
     """
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram + damping * eye)
-    top = float(gram.diagonal().max()) if gram.numel() else 0.0
-    if int(info) != 0 or not torch.isfinite(factor).all() or not (
-            damping > torch.finfo(gram.dtype).eps * top):
+    top = gram.diagonal().amax() if gram.numel() else gram.new_zeros(())
+    ok = (info == 0) & (factor.sum().isfinite()) & (
+        damping > torch.finfo(gram.dtype).eps * top)
+
+    def error(_):
         detail = (f"damping {damping:.1e} against the Gram matrix U U^T of the logit "
-                  f"Jacobian, largest diagonal {top:.1e}")
-        raise SingularHessianError(_singular_message(name, detail, damping))
+                  f"Jacobian, largest diagonal {float(top):.1e}")
+        return SingularHessianError(_singular_message(name, detail, damping))
+
+    checks.add(ok, error)
     return factor
 
 
@@ -2495,6 +3010,21 @@ class PivotFactor:
             return torch.linalg.ldl_solve(*self.factors, X)
         return torch.linalg.lu_solve(*self.factors, X)
 
+    def inverse(self) -> torch.Tensor:
+        """P^{-1} (G, n, n)."""
+        if self.kind == "cholesky":
+            return torch.cholesky_inverse(self.factors[0])
+        eye = torch.eye(self.factors[0].shape[-1], dtype=self.factors[0].dtype,
+                        device=self.factors[0].device)
+        return self.solve(eye.expand_as(self.factors[0]).contiguous())
+
+    def solve_root(self, X: torch.Tensor) -> torch.Tensor:
+        """C^{-T} X for P = C C^T (kind 'cholesky'): unit noise X becomes noise of
+        covariance P^{-1}."""
+        if self.kind != "cholesky":
+            raise HessianInverseError("a square root of P^{-1} needs kind='cholesky'")
+        return torch.linalg.solve_triangular(self.factors[0].mT, X, upper=True)
+
     def values(self) -> torch.Tensor:
         if self.kind == "cholesky":
             return self.factors[0].diagonal(dim1=-2, dim2=-1).square()
@@ -2588,6 +3118,21 @@ class DensePivots:
         values, vectors = torch.linalg.eigh(self.P[0])
         return values[0].item(), vectors[:, 0]
 
+    # Second moments of the factorisation (docs/ALGORITHM.md, "The covariance sweep")
+
+    def second_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(P_l^{-1}) (1, p_l) and J_l P_l^{-1} J_l^T (1, a_l, a_l)."""
+        inverse = self.factor.inverse()
+        return inverse.diagonal(dim1=-2, dim2=-1), self.d.J @ inverse @ self.d.J.T
+
+    def gain_quadratic(self, S: torch.Tensor) -> torch.Tensor:
+        """diag(K_l S K_l^T) (1, p_l) for S (1, a_{l-1}, a_{l-1})."""
+        return ((self.K @ S) * self.K).sum(-1)
+
+    def inverse_root(self, e: torch.Tensor) -> torch.Tensor:
+        """Unit noise (1, p_l, k) -> noise of covariance P_l^{-1} (Cholesky pivots)."""
+        return self.factor.solve_root(e)
+
 
 class AffinePivots:
     """The recursion's steps for a run of G same-shape closed-form affine layers, stacked.
@@ -2636,7 +3181,8 @@ class AffinePivots:
             rr = blocks.u_gradient @ self._perp_inverse(blocks.u_gradient.mT)
             self.perp_schur = (rr[:, :, None, :, None], Pi[:, None, :, None, :])  # kron
         self.P = torch.empty(count, rh, rh, **kw)
-        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw),) + (
+        # Factors column-major (LAPACK's), so that solves take them without copying.
+        self.factor = PivotFactor(kind, (torch.empty(count, rh, rh, **kw).mT,) + (
             (torch.empty(count, rh, dtype=torch.int32, device=Zt.device),)
             if kind != "cholesky" else ()), torch.empty(count, dtype=torch.int32, device=Zt.device))
         self.K = torch.empty(count, rh, B * m, **kw) if blocks.input_derivatives else None
@@ -2824,29 +3370,77 @@ class AffinePivots:
             return perp_values.min().item(), self._flat(self._off_range(self.V[g]))
         return values[0].item(), self._unrotate(vectors[None, :, :1], None, self.V[g:g + 1])[0, :, 0]
 
+    # Second moments of the factorisation (docs/ALGORITHM.md, "The covariance sweep"), in the
+    # rotated parameters: P_l^{-1} = diag(P_V^{-1}, M^{-1} kron I), and K_l's Y_perp rows are
+    # rho kron Pi (rho = M^{-1} r^T, Pi = I - V V^T on the weight columns).
 
-def _refuse_matrix_free(derivs: Sequence, what: str) -> None:
-    """:class:`HessianInverseError` if a layer's blocks are known only by their action
-    (convolution, pooling, autograd products): the layer-wise recursion would need its
-    a_l x a_l curvature dense."""
-    layers = [l for l, d in enumerate(derivs)
-              if isinstance(d, LayerBlocks) and not isinstance(d, AffineLayerBlocks)]
-    if layers:
-        d = derivs[layers[0]]
-        raise HessianInverseError(
-            f"{what} factors each layer's blocks densely (the layer-wise LDL^T, with "
-            f"a_l x a_l curvature blocks), which is not supported for convolutional, "
-            f"pooling or other matrix-free layers: layer {layers[0] + 1} ({type(d).__name__}, "
-            f"{d.num_outputs} activations) would need {d.num_outputs}^2 numbers. Damped "
-            "solves work: factorize(..., damping > 0) (the parameter-space or output-space "
-            "route), or DampedNewton(mode='damped').")
+    def _unit_major(self, X: torch.Tensor) -> torch.Tensor:
+        """(G, h, q) numbers per parameter [W, c] -> (G, p) in the layer's parameter order."""
+        X = X[..., None]
+        return self.blocks._join(X[..., :self.m, :], X[..., self.m, :] if self.blocks.bias
+                                 else None)[..., 0]
+
+    def _perp_projector(self) -> torch.Tensor:
+        """Pi = I - V V^T on the q input columns (G, q, q)."""
+        eye = torch.eye(self.q, dtype=self.V.dtype, device=self.V.device)
+        return eye - self.V @ self.V.mT
+
+    def second_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """diag(P_l^{-1}) (G, p_l) and J_l P_l^{-1} J_l^T (G, a_l, a_l), from one P_V^{-1}:
+        the diagonal is the V-rotated unit-diagonal blocks of P_V^{-1} plus diag(M^{-1})
+        times diag(Pi); J_l is S (Us kron I_h) on Y_V and zero on Y_perp."""
+        G, B, r, h = self.P.shape[0], self.B, self.r, self.h
+        kw = dict(dtype=self.V.dtype, device=self.V.device)
+        inverse = self.factor.inverse()
+        Z = inverse.view(G, r, h, r, h).diagonal(dim1=2, dim2=4)           # (G, r, r, h)
+        X = torch.einsum("gqj,gjki,gqk->giq", self.V, Z, self.V)
+        if self.perp:
+            m_inverse = self._perp_inverse(torch.eye(h, **kw)).diagonal()
+            X = X + m_inverse[:, None] * self._perp_projector().diagonal(dim1=-2, dim2=-1)[:, None]
+        T = self.blocks.S((self.Us[:, :, None, :, None] * torch.eye(h, **kw)[:, None, :])
+                          .reshape(G, B * h, r * h))
+        return self._unit_major(X), T @ inverse @ T.mT
+
+    def gain_quadratic(self, S: torch.Tensor) -> torch.Tensor:
+        """diag(K_l S K_l^T) (G, p_l) for S (G, a_{l-1}, a_{l-1}); row (i, k) of K_l is
+        sum_j V[k, j] K_V[(j, i)] + rho[i] kron Pi[:m, k]."""
+        G, r, h, B, m = self.P.shape[0], self.r, self.h, self.B, self.m
+        KS = self.K @ S
+        Z = torch.einsum("gjic,gkic->gijk", KS.view(G, r, h, -1), self.K.view(G, r, h, -1))
+        X = torch.einsum("gqj,gijk,gqk->giq", self.V, Z, self.V)
+        if self.perp:
+            rho = self._perp_inverse(self.blocks.u_gradient.mT)                # (G, h, B)
+            Pi = self._perp_projector()[:, :m]                                 # (G, m, q)
+            KS_rho = torch.einsum("gjink,gin->gjik", KS.view(G, r, h, B, m), rho)
+            X = X + 2 * torch.einsum("gqj,gjik,gkq->giq", self.V, KS_rho, Pi)
+            S_rho = torch.einsum("gnkpl,gin,gip->gikl", S.view(G, B, m, B, m), rho, rho)
+            X = X + torch.einsum("gkq,gikl,glq->giq", Pi, S_rho, Pi)
+        return self._unit_major(X)
+
+    def _perp_root(self, X: torch.Tensor) -> torch.Tensor:
+        """M^{-1/2} X on the unit index (dimension -2) of X (..., h, k)."""
+        if not self.gauge:
+            return X / math.sqrt(self.delta)
+        mean = X.mean(dim=-2, keepdim=True)     # M = delta I + 1 1^T / h: 1 has delta + 1
+        return (X - mean) / math.sqrt(self.delta) + mean / math.sqrt(self.delta + 1.0)
+
+    def inverse_root(self, e: torch.Tensor) -> torch.Tensor:
+        """Unit noise (G, p_l, k) -> noise of covariance P_l^{-1} (Cholesky pivots): the
+        rotation keeps the noise white, C_V^{-T} colours Y_V, M^{-1/2} colours Y_perp."""
+        Y, X = self._rotate(e)
+        perp = None
+        if self.perp:
+            X = X - torch.einsum("giqk,gqj,gsj->gisk", X, self.V, self.V)
+            perp = self._perp_root(X.flatten(-2)).view(X.shape)
+        return self._unrotate(self.factor.solve_root(Y), perp)
 
 
 class RiccatiFactor:
     """``B + delta I`` (plus N N^T with ``gauge``) factored layer by layer:
     M = L^T diag(P_l) L (docs/ALGORITHM.md, "Layer-wise LDL^T").
 
-    ``derivs``: the operator's per-layer blocks; ``delta``: any real number;
+    ``layers``: the operator's :class:`LayerGroup` s, or per-layer blocks (grouped
+    here, :func:`group_layers`); ``delta``: any real number;
     ``kind``: how each P_l is factored (:data:`PIVOT_FACTORS`); ``gauge`` (p_L, k):
     the loss layer's known null basis N, whose projector is added to P_L.  Runs of
     same-shape closed-form layers are :class:`AffinePivots`, other layers
@@ -2856,29 +3450,53 @@ class RiccatiFactor:
     O(sum_l (a_l^2 + a_l a_{l-1})) for affine layers (p_l^2 for dense ones).
     """
 
-    def __init__(self, derivs: Sequence, delta: float, kind: str = "lu",
+    def __init__(self, layers: Sequence, delta: float, kind: str = "lu",
                  gauge: Optional[torch.Tensor] = None):
         if kind not in PIVOT_FACTORS:
             raise HessianInverseError(f"kind must be one of {PIVOT_FACTORS}, got {kind!r}")
-        _refuse_matrix_free(derivs, "the layer-wise factorisation (RiccatiFactor)")
-        self.derivs, self.delta, self.kind = derivs, float(delta), kind
-        last = len(derivs) - 1
-        self.runs = same_shape_runs(derivs)
+        stacks = (list(layers) if isinstance(layers[0], LayerGroup) else group_layers(layers))
+        self.check_blocks(stacks)
+        self.delta, self.kind = float(delta), kind
+        self.num_layers = stacks[-1].stop
+        self.runs = [list(range(g.start, g.stop)) for g in stacks]
         self.groups = []
-        for run in self.runs:
-            d, fixed = derivs[run[0]], gauge is not None and run[-1] == last
-            if isinstance(d, AffineLayerBlocks):
-                group = AffinePivots(stack_blocks([derivs[l] for l in run]), delta, kind, fixed)
+        for g in stacks:
+            fixed = gauge is not None and g.stop == self.num_layers
+            if g.closed:
+                group = AffinePivots(g.blocks, delta, kind, fixed)
             else:
-                group = DensePivots(d, delta, kind, gauge @ gauge.T if fixed else None)
+                group = DensePivots(g.blocks, delta, kind, gauge @ gauge.T if fixed else None)
             self.groups.append(group)
-        like = derivs[-1].J
+        like = stacks[-1].blocks.inputs if stacks[-1].closed else stacks[-1].blocks.J
         ghat = torch.zeros(1, 1, dtype=like.dtype, device=like.device)  # z_L is the loss
         for run, group in zip(reversed(self.runs), reversed(self.groups)):
             for g in reversed(range(len(run))):
                 ghat = group.step(g, ghat)
             group.finish()
         self.broken = torch.cat([group.factor.info for group in self.groups]) != 0
+
+    @staticmethod
+    def check_blocks(layers: Sequence, what: str = "RiccatiFactor") -> None:
+        """Refuse blocks the recursion cannot take (it has pivots for closed-form affine
+        layers and for dense blocks only); ``layers``: :class:`LayerGroup` s or per-layer
+        blocks.  Blocks known only by their action (convolution, pooling, autograd
+        products) are refused by name: their a_l x a_l curvature would be dense."""
+        for l, g in enumerate(layers):
+            l, d = (g.start, g.blocks) if isinstance(g, LayerGroup) else (l, g)
+            if isinstance(d, LayerBlocks) and not isinstance(d, AffineLayerBlocks):
+                raise HessianInverseError(
+                    f"{what} factors each layer's blocks densely (the layer-wise LDL^T, with "
+                    "a_l x a_l curvature blocks), which is not supported for convolutional, "
+                    f"pooling or other matrix-free layers: layer {l + 1} ({type(d).__name__}, "
+                    f"{d.num_outputs} activations) would need {d.num_outputs}^2 numbers. "
+                    "Damped solves work: factorize(..., damping > 0) (the parameter-space or "
+                    "output-space route), or DampedNewton(mode='damped').")
+            if not isinstance(d, (AffineLayerBlocks, LayerDerivatives)):
+                raise HessianInverseError(
+                    f"layer {l + 1}: the layer-wise factorisation takes closed-form affine "
+                    f"blocks (AffineLayerBlocks) or dense blocks (LayerDerivatives), not "
+                    f"{type(d).__name__}; use path='structured' or 'generic' to solve with "
+                    "this model")
 
     @property
     def ok(self) -> bool:
@@ -2891,18 +3509,20 @@ class RiccatiFactor:
         return torch.stack([blocks[l] for l in run])
 
     def solve(self, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """M^{-1} g for per-layer blocks g_l (p_l, k): backward sweep, pivots, forward sweep."""
-        runs, groups, num_layers = self.runs, self.groups, len(self.derivs)
-        G = [self._stacked(run, g) for run in runs]
+        """M^{-1} g for per-layer blocks g_l (p_l, k) (:meth:`solve_groups` on stacks)."""
+        x = self.solve_groups([self._stacked(run, g) for run in self.runs])
+        return [xl for xi in x for xl in xi.unbind()]
+
+    def solve_groups(self, G: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """M^{-1} g for each run's stacked blocks (G, p, k): backward sweep, pivots,
+        forward sweep; the run's stacked solutions."""
+        runs, groups, num_layers = self.runs, self.groups, self.num_layers
         # backward: s_{l-1} = K_l^T g_l + Phi_l^T s_l
         Ktg: list = [None] * num_layers
         for run, group, Gi in zip(runs, groups, G):
             if group.K is not None:
                 Ktg[run[0]:run[-1] + 1] = group.gain_t(Gi).unbind()
-        phi = [None] * num_layers
-        for run, group in zip(runs, groups):
-            if group.Phi is not None:
-                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        phi = self.transfers()
         s: list = [None] * num_layers                     # s[l]: the adjoint of t_l
         for l in reversed(range(1, num_layers)):
             s[l - 1] = Ktg[l] if s[l] is None else torch.addmm(Ktg[l], phi[l].T, s[l])
@@ -2912,7 +3532,21 @@ class RiccatiFactor:
             if s[run[-1]] is not None:
                 Gi = Gi - group.J_t(self._stacked(run, s))
             Z.append(group.solve(Gi))
-        # forward: t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}
+        return self.substitute(Z)
+
+    def transfers(self) -> list:
+        """Phi_l (a_l, a_{l-1}) per layer (None for the first)."""
+        phi: list = [None] * self.num_layers
+        for run, group in zip(self.runs, self.groups):
+            if group.Phi is not None:
+                phi[run[0]:run[-1] + 1] = group.Phi.unbind()
+        return phi
+
+    def substitute(self, Z: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """x = L^{-1} z, the forward sweep: z per run stacked (G, p_l, k) -> x_l (p_l, k),
+        t_l = J_l z_l + Phi_l t_{l-1}, x_l = z_l - K_l t_{l-1}."""
+        runs, groups, num_layers = self.runs, self.groups, self.num_layers
+        phi = self.transfers()
         Jz: list = [None] * num_layers
         for run, group, Zi in zip(runs, groups, Z):
             if run[0] < num_layers - 1:
@@ -2920,11 +3554,11 @@ class RiccatiFactor:
         t: list = [None] * num_layers
         for l in range(num_layers - 1):
             t[l] = Jz[l] if l == 0 else torch.addmm(Jz[l], phi[l], t[l - 1])
-        x: list = [None] * num_layers
+        x = []
         for run, group, Zi in zip(runs, groups, Z):
             if group.K is not None:
                 Zi = Zi - group.gain(torch.stack([t[l - 1] for l in run]))
-            x[run[0]:run[-1] + 1] = Zi.unbind()
+            x.append(Zi)
         return x
 
     def pivot(self, l: int):
@@ -3028,15 +3662,15 @@ class ParameterSpaceSolver:
     rcond = None
 
     def __init__(self, operator: "HessianOperator", damping: float,
-                 gauge: Optional[torch.Tensor] = None):
+                 gauge: Optional[torch.Tensor] = None, checks: Optional[_Checks] = None):
         self.operator, self.damping, self.gauge = operator, float(damping), gauge
         derivs = operator.derivs
-        self.kept, self.eliminated = _parameter_split(LayerSizes.of_derivatives(derivs),
-                                                      self.damping)
+        self.kept, self.eliminated = _parameter_split(operator.sizes, self.damping)
         self.inverse = None
-        if self.eliminated:
-            loss = replace(derivs[-1], input_derivatives=False)
-            self.inverse = eliminate_affine_layer(loss, self.damping, [len(derivs)]).inverse
+        if self.eliminated:  # the loss layer's group: a stack of one
+            loss = replace(operator.groups[-1].blocks, input_derivatives=False)
+            stacked = eliminate_affine_layer(loss, self.damping, [len(derivs)], checks).inverse
+            self.inverse = lambda X: stacked(X[None])[0]
         self.sizes = [derivs[l].num_params for l in self.kept]
         schur, scale = self._schur_complement()
         kind = "cholesky" if operator.curvature == "ggn" else "ldl"
@@ -3099,8 +3733,12 @@ class ParameterSpaceSolver:
             scale = torch.maximum(scale, lower.abs().amax())
         return S, scale
 
-    def solve_once(self, blocks: list) -> list:
-        """(p_l, k) right-hand sides -> (p_l, k) solutions (un-refined)."""
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """(n, k) right-hand sides -> (n, k) solutions (un-refined)."""
+        return torch.cat(self._solve_blocks(list(b.split(self.operator.param_sizes))))
+
+    def _solve_blocks(self, blocks: list) -> list:
+        """Per-layer (p_l, k) right-hand sides -> (p_l, k) solutions."""
         derivs, kept, num = self.operator.derivs, self.kept, len(self.operator.derivs)
         g_c = [blocks[l] for l in kept]
         if self.eliminated:
@@ -3154,14 +3792,15 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
     A closed-form layer keeps S, D and the factors of P (~ a a_u + 2 a_u^2) and
     needs ~ 3 a_u^2 + 5 a_u a_in + 2 a_in^2 while eliminating; any other layer
     needs the generic oracle's blocks and the factors of A_l + eps I (~ p^2).
-    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced LU stores ~ 9 a^2
+    Both keep Q, T, R (a^2 + a a_in + a_in^2).  The reduced system and its banded LU
+    (blocks padded to n = max a_l: the system, the band and U's rows) store ~ 16 n^2
     per layer, and a solve ~ 6 p per right-hand side.  Against the measured
     rise of resident memory (float32, 20 layers, 3072 inputs, 1000 classes,
     curvature batch 4) this sum was 0.80 GiB for 0.81 GiB at width 128 and
     8.5 GiB for 9.6 GiB at width 512, so the guard adds a quarter.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    total = 0
+    total, n = 0, max(output_counts)
     for l, (p, a_in, a, a_u) in enumerate(zip(param_counts, input_counts, output_counts,
                                                u_counts)):
         a_in = a_in if l > 0 else 0
@@ -3169,7 +3808,7 @@ def estimate_structured_bytes(param_counts: Sequence[int], input_counts: Sequenc
             total += a * a_u + 5 * a_u * a_u + 2 * a_u * a + 5 * a_u * a_in + 2 * a_in * a_in
         else:
             total += a * p + 2 * p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
-        total += a * a + a * a_in + a_in * a_in + 9 * a * a + 6 * p
+        total += a * a + a * a_in + a_in * a_in + 16 * n * n + 6 * p
     return total * itemsize
 
 
@@ -3188,6 +3827,13 @@ def _dense_block_numbers(p: int, a_in: int, a: int) -> int:
     return a * p + p * p + p * a_in + a * a_in + a_in * a_in + 3 * (p + a_in) ** 2
 
 
+def _block_kind(d) -> str:
+    """The :class:`LayerSizes` kind of a layer's blocks."""
+    if isinstance(d, AffineLayerBlocks):
+        return "affine"
+    return getattr(d, "kind", "dense")
+
+
 @dataclass
 class LayerSizes:
     """What a route's memory depends on, one entry per layer.
@@ -3197,11 +3843,13 @@ class LayerSizes:
     of u = W z + c for a closed-form affine layer, None for any other; ``u_block``
     the width of D's per-example blocks there (1 when D is diagonal); ``examples``
     the batch B of a closed-form affine layer, the im2col rows B x positions of a
-    convolution (None for any other); ``kinds`` per layer 'affine' (closed-form
-    affine), 'conv', 'linear' (parameter-free, flattening or pooling), 'autograd'
-    (:class:`AutogradLayerBlocks`) or 'dense' (:class:`LayerDerivatives`); the kinds
-    in :data:`MATRIX_FREE_KINDS` count as dense layers on the routes that densify
-    them (riccati, structured, generic).
+    convolution (None for any other).  ``root_rows``: the rows per example of a
+    closed-form loss layer's curvature root R_n (:class:`OutputFactor`); None means
+    C - 1, the softmax's.  ``kinds`` per layer: 'affine' (closed-form affine), 'conv',
+    'linear' (parameter-free: flattening, pooling), 'autograd'
+    (:class:`AutogradLayerBlocks`) or 'dense' (:class:`LayerDerivatives`); the kinds in
+    :data:`MATRIX_FREE_KINDS` count as dense layers on the routes that write them out
+    (riccati, structured, generic).
     """
 
     params: list
@@ -3210,19 +3858,12 @@ class LayerSizes:
     u: list
     u_block: list
     examples: list
+    root_rows: Optional[int] = None
     kinds: Optional[list] = None
 
     def __post_init__(self):
         if self.kinds is None:
             self.kinds = ["affine" if u is not None else "dense" for u in self.u]
-
-    @property
-    def batch(self) -> int:
-        """The curvature batch B (the loss layer input's first dimension, as
-        recorded in ``examples`` or ``u`` where known; else 1)."""
-        if self.u[-1] is not None and self.u_block[-1]:
-            return self.u[-1] // self.u_block[-1]
-        return self.examples[-1] or 1
 
     @classmethod
     def of_model(cls, model: TrackedChain, tracked: TrackedForward,
@@ -3240,7 +3881,7 @@ class LayerSizes:
         examples: list = [None] * len(layers)
         kinds: list = []
         for l, (layer, c) in enumerate(zip(layers, closed)):
-            if c and isinstance(layer, (AffineActivation, AffineCrossEntropy)):
+            if c and isinstance(layer, (AffineActivation, *_LOSS_BLOCKS)):
                 linear = layer.linear
                 examples[l] = inputs[l] // linear.in_features
                 u[l] = examples[l] * linear.out_features
@@ -3255,54 +3896,113 @@ class LayerSizes:
                 a_in = inputs[l] if l > 0 else 0
                 big = _dense_block_numbers(params[l], a_in, outputs[l]) > DENSE_BLOCK_LIMIT
                 kinds.append("autograd" if big else "dense")
-        examples[-1] = examples[-1] or tracked.inputs[-1].shape[0]
-        return cls(params, inputs, outputs, u, block, examples, kinds)
+        rows = block[-1] if closed[-1] and type(layers[-1]) is AffineSquaredError else None
+        return cls(params, inputs, outputs, u, block, examples, rows, kinds)
+
+    @classmethod
+    def of_groups(cls, groups: Sequence[LayerGroup]) -> "LayerSizes":
+        """From stacked derivative blocks already computed (no per-layer views)."""
+        params, outputs, u, block, examples, kinds = [], [], [], [], [], []
+        for g in groups:
+            d = g.blocks
+            params += [g.params] * g.count
+            outputs += [g.outputs] * g.count
+            u += [d.u_gradient[0].numel() if g.closed else None] * g.count
+            block += [(1 if d.diagonal else d.u_hessian.shape[-1]) if g.closed else None] * g.count
+            examples += [d.num_examples if g.closed else (
+                d.out_map.numel() // d.weight.shape[0] if _block_kind(d) == "conv"
+                else None)] * g.count
+            kinds += [_block_kind(d)] * g.count
+        last = groups[-1]
+        root = last.blocks.u_hessian_root if last.closed else None
+        return cls(params, [0] + outputs[:-1], outputs, u, block, examples,
+                   None if root is None else root.shape[-2], kinds)
 
     @classmethod
     def of_derivatives(cls, derivs: Sequence) -> "LayerSizes":
-        """From derivative blocks already computed."""
-        outputs = [d.num_outputs for d in derivs]
-        closed = [isinstance(d, AffineLayerBlocks) for d in derivs]
-        u = [d.u_gradient.numel() if c else None for d, c in zip(derivs, closed)]
-        block = [(1 if d.diagonal else d.u_hessian.shape[-1]) if c else None
-                 for d, c in zip(derivs, closed)]
-        examples = [d.num_examples if c else None for d, c in zip(derivs, closed)]
-        kinds = [_block_kind(d) for d in derivs]
-        for l, d in enumerate(derivs):
-            if kinds[l] == "conv":
-                examples[l] = d.out_map.numel() // d.weight.shape[0]
-        last = derivs[-1]
-        if examples[-1] is None and hasattr(last, "inputs"):
-            examples[-1] = last.inputs.shape[0]
-        return cls([d.num_params for d in derivs], [0] + outputs[:-1], outputs, u, block,
-                   examples, kinds)
-
-
-def _block_kind(d) -> str:
-    """The :class:`LayerSizes` kind of a layer's blocks."""
-    if isinstance(d, AffineLayerBlocks):
-        return "affine"
-    return getattr(d, "kind", "dense")
+        """From per-layer derivative blocks already computed."""
+        return cls.of_groups([_one_layer_group(l, d) for l, d in enumerate(derivs)])
 
 
 @dataclass
 class RouteCost:
     """Predicted cost of a route: ``setup_flops`` (factorisation), ``solve_flops`` (one
-    right-hand side, un-refined), ``bytes`` (peak beyond the derivative blocks), and
-    ``ops`` (torch calls in the setup: per-call overhead, ~10 us each on a CPU)."""
+    right-hand side, un-refined), ``bytes`` (peak beyond the derivative blocks), ``ops``
+    and ``solve_ops`` (kernels dispatched by the setup and by one solve)."""
 
     setup_flops: float
     solve_flops: float
     bytes: int
     ops: int
+    solve_ops: int = 0
 
-    def seconds(self, flops_per_second: float = 1e10, seconds_per_op: float = 1e-5) -> float:
-        """A crude time estimate of the setup plus one solve."""
-        return (self.setup_flops + self.solve_flops) / flops_per_second + self.ops * seconds_per_op
+    def seconds(self, device: Optional["DeviceModel"] = None, solves: int = 2) -> float:
+        """Time of the setup and ``solves`` solves (a refined one-shot solve takes two)."""
+        device = DeviceModel.of("cpu") if device is None else device
+        return device.seconds(self.setup_flops + solves * self.solve_flops,
+                              self.ops + solves * self.solve_ops)
+
+    def __add__(self, other: "RouteCost") -> "RouteCost":
+        return RouteCost(*(a + b for a, b in zip(
+            (self.setup_flops, self.solve_flops, self.bytes, self.ops, self.solve_ops),
+            (other.setup_flops, other.solve_flops, other.bytes, other.ops, other.solve_ops))))
+
+
+@dataclass
+class DeviceModel:
+    """What a route's time is made of on a device: arithmetic at ``flops_per_second``
+    and ``seconds_per_kernel`` for each kernel dispatched (launch and framework overhead).
+
+    Rough figures (docs/ALGORITHM.md, "Choosing the route"): a CPU thread 1e10 flop/s in
+    float64 (twice in float32), its per-call overhead (a few us) not charged: where it
+    would matter the arithmetic is small anyway, and the banded LU's pivoting across
+    blocks is the safer default; a GPU 5e11 (float64) or 5e12 (float32) flop/s at 10 us
+    per kernel, where a deep chain's kernel count decides.
+    """
+
+    flops_per_second: float
+    seconds_per_kernel: float
+
+    @classmethod
+    def of(cls, device, dtype: torch.dtype = torch.float64) -> "DeviceModel":
+        double = dtype == torch.float64
+        if torch.device(device).type == "cuda":
+            return cls(5e11 if double else 5e12, 1e-5)
+        return cls((1e10 if double else 2e10) * torch.get_num_threads(), 0.0)
+
+    def seconds(self, flops: float, kernels: float) -> float:
+        return flops / self.flops_per_second + kernels * self.seconds_per_kernel
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def factorization_cost(kind: str, blocks: int, size: int, merge: int = 1) -> RouteCost:
+    """Flops and kernels of factoring ``blocks`` blocks of ``size`` (padded) and of one
+    solve (``block_tridiagonal``): ``'banded'`` ~ 23/3 n^3 flops and 8 kernels per block,
+    8 n^2 flops and 5 kernels per block and column to solve; ``'cyclic'`` on runs of
+    ``merge`` blocks (b = merge n, couplings n x n) ~ 2/3 b^3 + 4 b^2 n + 6 n^3 flops per
+    block, about 15 kernels per level (log2 of the blocks), 10 per level to solve."""
+    N, n = blocks, size
+    if kind == "banded":
+        return RouteCost(23 / 3 * n ** 3 * N, 8 * n * n * N, 0, 8 * N, 5 * N)
+    b, M = merge * n, -(-N // merge)
+    levels = max(math.ceil(math.log2(max(M, 1))), 1)
+    setup = M * (2 / 3 * b ** 3 + 4 * b * b * n + 6 * n ** 3) + 16 / 3 * b ** 3
+    return RouteCost(setup, M * (2 * b * b + 6 * b * n), 0, 15 * levels + 10, 10 * levels + 5)
+
+
+def choose_factorization(asked: str, blocks: int, size: int, merge: int,
+                         device=None, dtype: torch.dtype = torch.float64) -> str:
+    """``'banded'`` or ``'cyclic'``: the one asked, or for ``'auto'`` the faster on the
+    device by :class:`DeviceModel` (cyclic reduction pays ~1.4x the flops, 1.8x merged,
+    for log2 N levels of batched calls instead of N steps)."""
+    if asked != "auto":
+        return asked
+    model = DeviceModel.of("cpu" if device is None else device, dtype)
+    return min(("banded", "cyclic"),
+               key=lambda kind: factorization_cost(kind, blocks, size, merge).seconds(model))
 
 
 def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
@@ -3314,68 +4014,16 @@ def _classes_and_batch(sizes: LayerSizes) -> tuple[int, int]:
 def output_rows(sizes: LayerSizes) -> int:
     """m, the rows of U = R J_o that the output-space route factors (m x m).
 
-    A closed-form loss layer: B (C - 1).  Any other loss layer: at most p_L + a_{L-1},
-    the size of its GGN block, whose eigen-root R has one row per nonzero eigenvalue
+    A closed-form loss layer: B times the rows of its curvature root (``root_rows``;
+    C - 1 for the softmax).  Any other loss layer: at most p_L + a_{L-1}, the size of
+    its GGN block, whose eigen-root R has one row per nonzero eigenvalue
     (:func:`dense_output_factor`).
     """
     if sizes.u[-1] is None or not sizes.u_block[-1]:
         return sizes.params[-1] + sizes.inputs[-1]
     classes, batch = _classes_and_batch(sizes)
-    return batch * max(classes - 1, 1)
-
-
-def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
-    """Cost of :class:`OutputSpaceSolver` from layer sizes (loss layer closed form).
-
-    m = B (C - 1); per hidden closed-form layer (h outputs, m_in inputs per example)
-    ~ 2 m^2 h + 2 m h m_in flops (the Gram share and Phi's propagation); loss layer
-    ~ 10 B C^3 (eigh) + 2 m^2 C + 2 m C w; Cholesky m^3 / 3.  A dense layer (sizes.u None)
-    turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}.  A
-    convolution or pooling keeps Phi blocked (2 m^2 p_l + 2 m f_l / B, f_l the layer's
-    :func:`_forward_flops`), an autograd layer does not (2 m^2 p_l + 4 m f_l).  A solve:
-    the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a dense one), plus 2 m^2.
-    Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l blocked).
-    """
-    m = output_rows(sizes)
-    if sizes.u[-1] is not None and sizes.u_block[-1]:
-        classes, batch = _classes_and_batch(sizes)
-        w_last = sizes.inputs[-1] // batch
-        setup = 10 * batch * classes ** 3 + 2 * m * m * classes + 2 * m * classes * w_last
-        solve = 8 * batch * sizes.params[-1] + 2 * m * m
-        ops, phi_bytes, blocked = 12, m * w_last, True
-    else:  # batch unknown: B <= a_{L-1} bounds the closed-form layers' terms
-        batch = sizes.inputs[-1]
-        setup = 10 * m ** 3 + 2 * m * m * sizes.params[-1]
-        solve = 4 * m * sizes.params[-1] + 2 * m * m
-        ops, phi_bytes, blocked = 12, m * sizes.inputs[-1], False
-    for l in reversed(range(len(sizes.params) - 1)):
-        p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
-        a_in = a_in if l > 0 else 0
-        kind = sizes.kinds[l]
-        blocked = blocked and kind in ("affine", "conv", "linear")
-        if kind in MATRIX_FREE_KINDS:  # "Convolutional layers", "Matrix-free layers"
-            forward = _forward_flops(sizes, l)
-            # blocked: each of the m rows touches one example; dense Phi: the whole batch
-            setup += 2 * m * m * p + (2 * m * forward / batch if blocked else
-                                      (4 if kind == "autograd" else 2) * m * forward)
-            phi_bytes = max(phi_bytes, m * max(a, a_in) // (batch if blocked else 1))
-            solve += 4 * forward
-        elif u is not None:
-            h, m_in = a // batch, a_in // batch
-            if blocked:
-                setup += 2 * m * m * h + 2 * m * h * m_in + 2 * batch * batch * (m_in + 1)
-                phi_bytes = max(phi_bytes, m * max(h, m_in))
-            else:
-                setup += 2 * m * a * (batch + m + m_in)
-                phi_bytes = max(phi_bytes, m * max(a, a_in))
-            solve += 8 * batch * p
-        else:
-            setup += 2 * m * a * p + 2 * m * m * p + 2 * m * a * a_in
-            solve += 4 * a * p
-            phi_bytes = max(phi_bytes, m * max(a, a_in) + m * p)
-        ops += 8
-    setup += m ** 3 / 3
-    return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype), ops)
+    rows = sizes.root_rows if sizes.root_rows is not None else max(classes - 1, 1)
+    return batch * rows
 
 
 def _forward_flops(sizes: LayerSizes, l: int) -> float:
@@ -3396,49 +4044,103 @@ def _forward_flops(sizes: LayerSizes, l: int) -> float:
     return 2.0 * a * (p + a_in)
 
 
-def generic_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
-    """Cost of :class:`LiftedSolver` from layer sizes: the dense oracle, ~ 4 f_l (p_l +
-    a_{l-1}) per layer (one Hessian-vector product of the layer per column,
-    :func:`_forward_flops`), and the banded LU of blocks n_l = p_l + 2 a_l, ~ 4 n_l^3
-    each (the panel's LU and the update with the fill); a solve ~ 8 n_l^2 per layer.
-    Bytes: :func:`estimate_factorization_bytes`."""
-    setup = solve = 0.0
-    for l, (p, a_in, a) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs)):
-        n = p + 2 * a
-        setup += 4 * _forward_flops(sizes, l) * (p + (a_in if l else 0)) + 4 * n ** 3
-        solve += 8 * n * n
-    return RouteCost(setup, solve, estimate_factorization_bytes(
-        sizes.params, sizes.outputs, sizes.inputs[0], dtype), 30 * len(sizes.params))
+def output_space_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+    """Cost of :class:`OutputSpaceSolver` from layer sizes.
+
+    m = :func:`output_rows`; for a closed-form loss layer (C outputs, w inputs per
+    example, its root in closed form) ~ 2 m^2 C + 2 m C w, and per hidden closed-form
+    layer (h outputs, m_in inputs per example) ~ 2 m^2 h + 2 m h m_in flops (the Gram
+    share and Phi's propagation).  Any other loss layer: the eigen-root of its block,
+    ~ 10 q^3 (q = p_L + a_{L-1}), and Phi dense from the start.  A dense layer (sizes.u
+    None) turns Phi dense from there down: 2 m a_l p_l + 2 m^2 p_l + 2 m a_l a_{l-1}, and
+    a closed-form layer under a dense Phi costs 2 m a_l (B + m + m_in).  A convolution
+    or pooling keeps Phi blocked (2 m^2 p_l + 2 m f_l / B, f_l the layer's
+    :func:`_forward_flops`), an autograd layer does not (2 m^2 p_l + 4 m f_l).  Cholesky
+    m^3 / 3.  A solve: the two sweeps, ~ 8 B p_l per closed-form layer (4 a_l p_l for a
+    dense one), plus 2 m^2; kernels: 2 per layer in the setup, 4 per layer in a solve.
+    Bytes: Gram, factor and one m x m temporary (3 m^2), Phi (m a_l dense, m h_l
+    blocked).
+    """
+    m = output_rows(sizes)
+    if sizes.u[-1] is not None and sizes.u_block[-1]:
+        classes, batch = _classes_and_batch(sizes)
+        w_last = sizes.inputs[-1] // batch
+        setup = 2 * m * m * classes + 2 * m * classes * w_last
+        solve = 8 * batch * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 40, m * w_last, True
+    else:  # batch unknown: B <= a_{L-1} bounds the per-example terms
+        batch = sizes.inputs[-1]
+        setup = 10 * m ** 3 + 2 * m * m * sizes.params[-1]
+        solve = 4 * m * sizes.params[-1] + 2 * m * m
+        ops, phi_bytes, blocked = 40, m * sizes.inputs[-1], False
+    for l in reversed(range(len(sizes.params) - 1)):
+        p, a, a_in, u = sizes.params[l], sizes.outputs[l], sizes.inputs[l], sizes.u[l]
+        a_in = a_in if l > 0 else 0
+        kind = sizes.kinds[l]
+        blocked = blocked and kind in ("affine", "conv", "linear")
+        if kind in MATRIX_FREE_KINDS:  # "Convolutional layers", "Matrix-free layers"
+            forward = _forward_flops(sizes, l)
+            # blocked: each of the m rows touches one example; dense Phi: the whole batch
+            setup += 2 * m * m * p + (2 * m * forward / batch if blocked else
+                                      (4 if kind == "autograd" else 2) * m * forward)
+            phi_bytes = max(phi_bytes, m * max(a, a_in) // (batch if blocked else 1) + m * p)
+            solve += 4 * forward
+        elif u is not None:
+            b = sizes.examples[l]
+            h, m_in = a // b, a_in // b
+            if blocked:
+                setup += 2 * m * m * h + 2 * m * h * m_in + 2 * b * b * (m_in + 1)
+                phi_bytes = max(phi_bytes, m * max(h, m_in))
+            else:
+                setup += 2 * m * a * (b + m + m_in)
+                phi_bytes = max(phi_bytes, m * max(a, a_in))
+            solve += 8 * b * p
+        else:
+            setup += 2 * m * a * p + 2 * m * m * p + 2 * m * a * a_in
+            solve += 4 * a * p
+            phi_bytes = max(phi_bytes, m * max(a, a_in) + m * p)
+    setup += m ** 3 / 3
+    layers = len(sizes.params)
+    return RouteCost(setup, solve, (3 * m * m + 2 * phi_bytes) * _itemsize(dtype),
+                     ops + 2 * layers, 20 + 4 * layers)
 
 
-def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
+def structured_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64,
+                    factorization: str = "banded") -> RouteCost:
     """Cost of the structured route (:class:`EliminatedSolver`), same terms.
 
-    Per closed-form layer (a_u = batch x width of u, a outputs, a_in inputs): LU of
-    P (a_u square) 2/3 a_u^3, solves and products with it ~ 2 a_u^2 (a + a_in) +
-    2 a_u (a^2 + a_in^2 + a a_in); a dense layer LU of A_l + eps I, 2/3 p^3 + 2 p^2 (a +
-    a_in).  The pivoted banded LU of the reduced system (2L blocks of size a_l): ~ 8 a_l^3
-    per block (panel LU, triangular solve, update with the fill).  A solve ~ 12 a_l^2 +
-    8 B p_l per layer.  Bytes: :func:`estimate_structured_bytes`.
+    Per closed-form layer (a_u = batch x width of u, a outputs, a_in inputs): P's LU,
+    h_l B^3 2/3 for a hidden layer (P block diagonal by unit), 2/3 a_u^3 for the loss
+    layer; solves with P ~ 2 B a_u (a + a_in) (2 a_u^2 (a + a_in) for the loss layer);
+    R ~ 2 a_u a_in^2; a dense layer LU of A_l + eps I, 2/3 p^3 + 2 p^2 (a + a_in).  The
+    reduced system (2L blocks padded to n = max a_l) factored by ``factorization``
+    (:func:`factorization_cost`; cyclic reduction on pairs), 40 kernels per group of
+    stacked layers besides; a solve ~ 8 B p_l per layer and the factored solve.  Bytes:
+    :func:`estimate_structured_bytes`.
     """
     batch = _classes_and_batch(sizes)[1] if sizes.u_block[-1] else 1
-    setup, solve, ops = 0.0, 0.0, 0
-    for l, (p, a_in, a, a_u) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
-                                              sizes.u)):
+    setup, solve, groups, previous = 0.0, 0.0, 0, None
+    for l, (p, a_in, a, a_u, block) in enumerate(zip(sizes.params, sizes.inputs, sizes.outputs,
+                                                     sizes.u, sizes.u_block)):
         a_in = a_in if l > 0 else 0
+        if a_u is not None and block == 1:
+            setup += 2 / 3 * a_u * batch ** 2 + 2 * batch * a_u * (a + a_in)
+        elif a_u is not None:
+            setup += 2 / 3 * a_u ** 3 + 2 * a_u ** 2 * (a + a_in)
         if a_u is not None:
-            setup += 2 / 3 * a_u ** 3 + 2 * a_u ** 2 * (a + a_in) + 2 * a_u * (
-                a * a + a_in * a_in + a * a_in)
+            setup += 2 * a_u * a_in * a_in
             solve += 8 * batch * p
         else:
             setup += 2 / 3 * p ** 3 + 2 * p * p * (a + a_in)
             solve += 4 * p * p
-        setup += 16 * a ** 3
-        solve += 12 * a * a
-        ops += 45
+        key = (p, a_in, a, a_u, block)
+        groups += a_u is None or key != previous
+        previous = key
     bytes_ = estimate_structured_bytes(sizes.params, sizes.inputs, sizes.outputs, sizes.u,
-                                          dtype)
-    return RouteCost(setup, solve, bytes_, ops)
+                                       dtype)
+    merge = 2 if factorization == "cyclic" else 1
+    factor = factorization_cost(factorization, 2 * len(sizes.params), max(sizes.outputs), merge)
+    return RouteCost(setup, solve, bytes_, 40 * groups, 10 * groups) + factor
 
 
 def riccati_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> RouteCost:
@@ -3473,11 +4175,40 @@ def riccati_cost(sizes: LayerSizes, dtype: torch.dtype = torch.float64) -> Route
     return RouteCost(setup, solve, (stored + peak) * _itemsize(dtype), 20 * len(sizes.params))
 
 
+def _structured_auto_cost(sizes: LayerSizes, dtype: torch.dtype, device) -> RouteCost:
+    kind = choose_factorization("auto", 2 * len(sizes.params), max(sizes.outputs), 2, device,
+                                dtype)
+    return structured_cost(sizes, dtype, kind)
+
+
+#: The routes ``path='auto'`` weighs against each other when several can run: name ->
+#: (eligible(damping, closed_forms, curvature, sizes), cost(sizes, dtype, device)).  A
+#: route takes part by registering here; :func:`choose_route` takes the fastest by
+#: :class:`DeviceModel` (setup and two solves, a refined one-shot solve).
+AUTO_ROUTES: dict = {
+    "riccati": (lambda damping, closed, curvature, sizes: damping > 0,
+                lambda sizes, dtype, device: riccati_cost(sizes, dtype)),
+    "structured": (lambda damping, closed, curvature, sizes: closed and damping > 0,
+                   _structured_auto_cost),
+    "output": (lambda damping, closed, curvature, sizes: (
+        curvature == "ggn" and damping > 0 and sizes is not None and sizes.u[-1] is not None
+        and bool(sizes.u_block[-1])),
+               lambda sizes, dtype, device: output_space_cost(sizes, dtype)),
+    # for chains with convolutions (matrix-free layers: few parameters, states too wide
+    # for the other routes), at damping 0 too, where the generic route's lifted blocks
+    # would be activations wide; tall-skinny MLPs keep the routes above
+    "parameter": (lambda damping, closed, curvature, sizes: sizes is not None and any(
+        kind in MATRIX_FREE_KINDS for kind in sizes.kinds),
+                  lambda sizes, dtype, device: parameter_space_cost(sizes, dtype)),
+}
+
+
 def estimate_derivative_bytes(sizes: LayerSizes, dtype: torch.dtype) -> int:
     """Peak bytes of the derivative blocks alone: what ``H @ v`` needs.
 
     A closed-form layer keeps its input, S, r and D: O(a_u + a_in) numbers, and
-    a_u h for a loss layer's dense (h, h) blocks of D (``sizes.u_block``).  A
+    a_u h for a loss layer's dense (h, h) blocks of D (``sizes.u_block``); a
+    convolution, pooling or autograd layer O(a_in + a_out + p).  A
     dense layer keeps J, F, A, C, G and the oracle's workspace, as in
     :func:`estimate_factorization_bytes`.
     """
@@ -3569,9 +4300,9 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
                    "layer without closed forms)")
     elif route == "output":
         l = len(p) - 1
-        largest = (f"the Gram matrix of the logits, m = batch x (classes - 1) = "
-                   f"{output_rows(sizes)} square; memory grows with m^2 (curvature batch "
-                   "squared)")
+        largest = (f"the Gram matrix of the logits, m = batch x rows of the loss curvature's "
+                   f"root (classes - 1 for cross-entropy) = {output_rows(sizes)} square; "
+                   "memory grows with m^2 (the curvature batch squared)")
     elif route == "parameter":
         kept, eliminated = _parameter_split(sizes, damping)
         largest = (f"the Schur complement of the parameters of layers {kept[0] + 1}.."
@@ -3616,8 +4347,11 @@ def check_memory(sizes: LayerSizes, route: str, stage: str, dtype: torch.dtype,
 # --------------------------------------------------------------------------
 
 
-def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str) -> None:
-    """``v`` must be (n,) or (n, k >= 1), finite, with the model's dtype and device."""
+def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str,
+                  checks: Optional[_Checks] = None) -> None:
+    """``v`` must be (n,) or (n, k >= 1), finite, with the model's dtype and device.
+
+    Finiteness is added to ``checks`` when given (verified with the caller's others)."""
     n = sum(sizes)
     if not isinstance(v, torch.Tensor):
         raise HessianInverseError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
@@ -3637,18 +4371,11 @@ def _check_vector(v, sizes: Sequence[int], like: torch.Tensor, what: str) -> Non
             f"{what} is on {v.device} but the model is on {like.device}; move it with "
             f".to('{like.device}')"
         )
-    if not torch.isfinite(v).all():
-        raise HessianInverseError(f"{what} contains NaN or Inf entries")
-
-
-def _split(v: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """A checked (n,) or (n, k) tensor as per-layer (p_l, k) blocks (detached)."""
-    return list(v.detach().reshape(sum(sizes), -1).split(list(sizes)))
-
-
-def _join(blocks: Sequence[torch.Tensor], vector: bool) -> torch.Tensor:
-    out = torch.cat(list(blocks))
-    return out[:, 0] if vector else out
+    pending = _Checks() if checks is None else checks
+    pending.add(_all_finite([v]),
+                lambda _: HessianInverseError(f"{what} contains NaN or Inf entries"))
+    if checks is None:
+        pending.verify()
 
 
 class _SelfAdjoint(torch.autograd.Function):
@@ -3711,49 +4438,37 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 def choose_route(path: str, damping: Optional[float], closed_forms: bool,
                  curvature: str = "hessian", sizes: Optional[LayerSizes] = None,
-                 available: Optional[int] = None, dtype: torch.dtype = torch.float64) -> str:
+                 device=None, dtype: torch.dtype = torch.float64,
+                 available: Optional[int] = None) -> str:
     """The one place the route is decided: ``'riccati'``, ``'structured'``,
     ``'generic'``, ``'output'`` or ``'parameter'`` (docs/ALGORITHM.md, "Choosing the
     route").
 
-    A forced ``path`` is kept.  ``'auto'`` needs the generic route at damping 0,
-    whose pivoting copes with singular blocks and the softmax gauge;
-    ``damping=None`` (an operator whose damping is not chosen yet) keeps the closed
-    forms.  With damping > 0 it takes the cheapest setup (flops from layer sizes)
-    among the routes that apply and whose memory (:func:`route_bytes`) fits in
-    ``available`` bytes (all of them if none fits): the layer-wise LDL^T
-    (:func:`riccati_cost`), the parameter-space route (:func:`parameter_space_cost`),
-    the structured route when the chain has closed-form layers
-    (:func:`structured_cost`), and for the GGN with a closed-form loss layer the
-    output-space route (:func:`output_space_cost`).  A route that then fails hands
-    over to the next (:meth:`HessianInverse._fall_back`).
+    A forced ``path`` is kept.  ``'auto'`` weighs the routes of :data:`AUTO_ROUTES`
+    that can run with damping > 0 (the layer-wise LDL^T; the structured route when the
+    chain has closed-form layers; the output-space route for the GGN with a
+    closed-form loss layer; the parameter-space route) by their predicted time on
+    ``device`` (:class:`DeviceModel`), among those whose predicted memory
+    (:func:`route_bytes`) fits in ``available`` bytes when given (all if none fits),
+    and takes the generic route at damping 0, whose pivoting copes with singular blocks
+    and the softmax gauge, or for a chain with convolutional or other matrix-free layers
+    the parameter-space route.  ``damping=None`` (an operator whose damping is not
+    chosen yet) keeps the closed forms.  A route that then fails hands over to the next
+    (:meth:`HessianInverse._fall_back`).
     """
     if path != "auto":
         return path
     if damping is None:
         return "structured" if closed_forms else "generic"
-    if sizes is None:
-        return "riccati" if damping else "generic"
-    if damping == 0:  # pivoting across the whole system: generic, or for a chain with
-        # convolutions (activations far wider than the parameters) the parameter route
-        costs = {"generic": generic_cost}
-        if any(kind in MATRIX_FREE_KINDS for kind in sizes.kinds):
-            costs["parameter"] = parameter_space_cost
-    else:
-        costs = {"riccati": riccati_cost, "parameter": parameter_space_cost}
-        if closed_forms:
-            costs["structured"] = structured_cost
-        if curvature == "ggn" and sizes.u[-1] is not None and sizes.u_block[-1]:
-            costs["output"] = output_space_cost
-
-    def cost(route: str) -> RouteCost:
-        if route == "parameter":
-            return parameter_space_cost(sizes, dtype, damping)
-        return costs[route](sizes, dtype)
-
-    fitting = [route for route in costs if available is None
-               or route_bytes(sizes, route, "factorization", dtype, damping) <= available]
-    return min(fitting or costs, key=lambda route: cost(route).setup_flops)
+    eligible = [name for name, (ok, _) in AUTO_ROUTES.items()
+                if ok(damping, closed_forms, curvature, sizes)]
+    if len(eligible) < 2 or sizes is None:
+        return eligible[0] if eligible else "generic"
+    if available is not None:
+        eligible = [name for name in eligible if route_bytes(
+            sizes, name, "factorization", dtype, damping) <= available] or eligible
+    model = DeviceModel.of("cpu" if device is None else device, dtype)
+    return min(eligible, key=lambda name: AUTO_ROUTES[name][1](sizes, dtype, device).seconds(model))
 
 
 def _scipy_operator(op: "HessianOperator", apply: Callable[[torch.Tensor], torch.Tensor]):
@@ -3775,9 +4490,12 @@ class HessianOperator:
     block products (and is differentiable in v); :meth:`factorize` gives
     ``(H + damping I)^{-1}`` and reuses these derivatives for any number of
     damping values.  With ``curvature == 'ggn'`` the blocks are the
-    Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``derivs`` holds one
-    :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks` (closed
-    form) per layer; ``gauge`` the loss layer's known null basis N, or None.
+    Gauss-Newton matrix's and "H" reads "GGN" throughout.  ``groups`` holds the
+    blocks as :class:`LayerGroup` s (runs of equal closed-form layers stacked);
+    ``derivs`` one :class:`LayerDerivatives` (dense) or :class:`AffineLayerBlocks`
+    (closed form, views into the stack) per layer; ``gauge`` the loss layer's known null
+    basis N, or None.  ``pending``: checks of the inputs not yet verified (the first
+    use verifies them together with its own: one host synchronisation).
 
     A snapshot of the tracked point: the blocks hold copies of what they need
     (weights included), so after the parameters change (an optimizer step,
@@ -3786,15 +4504,29 @@ class HessianOperator:
     the tracked forward pass again and build a new operator.
     """
 
-    def __init__(self, derivs: list, gauge, curvature: str = "hessian",
-                 memory_limit: Optional[int] = None):
-        self.derivs = derivs
+    def __init__(self, groups: list, gauge,
+                 curvature: str = "hessian", memory_limit: Optional[int] = None,
+                 pending: Optional[_Checks] = None):
+        self.groups = groups
         self._gauge = gauge
         self.curvature = curvature
         self.memory_limit = memory_limit
-        self.param_sizes = [d.num_params for d in derivs]
+        self.pending = _Checks() if pending is None else pending
+        self.param_sizes = [g.params for g in groups for _ in range(g.count)]
         self.num_params = sum(self.param_sizes)
-        self._like = derivs[-1].J
+        self._like = groups[-1].blocks.weight if groups[-1].closed else groups[-1].blocks.J
+        self._derivs: Optional[list] = None
+
+    @property
+    def derivs(self) -> list:
+        """Per-layer blocks (views into the stacked groups), built on first use."""
+        if self._derivs is None:
+            self._derivs = [g.layer(i) for g in self.groups for i in range(g.count)]
+        return self._derivs
+
+    @property
+    def sizes(self) -> LayerSizes:
+        return LayerSizes.of_groups(self.groups)
 
     @property
     def gauge(self) -> Optional[torch.Tensor]:
@@ -3824,27 +4556,25 @@ class HessianOperator:
 
     @property
     def has_closed_forms(self) -> bool:
-        """Whether some layer has closed-form affine blocks (the structured route's)."""
-        return any(isinstance(d, AffineLayerBlocks) for d in self.derivs)
+        return any(g.closed for g in self.groups)
 
     @property
     def matrix_free_layers(self) -> list[int]:
         """Layers (0-based) whose blocks are known only by their action (convolutions,
         pooling, autograd products): the riccati, structured and generic routes write
         them out densely first."""
-        return [l for l, d in enumerate(self.derivs)
-                if isinstance(d, LayerBlocks) and not isinstance(d, AffineLayerBlocks)]
+        return [g.start for g in self.groups if not g.closed and isinstance(g.blocks, LayerBlocks)]
 
     def require_layerwise(self, what: str) -> None:
         """Refuse, naming the layer, an operation that factors per-layer blocks densely
         (the layer-wise Cholesky of the trust region, spectral counts) on a chain with
         matrix-free layers, whose dense blocks are activations x activations."""
-        _refuse_matrix_free(self.derivs, what)
+        RiccatiFactor.check_blocks(self.groups, what)
 
     def split(self, v: torch.Tensor, what: str = "v") -> list[torch.Tensor]:
         """Validate ``v`` ((n,) or (n, k)) and split it into per-layer (p_l, k) blocks."""
         _check_vector(v, self.param_sizes, self._like, what)
-        return _split(v, self.param_sizes)
+        return list(v.detach().reshape(self.num_params, -1).split(self.param_sizes))
 
     def project_out_gauge(self, v: torch.Tensor) -> torch.Tensor:
         """``v - P_N v`` for v (n,) or (n, k); v itself when there is no known gauge."""
@@ -3859,62 +4589,69 @@ class HessianOperator:
         blocks (what the generic route factors).
 
         Guarded by the generic route's memory estimate before writing them out.
-        ``keep_affine``: keep closed-form affine blocks, which the riccati and
+        ``keep_affine``: keep closed-form affine groups, which the riccati and
         structured routes use as they are (their own guard has run).
         """
-        def dense(d):
-            return isinstance(d, LayerBlocks) and not (keep_affine and
-                                                       isinstance(d, AffineLayerBlocks))
+        def dense(g):
+            return g.closed and not keep_affine or isinstance(g.blocks, LayerBlocks) and not g.closed
 
-        if not any(dense(d) for d in self.derivs):
+        if not any(dense(g) for g in self.groups):
             return self
         if not keep_affine:
-            check_memory(LayerSizes.of_derivatives(self.derivs), "generic", "factorization",
-                         self.dtype, self.device, self.memory_limit,
-                         "Use damping > 0, which allows the structured path, or: ",
-                         self.curvature)
-        derivs = [d.densify() if dense(d) else d for d in self.derivs]
-        return HessianOperator(derivs, self._gauge, self.curvature, self.memory_limit)
+            check_memory(self.sizes, "generic", "factorization", self.dtype, self.device,
+                         self.memory_limit, "Use damping > 0, which allows the structured path, "
+                         "or: ", self.curvature)
+        groups = []
+        for g in self.groups:
+            if not dense(g):
+                groups.append(g)
+                continue
+            for i in range(g.count):
+                d = g.layer(i)
+                groups.append(LayerGroup(g.start + i, g.start + i + 1, d.densify(), g.has_r,
+                                         g.has_d))
+        return HessianOperator(groups, self._gauge, self.curvature, self.memory_limit,
+                               self.pending)
 
     def to(self, dtype: torch.dtype) -> "HessianOperator":
         """The same blocks in another floating dtype (for a lower-precision factorisation)."""
         if dtype == self.dtype:
             return self
-
-        def cast(d):
-            return replace(d, **{f.name: getattr(d, f.name).to(dtype) for f in fields(d)
-                                 if isinstance(getattr(d, f.name), torch.Tensor)
-                                 and getattr(d, f.name).is_floating_point()})
         gauge = None if self.gauge is None else self.gauge.to(dtype)
-        return HessianOperator([cast(d) for d in self.derivs], gauge, self.curvature,
-                               self.memory_limit)
+        return HessianOperator([g.to(dtype) for g in self.groups], gauge, self.curvature,
+                               self.memory_limit, self.pending)
 
-    def apply_blocks(self, x: list, damping: float = 0.0) -> list:
-        """``(H + damping I) x`` on per-layer blocks (p_l, k): the exact product."""
-        out = structured_hessian_vector_product(self.derivs, x)
-        return [o + damping * xi for o, xi in zip(out, x)] if damping else out
+    def apply(self, x: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+        """``(H + damping I) x`` for x (n, k): the exact product, two sweeps over the groups."""
+        out = _flat(_sweeps(self.groups, _views(self.groups, x)))
+        return out.add_(x, alpha=damping) if damping else out
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for v (n,) or (n, k); differentiable in v."""
-        _check_vector(v, self.param_sizes, self._like, "v")
+        _check_vector(v, self.param_sizes, self._like, "v", self.pending)
+        self.pending.verify()
         return _differentiable_in_v(
-            v, lambda u: _join(self.apply_blocks(_split(u, self.param_sizes)), u.dim() == 1))
+            v, lambda u: self.apply(u.detach().reshape(self.num_params, -1)).reshape(u.shape))
 
     __matmul__ = matmul
 
     def factorize(self, damping: float = 0.0, check_condition: bool = True,
                   path: str = "auto", rtol: Optional[float] = None,
                   on_inaccurate: str = "raise", factor_dtype="auto",
-                  factorization: str = "banded") -> "HessianInverse":
+                  factorization: str = "auto", max_refinement: int = 10
+                  ) -> "HessianInverse":
         """``(H + damping I)^{-1}`` (``H^+`` on the softmax gauge when damping is 0).
 
-        ``path``: ``'structured'`` eliminates every layer's parameters (needs
-        damping > 0), ``'generic'`` factors the lifted system, ``'auto'``
-        decides by :func:`choose_route`.  ``rtol``, ``on_inaccurate`` and
-        ``factor_dtype``: see :class:`HessianInverse`.
+        ``path``: ``'riccati'`` (the layer-wise LDL^T) and ``'structured'`` (every
+        layer's parameters eliminated) need damping > 0, ``'generic'`` factors the
+        lifted system, ``'output'`` the GGN in output space, ``'auto'`` decides by
+        :func:`choose_route`.  ``rtol``, ``on_inaccurate``, ``factor_dtype``,
+        ``factorization`` and ``max_refinement`` (corrections per solve; 0: the
+        un-refined solve, still held to ``rtol``): see :class:`HessianInverse`.
         """
         return HessianInverse(self, damping, check_condition, path, rtol, on_inaccurate,
-                              factor_dtype=factor_dtype, factorization=factorization)
+                              max_refinement, factor_dtype=factor_dtype,
+                              factorization=factorization)
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
@@ -3929,32 +4666,35 @@ def _singular_message(what: str, detail: str, damping: float) -> str:
             f"eigenvalue of H at -damping, there is no unique solution: {hint}.")
 
 
-FACTORIZATIONS = ("banded", "cyclic")
+#: Values of the ``factorization`` keyword: the block-tridiagonal factorisation used.
+FACTORIZATIONS = ("auto", "banded", "cyclic")
 
 
-def _factor_or_explain(system: BlockTridiagonal, what: str, damping: float,
-                       factorization: str = "banded", merge: int = 1):
-    """:func:`banded_lu` (or :func:`cyclic_reduction`), a zero pivot turned into advice.
+class CyclicReductionFailed(SingularHessianError):
+    """Cyclic reduction met a zero pivot (it pivots only within blocks)."""
 
-    Cyclic reduction that meets a zero pivot (it pivots only within blocks)
-    warns and hands over to the banded LU, which decides singularity.
-    """
+
+def _factor(system: BlockTridiagonal, what: str, damping: float, factorization: str,
+            merge: int, checks: _Checks):
+    """:func:`banded_lu` or :func:`cyclic_reduction`, no host synchronisation: the pivot
+    check goes into ``checks``, a zero pivot turned into advice (a cyclic one into
+    :class:`CyclicReductionFailed`, on which the caller turns to the banded LU)."""
     if factorization == "cyclic":
+        factor = cyclic_reduction(system, merge, check=False)
+    else:
+        factor = banded_lu(system, check=False)
+
+    def error(_):
         try:
-            return cyclic_reduction(system, merge)
+            factor.check()
         except SingularSystemError as err:
-            warnings.warn(f"{err}; factoring with the banded LU instead.", RuntimeWarning)
-    try:
-        return banded_lu(system)
-    except SingularSystemError as err:
-        raise SingularHessianError(_singular_message(what, str(err), damping)) from None
+            if factorization == "cyclic":
+                return CyclicReductionFailed(f"{err}")
+            return SingularHessianError(_singular_message(what, str(err), damping))
+        return SingularHessianError(what)
 
-
-def _solve_factored(factor, rhs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Solve with either factorisation's factors."""
-    if isinstance(factor, CyclicReductionFactor):
-        return cyclic_reduction_solve(factor, rhs)
-    return banded_lu_solve(factor, rhs)
+    checks.add(factor.smallest_pivot > 0.0, error)
+    return factor
 
 
 def _system_name(operator: HessianOperator, damping: float, gauge) -> str:
@@ -3979,58 +4719,34 @@ class LiftedSolver:
 
     def __init__(self, operator: HessianOperator, damping: float,
                  gauge: Optional[torch.Tensor], check_condition: bool,
-                 factorization: str = "banded"):
+                 factorization: str = "banded", checks: Optional[_Checks] = None):
+        pending = _Checks() if checks is None else checks
         self.operator = operator
         self.system = assemble_lifted_system(operator.derivs, damping, gauge)
         what = _system_name(operator, damping, gauge)
-        self.lu = _factor_or_explain(self.system, what, damping, factorization)
+        self.lu = _factor(self.system, what, damping, factorization, 1, pending)
+        pending.verify()
         self.rcond = None
         if check_condition:
-            self.rcond = self.reciprocal_condition()
+            self.rcond = reciprocal_condition(self.system, self.lu)
             if not self.rcond > torch.finfo(operator.dtype).eps:
                 raise SingularHessianError(_singular_message(
                     what, f"reciprocal condition number of the lifted system ~ {self.rcond:.1e}",
                     damping))
 
-    def solve_once(self, blocks: list) -> list:
-        """One pass through the factors: per-layer right-hand sides -> parameter blocks."""
-        derivs = self.operator.derivs
-        return _unlift(derivs, _solve_factored(self.lu, _lift(derivs, blocks)))
-
-    def reciprocal_condition(self, iterations: int = 5) -> float:
-        """Estimate 1 / cond_1 of the lifted system (Hager-Higham, as LAPACK gecon).
-
-        A few solves with the factors give a lower bound on ||K^{-1}||_1 that
-        is usually within a factor of 3; K is symmetric so K^{-T} = K^{-1}.
-        """
-        sizes = self.lu.block_sizes
-        like = self.system.diag[0]
-        total = sum(sizes)
-        x = torch.full((total, 1), 1.0 / total, dtype=like.dtype, device=like.device)
-        estimate = 0.0
-        for it in range(iterations):
-            y = torch.cat(_solve_factored(self.lu, list(x.split(sizes))))
-            if not torch.isfinite(y).all():
-                return 0.0
-            estimate = y.abs().sum().item()
-            z = torch.cat(_solve_factored(self.lu, list(torch.sign(y).split(sizes))))
-            j = int(z.abs().argmax())
-            if it > 0 and z.abs()[j, 0] <= (z * x).sum():
-                break
-            x = torch.zeros_like(x)
-            x[j] = 1.0
-        return 1.0 / (self.system.norm1().item() * estimate) if estimate > 0 else 0.0
-
-
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """One pass through the factors: (n, k) right-hand sides -> (n, k) solutions."""
+        sizes = self.operator.param_sizes
+        return _unlift(sizes, solve_factored(self.lu, _lift(self.system, sizes, b)))
 
 
 class EliminatedSolver:
     """The structured route: every layer's parameters eliminated, damping > 0.
 
-    ``eliminated`` holds each layer's :class:`EliminatedLayer`; ``system`` is
+    ``eliminated`` holds each group's :class:`EliminatedLayer` (stacked); ``system`` is
     the reduced block-tridiagonal system (:func:`assemble_reduced_system`),
-    equilibrated (``scales``, :func:`equilibrate`) and factored by the same
-    pivoted :func:`banded_lu` as the generic route.  A solve costs
+    equilibrated (``scales``, :func:`equilibrate`) and factored by the pivoted
+    :func:`banded_lu` (or cyclic reduction on pairs of blocks).  A solve costs
     O(sum_l a_l^2 + sum_l a_l p_l) per vector.  Eliminating x_l divides by
     eps, so the reduced system can be worse conditioned than ``H + eps I``
     itself: :class:`HessianInverse` refines every solve against the exact
@@ -4040,26 +4756,32 @@ class EliminatedSolver:
     route = "structured"
     rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float, factorization: str = "banded"):
+    def __init__(self, operator: HessianOperator, damping: float, factorization: str = "banded",
+                 checks: Optional[_Checks] = None):
         if not damping > 0:
             raise HessianInverseError(
                 f"the structured path needs a finite damping > 0 (it inverts A_l + damping I "
                 f"for every layer); got {damping}. Use path='generic' or path='auto' for damping 0"
             )
+        pending = _Checks() if checks is None else checks
         self.operator = operator
-        self.groups = eliminate_layers(operator.derivs, damping)
-        self.eliminated = _per_layer(self.groups)
-        self.system, self.scales = equilibrate(assemble_reduced_system(self.eliminated))
+        self.groups = operator.groups
+        self.eliminated = eliminate_layers(self.groups, damping, pending)
+        self.system, self.scales = equilibrate(
+            assemble_reduced_system(self.groups, self.eliminated), inplace=True)
         # merge=2 for cyclic reduction: the y-blocks R_{l+1} can be zero (always the last).
-        self.lu = _factor_or_explain(self.system, f"{operator.symbol} + {damping:g} I", damping,
-                                     factorization, merge=2)
+        self.lu = _factor(self.system, f"{operator.symbol} + {damping:g} I", damping,
+                          factorization, 2, pending)
+        if checks is None:
+            pending.verify()
 
-    def solve_once(self, g_blocks: list) -> list:
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
         """Reduced right-hand side, one pass through the factors, parameters recovered."""
-        rhs = _reduced_rhs(self.groups, g_blocks)
-        scaled = _solve_factored(self.lu, [s[:, None] * r for s, r in zip(self.scales, rhs)])
-        reduced = [s[:, None] * y for s, y in zip(self.scales, scaled)]
-        return _recover_parameters(self.groups, g_blocks, reduced)
+        g = _views(self.groups, b)
+        scales = self.scales.unsqueeze(-1)
+        rhs = _reduced_rhs(self.groups, self.eliminated, self.system, g).mul_(scales)
+        reduced = solve_factored(self.lu, rhs).mul_(scales)
+        return _flat(_recover_parameters(self.groups, self.eliminated, g, reduced))
 
 
 class RiccatiSolver:
@@ -4078,46 +4800,55 @@ class RiccatiSolver:
     rcond = None
 
     def __init__(self, operator: HessianOperator, damping: float,
-                 gauge: Optional[torch.Tensor] = None):
+                 gauge: Optional[torch.Tensor] = None, checks: Optional[_Checks] = None):
+        pending = _Checks() if checks is None else checks
         self.operator = operator
         kind = "cholesky" if operator.curvature == "ggn" and damping > 0 else "lu"
-        self.factor = RiccatiFactor(operator.derivs, damping, kind, gauge)
-        if kind == "cholesky" and not self.factor.ok:
-            self.factor = RiccatiFactor(operator.derivs, damping, "lu", gauge)
-        if not self.factor.ok:
-            layer = int(self.factor.broken.nonzero()[-1]) + 1
-            raise EliminationError(
+        self.factor = RiccatiFactor(operator.groups, damping, kind, gauge)
+        if kind == "cholesky" and not self.factor.ok:  # Cholesky failed to rounding: LU
+            self.factor = RiccatiFactor(operator.groups, damping, "lu", gauge)
+
+        def error(ok):
+            layer = int((~ok).nonzero()[-1]) + 1
+            return EliminationError(
                 f"layer {layer}: the layer-wise factorisation of {operator.symbol} + "
                 f"{damping:g} I broke down (its pivot block P_l = A_l + damping I + "
                 "J_l^T Ghat_l J_l is singular to working precision). The route does not "
                 "pivot across layers: path='structured' or 'generic' does, or use another "
                 "damping.")
 
-    def solve_once(self, blocks: list) -> list:
-        """Both sweeps: per-layer (p_l, k) right-hand sides -> (p_l, k) solutions."""
-        return self.factor.solve(blocks)
+        pending.add(~self.factor.broken, error)
+        if checks is None:
+            pending.verify()
+
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """Both sweeps: (n, k) right-hand sides -> (n, k) solutions."""
+        return _flat(self.factor.solve_groups(_views(self.operator.groups, b)))
 
 
 class OutputSpaceSolver:
     """The output-space route: (GGN + eps I)^{-1} by Woodbury in the logits, damping > 0.
 
-    GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy), and
+    GGN = U^T U, U = R J_o (m = B (C - 1) rows for softmax cross-entropy, B C for the
+    squared error), and
     (U^T U + eps I)^{-1} v = (v - U^T (eps I + U U^T)^{-1} U v) / eps.  Setup:
-    ``gram`` = U U^T (:func:`logit_gram`) and its damped Cholesky factor ``cholesky``;
-    O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3) time, O(m^2) memory beyond the operator's
-    blocks.  A solve: O(one GGN-vector product + m^2) per right-hand side.  Not backward
+    ``gram`` = U U^T (:func:`logit_gram`, which keeps U's columns compactly: ``jacobian``)
+    and its damped Cholesky factor ``cholesky``; O(sum_l (m^2 h_l + m h_l h_{l-1}) + m^3)
+    time, O(m^2 + sum_l m h_l) memory beyond the operator's blocks.  A solve: U v,
+    a Cholesky solve, U^T y, O(sum_l B r p_l + m^2) per right-hand side in a few batched
+    calls per group (no sweep over layers).  Not backward
     stable on its own (the subtraction loses about u cond(GGN + eps I) relative, u the
-    unit roundoff),
-    so :class:`HessianInverse` refines it like the structured route.
+    unit roundoff), so :class:`HessianInverse` refines it like the structured route.
     Needs ``operator.curvature == 'ggn'`` (for the Hessian, U^T U misses the network's own
-    curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or any dense GGN
-    loss layer.
+    curvature); any hidden layers; a closed-form ``AffineCrossEntropy`` or
+    ``AffineSquaredError``, or any dense GGN loss layer.
     """
 
     route = "output"
     rcond = None
 
-    def __init__(self, operator: HessianOperator, damping: float):
+    def __init__(self, operator: HessianOperator, damping: float,
+                 checks: Optional[_Checks] = None):
         if operator.curvature != "ggn":
             raise HessianInverseError(
                 f"the output-space path solves with the Gauss-Newton matrix only (GGN = U^T U);"
@@ -4127,37 +4858,35 @@ class OutputSpaceSolver:
                 f"the output-space path needs a finite damping > 0 (eps I + U U^T must be "
                 f"positive definite; at 0 the GGN is singular on the softmax gauge); got "
                 f"{damping}. Use path='generic' or path='auto' for damping 0")
+        pending = _Checks() if checks is None else checks
         self.operator = operator
         self.damping = float(damping)
-        self.factor = output_factor(operator.derivs[-1])
-        self.gram = logit_gram(operator.derivs, self.factor)
+        self.factor = output_factor(operator.groups[-1].layer(0))
+        self.jacobian = logit_gram(operator.groups, self.factor)
+        self.gram = self.jacobian.gram
         self.cholesky = _damped_cholesky(self.gram, self.damping,
-                                         f"{operator.symbol} + {damping:g} I")
+                                         f"{operator.symbol} + {damping:g} I", pending)
+        if checks is None:
+            pending.verify()
 
     @property
     def rows(self) -> int:
         """m, the rows of U (the size of the factored system)."""
         return self.gram.shape[0]
 
-    def solve_once(self, blocks: list) -> list:
-        """One un-refined solve: per-layer (p_l, k) right-hand sides -> (p_l, k) blocks."""
-        derivs = self.operator.derivs
-        y = torch.cholesky_solve(output_tangent(derivs, self.factor, blocks), self.cholesky)
-        back = output_adjoint(derivs, self.factor, y)
-        return [(v - b) / self.damping for v, b in zip(blocks, back)]
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        """One un-refined solve: (n, k) right-hand sides -> (n, k) solutions."""
+        groups, U = self.operator.groups, self.jacobian
+        y = torch.cholesky_solve(U.apply(groups, _views(groups, b)), self.cholesky)
+        return (b - _flat(U.apply_t(groups, y))) / self.damping
 
 
-def _column_norms(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of each column of a block vector of (p_l, k) matrices: (k,)."""
-    return torch.stack([d.square().sum(0) for d in blocks]).sum(0).sqrt()
-
-
-def _relative_norm(num: Sequence[torch.Tensor], den: Sequence[torch.Tensor]) -> float:
-    """max over columns j of ||num_j|| / ||den_j|| for blocks of (p_l, k) matrices (0/0 = 0)."""
-    num_norm, den_norm = _column_norms(num), _column_norms(den)
+def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """max over columns j of ||num_j|| / ||den_j|| for (n, k) tensors (0/0 = 0), 0-dim."""
+    num_norm, den_norm = num.norm(dim=0), den.norm(dim=0)
     ratio = torch.where(den_norm > 0, num_norm / den_norm,
                         torch.where(num_norm > 0, math.inf, 0.0))
-    return float(ratio.max())
+    return ratio.amax()
 
 
 class _CastSolver:
@@ -4167,22 +4896,21 @@ class _CastSolver:
         self.solver, self.dtype = solver, dtype
         self.route, self.rcond = solver.route, solver.rcond
 
-    def solve_once(self, blocks: list) -> list:
-        low = self.solver.operator.dtype
-        return [x.to(self.dtype) for x in self.solver.solve_once([b.to(low) for b in blocks])]
+    def solve_once(self, b: torch.Tensor) -> torch.Tensor:
+        return self.solver.solve_once(b.to(self.solver.operator.dtype)).to(self.dtype)
 
 
 def _largest_block(operator: HessianOperator, route: str) -> int:
     """The block size of the system ``route`` factors (a_l, the pivot size, or p_l + 2 a_l)."""
+    sizes = operator.sizes
     if route == "structured":
-        return max(d.num_outputs for d in operator.derivs)
+        return max(sizes.outputs)
     if route == "riccati":
-        return max(min(d.num_examples, d.num_params // d.weight.shape[0]) * d.weight.shape[0]
-                   if isinstance(d, AffineLayerBlocks) else d.num_params
-                   for d in operator.derivs)
+        return max(min(B, p // (u // B)) * (u // B) if u is not None else p
+                   for p, u, B in zip(sizes.params, sizes.u, sizes.examples))
     if route == "parameter":
-        return sum(d.num_params for d in operator.derivs[:-1])
-    return max(d.num_params + 2 * d.num_outputs for d in operator.derivs)
+        return sum(sizes.params[:-1])
+    return max(p + 2 * a for p, a in zip(sizes.params, sizes.outputs))
 
 
 class HessianInverse:
@@ -4219,9 +4947,11 @@ class HessianInverse:
     it pays; ``None`` never; ``torch.float32`` always.  ``factor_dtype`` says
     which ran.
 
-    ``factorization='cyclic'`` factors by block cyclic reduction (parallel in
-    depth, for GPUs) instead of the banded LU; it pivots only within blocks, so
-    a zero pivot or a missed contract hands over to the banded LU.
+    ``factorization``: ``'banded'`` (the pivoted banded LU), ``'cyclic'`` (block cyclic
+    reduction: log2 depth levels of batched calls, for GPUs; it pivots only within
+    blocks, so a zero pivot or a missed contract hands over to the banded LU), or
+    ``'auto'`` (default): the faster on the model's device by
+    :func:`choose_factorization`.
 
     With ``damping == 0`` and a loss layer with known null directions N (the
     softmax gauge), this is the Moore-Penrose ``H^+`` computed exactly as
@@ -4241,12 +4971,12 @@ class HessianInverse:
                  check_condition: bool = True, path: str = "auto",
                  rtol: Optional[float] = None, on_inaccurate: str = "raise",
                  max_refinement: int = 10, probe: bool = True, factor_dtype="auto",
-                 factorization: str = "banded"):
+                 factorization: str = "auto"):
         _check_path(path)
         if factorization not in FACTORIZATIONS:
             raise HessianInverseError(
                 f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
-        self.factorization = self._factorization_asked = factorization
+        self._factorization_asked = factorization
         if on_inaccurate not in ("raise", "warn"):
             raise HessianInverseError(
                 f"on_inaccurate must be 'raise' or 'warn', got {on_inaccurate!r}")
@@ -4266,12 +4996,28 @@ class HessianInverse:
         self.backward_error: Optional[float] = None
         self.probe_error: Optional[float] = None
         self._norm: Optional[float] = None
+        sizes = operator.sizes
         route = choose_route(path, self.damping, operator.has_closed_forms, operator.curvature,
-                             LayerSizes.of_derivatives(operator.derivs),
-                             _limit(operator.device, operator.memory_limit), operator.dtype)
+                             sizes, operator.device, operator.dtype,
+                             _limit(operator.device, operator.memory_limit))
         self._factor_dtype_asked = factor_dtype
         self.factor_dtype = self._resolve_factor_dtype(factor_dtype, route)
+        self._cyclic_failed = False
         self.solver = self._first_solver(route, probe)
+
+    def _resolve_factorization(self, route: str) -> str:
+        """'banded' or 'cyclic' for the system ``route`` factors (:func:`choose_factorization`;
+        banded once cyclic reduction failed here)."""
+        if self._cyclic_failed:
+            return "banded"
+        sizes, asked = self.operator.sizes, self._factorization_asked
+        if route == "structured":
+            blocks, size, merge = 2 * len(sizes.params), max(sizes.outputs), 2
+        else:
+            blocks, merge = len(sizes.params), 1
+            size = max(p + 2 * a for p, a in zip(sizes.params, sizes.outputs))
+        return choose_factorization(asked, blocks, size, merge, self.operator.device,
+                                    self.factor_dtype)
 
     def _resolve_factor_dtype(self, asked, route: str) -> torch.dtype:
         dtype = self.operator.dtype
@@ -4291,11 +5037,14 @@ class HessianInverse:
     def _first_solver(self, route: str, probe: bool):
         """The solver for ``route`` in ``factor_dtype``; full precision, then (``'auto'``)
         the generic route, when that fails."""
+        self.factorization = self._resolve_factorization(route)
         try:
             return self._build(route, probe)
         except SingularHessianError as err:
             if self.factorization == "cyclic" and route in ("structured", "generic"):
-                self.factorization = "banded"
+                if isinstance(err, CyclicReductionFailed):
+                    warnings.warn(f"{err}; factoring with the banded LU instead.", RuntimeWarning)
+                self._cyclic_failed = True
                 return self._first_solver(route, probe)
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
@@ -4309,29 +5058,30 @@ class HessianInverse:
         parameter-space routes are probed if asked."""
         op, low = self.operator, self.factor_dtype
         gauge = None if self.gauge is None else self.gauge.to(low)
+        checks = op.pending  # the inputs' checks, verified with the factorisation's
         if route != "generic":
-            check_memory(LayerSizes.of_derivatives(op.derivs), route, "factorization",
-                         low, op.device, op.memory_limit, curvature=op.curvature,
-                         damping=self.damping)
+            check_memory(op.sizes, route, "factorization", low, op.device, op.memory_limit,
+                         curvature=op.curvature, damping=self.damping)
         if route == "generic":
             solver = LiftedSolver(op.densified().to(low), self.damping, gauge, self.check_condition,
-                                  self.factorization)
+                                  self.factorization, checks)
         elif route == "output":
-            solver = OutputSpaceSolver(op, self.damping)
+            solver = OutputSpaceSolver(op, self.damping, checks)
         elif route == "parameter":
-            solver = ParameterSpaceSolver(op, self.damping, self.gauge)
+            solver = ParameterSpaceSolver(op, self.damping, self.gauge, checks)
         elif route == "riccati":
-            solver = RiccatiSolver(op.densified(keep_affine=True).to(low), self.damping, gauge)
+            solver = RiccatiSolver(op.densified(keep_affine=True).to(low), self.damping, gauge,
+                                   checks)
         else:
             solver = EliminatedSolver(op.densified(keep_affine=True).to(low), self.damping,
-                                      self.factorization)
+                                      self.factorization, checks)
+        checks.verify()
         if low != op.dtype:
             solver = _CastSolver(solver, op.dtype)
         if route in ("structured", "riccati", "parameter") and self.check_condition and probe:
             generator = torch.Generator(device=op.device).manual_seed(0)
-            g = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+            b = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
                             device=op.device)
-            b = _split(g, op.param_sizes)
             self.probe_error = self._check(b, *self._refine(solver, b))
             if not self.probe_error <= self.rtol:
                 raise EliminationError(
@@ -4348,11 +5098,9 @@ class HessianInverse:
         first, if ``probe``); after the output route, the parameter route on a chain
         with matrix-free layers.  The parameter route pivots across all its
         parameters, so its failure is final."""
-        if self.path != "auto":
+        if self.path != "auto" or failed == "parameter":
             raise err
         self.probe_error, self.factor_dtype = None, self.operator.dtype
-        if failed == "parameter":  # pivoted like the generic route: its verdict stands
-            raise err
         following = {"output": "riccati", "riccati": "structured"}.get(failed)
         if failed == "output" and self.operator.matrix_free_layers:
             following = "parameter"  # the riccati route would write out conv-sized blocks
@@ -4366,62 +5114,72 @@ class HessianInverse:
         except InsufficientMemoryError:
             raise err from None
         warnings.warn(f"{err} Falling back to the generic path.", RuntimeWarning)
+        self._cyclic_failed, self.factorization = True, "banded"
         return LiftedSolver(dense, self.damping, self.gauge, self.check_condition)
 
     def _name(self) -> str:
         return _system_name(self.operator, self.damping, self.gauge)
 
-    def _apply(self, x: list) -> list:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         """The exact product with what the factors invert: ``H + damping I`` [+ N N^T]."""
-        out = self.operator.apply_blocks(x, self.damping)
+        out = self.operator.apply(x, self.damping)
         if self.gauge is not None:
-            out[-1] = out[-1] + self.gauge @ (self.gauge.T @ x[-1])
+            last = self.gauge.shape[0]
+            out[-last:] += self.gauge @ (self.gauge.T @ x[-last:])
         return out
 
-    def _refine(self, solver, b: list) -> tuple[list, list, float]:
+    def _refine(self, solver, b: torch.Tensor) -> tuple:
         """A solve refined against the exact product.
 
         Corrections continue while each at least halves the relative residual,
         up to ``max_refinement``, and stop once it is at rounding level (4 eps).
-        Returns x, its residual b - A x, and the size of the last correction
-        computed relative to x (0 if none was needed): an estimate of x's
-        relative error, which stays O(1) when A is singular to working precision.
+        Returns x, its residual r = b - A x, r's size relative to b, and the size of the
+        last correction computed relative to x (0 if none was needed): an estimate of
+        x's relative error, which stays O(1) when A is singular to working precision.
+        The first correction is computed before its need is known, so that the common
+        case reads its figures back from the device once.
         """
         eps = torch.finfo(self.operator.dtype).eps
         x = solver.solve_once(b)
-        r = [bi - ai for bi, ai in zip(b, self._apply(x))]
-        res, correction = _relative_norm(r, b), 0.0
-        for _ in range(self.max_refinement):
-            if not res > 4 * eps:
-                break
+        r = b - self._apply(x)
+        if self.max_refinement < 1:
+            return x, r, float(_relative(r, b)), 0.0
+        steps, correction, stalled = 0, 0.0, False
+        while steps < self.max_refinement:
             dx = solver.solve_once(r)
-            x_new = [xi + di for xi, di in zip(x, dx)]
-            correction = _relative_norm(dx, x_new)
-            r_new = [bi - ai for bi, ai in zip(b, self._apply(x_new))]
-            res_new = _relative_norm(r_new, b)
+            x_new = x + dx
+            r_new = b - self._apply(x_new)
+            figures = [_relative(dx, x_new), _relative(r_new, b)]
+            if not steps:
+                figures.append(_relative(r, b))
+                step_size, res_new, res = torch.stack(figures).tolist()
+                if not res > 4 * eps:
+                    break
+            else:
+                step_size, res_new = torch.stack(figures).tolist()
+            steps, correction = steps + 1, step_size
             if not res_new < res:
                 break
-            x, r, res, stalled = x_new, r_new, res_new, not res_new < res / 2
-            if stalled:
+            stalled = not res_new < res / 2
+            x, r, res = x_new, r_new, res_new
+            if stalled or not res > 4 * eps:
                 break
-        return x, r, correction
+        return x, r, res, correction
 
     def _norm_estimate(self, steps: int = 8) -> float:
         """A lower bound on ||A||_2 by power iteration (``steps`` exact products, cached)."""
         if self._norm is None:
             op = self.operator
             generator = torch.Generator(device=op.device).manual_seed(1)
-            q = _split(torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
-                                   device=op.device), op.param_sizes)
-            norm = 0.0
+            q = torch.randn(op.num_params, 1, generator=generator, dtype=op.dtype,
+                            device=op.device)
             for _ in range(steps):
-                size = torch.stack([qi.square().sum() for qi in q]).sum().sqrt()
-                q = self._apply([qi / size for qi in q])
-                norm = float(torch.stack([qi.square().sum() for qi in q]).sum().sqrt())
-            self._norm = norm
+                q = self._apply(q / q.norm())
+            self._norm = float(q.norm())
         return self._norm
 
-    def _check(self, b: list, x: list, r: list, correction: float) -> float:
+    def _check(self, b: torch.Tensor, x: torch.Tensor, r: torch.Tensor, residual: float,
+               correction: float) -> float:
         """The contract's figure for a refined solve: its backward error, or inf if undetermined.
 
         The backward error is ``max_j ||r_j|| / (||A|| ||x_j|| + ||b_j||)``
@@ -4430,13 +5188,13 @@ class HessianInverse:
         last refinement correction exceeds eps^(1/4) of x (refinement that
         does not converge: A singular to working precision) counts as inf.
         """
-        self.residual = _relative_norm(r, b)
+        self.residual = residual
         self.correction = correction
         if not correction <= torch.finfo(self.operator.dtype).eps ** 0.25:
             return math.inf
         if self.residual <= self.rtol:
             return self.residual
-        eta = _column_norms(r) / (self._norm_estimate() * _column_norms(x) + _column_norms(b))
+        eta = r.norm(dim=0) / (self._norm_estimate() * x.norm(dim=0) + b.norm(dim=0))
         return float(torch.nan_to_num(eta, nan=math.inf).max())
 
     def _inaccurate_message(self, eta: float, route: str) -> str:
@@ -4448,10 +5206,11 @@ class HessianInverse:
             found = (f"the solve's backward error ||v - A x|| / (||A|| ||x|| + ||v||) is "
                      f"{eta:.1e} (relative residual {self.residual:.1e}), above rtol = "
                      f"{self.rtol:.1e}")
+        wider = ("use float64 (model.double()) or increase the damping"
+                 if self.operator.dtype != torch.float64 else "increase the damping")
         return (f"{self._name()}: {found} ({route} route, {dtype}). Too ill-conditioned "
-                f"for {dtype} at this damping: use float64 (model.double()) or increase the "
-                "damping, or pass a looser rtol= (or on_inaccurate='warn' to take the result "
-                "anyway).")
+                f"for {dtype} at this damping: {wider}, or pass a looser rtol= (or "
+                "on_inaccurate='warn' to take the result anyway).")
 
     def _escalate(self, eta: float):
         """After a solve that missed the contract: the banded LU if cyclic reduction
@@ -4459,7 +5218,7 @@ class HessianInverse:
         None when nothing is left to try."""
         try:
             if self.factorization == "cyclic" and self.route in ("structured", "generic"):
-                self.factorization = "banded"
+                self._cyclic_failed = True
                 return self._first_solver(self.route, probe=False)
             if self.factor_dtype != self.operator.dtype:
                 self.factor_dtype = self.operator.dtype
@@ -4475,25 +5234,27 @@ class HessianInverse:
     def _solve_detached(self, v: torch.Tensor) -> torch.Tensor:
         # Each column scaled by a power of two near its largest entry (exact both ways), so
         # that norms and residuals neither overflow for huge v nor underflow for tiny v.
-        scale = torch.ldexp(torch.ones_like(v[0]), torch.frexp(v.abs().amax(0)).exponent)
-        b = _split(v / scale, self.operator.param_sizes)
+        b = v.detach().reshape(self.operator.num_params, -1)
+        scale = torch.ldexp(torch.ones_like(b[0]), torch.frexp(b.abs().amax(0)).exponent)
+        b = b / scale
         if self.gauge is not None:
-            b[-1] = b[-1] - self.gauge @ (self.gauge.T @ b[-1])
-        x, r, correction = self._refine(self.solver, b)
-        eta = self._check(b, x, r, correction)
+            last = self.gauge.shape[0]
+            b = torch.cat([b[:-last], b[-last:] - self.gauge @ (self.gauge.T @ b[-last:])])
+        x, r, residual, correction = self._refine(self.solver, b)
+        eta = self._check(b, x, r, residual, correction)
         while not eta <= self.rtol:
             solver = self._escalate(eta)
             if solver is None:
                 break
             self.solver = solver
-            x, r, correction = self._refine(solver, b)
-            eta = self._check(b, x, r, correction)
+            x, r, residual, correction = self._refine(solver, b)
+            eta = self._check(b, x, r, residual, correction)
         self.backward_error = eta
         if not eta <= self.rtol:
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(self._inaccurate_message(eta, self.route))
             warnings.warn(self._inaccurate_message(eta, self.route), RuntimeWarning)
-        return _join(x, v.dim() == 1) * scale
+        return (x * scale).reshape(v.shape)
 
     @property
     def route(self) -> str:
@@ -4595,33 +5356,37 @@ def _warn_piecewise_linear(model: TrackedChain) -> None:
 
 def _operator_at_tracked_point(model: TrackedChain, loss: Optional[torch.Tensor],
                                curvature: str, path: str, damping: Optional[float],
-                               memory_limit: Optional[int], stage: str) -> HessianOperator:
+                               memory_limit: Optional[int], stage: str,
+                               checks: Optional[_Checks] = None) -> HessianOperator:
     """Check the tracked pass, decide the route, guard ``stage``'s memory, one sweep.
 
     Arguments are already validated.  Layers get closed forms unless the route is
     generic; a layer without closed forms whose dense blocks would be large gets
-    matrix-free autograd blocks (:class:`LayerSizes`, kind 'autograd').
+    matrix-free autograd blocks (:class:`LayerSizes`, kind 'autograd').  The checks that need the device's values
+    (parameters unchanged, targets in range, finite blocks; and the caller's ``checks``)
+    are left pending on the operator: its first use verifies them with its own.
     """
-    tracked = model.tracked_forward(loss)
+    pending = _Checks() if checks is None else checks
+    tracked = model.tracked_forward(loss, pending)
     _warn_piecewise_linear(model)
-    closed = closed_form_flags(model, tracked)
+    closed = closed_form_flags(model, tracked, pending)
     sizes = LayerSizes.of_model(model, tracked, closed)
     first = tracked.inputs[-1]
     route = choose_route(path, damping, "affine" in sizes.kinds, curvature, sizes,
-                         _limit(first.device, memory_limit), first.dtype)
+                         first.device, first.dtype, _limit(first.device, memory_limit))
     if route == "generic":
         closed = [False] * len(closed)
         sizes = LayerSizes.of_model(model, tracked, closed)
     check_memory(sizes, route, stage, first.dtype, first.device, memory_limit,
                  curvature=curvature, damping=damping)
-    derivs = chain_derivatives(model, tracked, curvature, closed,
+    groups = chain_derivatives(model, tracked, curvature, closed, pending,
                                [kind == "autograd" for kind in sizes.kinds])
     null_directions = getattr(model.loss_layer, "null_directions", None)
     gauge = None
     if callable(null_directions):
         dtype, device = first.dtype, first.device  # the tracked point's, even if cast later
         gauge = lambda: null_directions().detach().to(dtype=dtype, device=device)  # noqa: E731
-    return HessianOperator(derivs, gauge, curvature, memory_limit)
+    return HessianOperator(groups, gauge, curvature, memory_limit, pending)
 
 
 def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
@@ -4639,29 +5404,30 @@ def hessian_operator(model: TrackedChain, loss: Optional[torch.Tensor] = None,
     parameters); the loss layer must expose ``logits`` and ``loss``.  The
     softmax gauge is a null space of both.
     ``path``: ``'generic'`` holds every layer's derivatives as dense autograd
-    blocks (or autograd products where those would be large); the other paths
-    hold closed forms where a layer has them (:data:`HIDDEN_CLOSED_FORMS`) and
-    dense blocks or autograd products (:class:`AutogradLayerBlocks`) for the
-    others.
+    blocks; ``'structured'`` and ``'auto'`` hold closed forms for affine
+    layers (``AffineLayerBlocks``) and dense blocks for the others.
     """
     validate_model(model, curvature)
     _check_path(path)
-    return _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit,
-                                      "derivatives")
+    operator = _operator_at_tracked_point(model, loss, curvature, path, None, memory_limit,
+                                          "derivatives")
+    operator.pending.verify()
+    return operator
 
 
 def factorize(model: TrackedChain, loss: Optional[torch.Tensor] = None, damping: float = 0.0,
               memory_limit: Optional[int] = None, curvature: str = "hessian",
               path: str = "auto", rtol: Optional[float] = None,
               on_inaccurate: str = "raise", factor_dtype="auto",
-              factorization: str = "banded") -> HessianInverse:
+              factorization: str = "auto") -> HessianInverse:
     """Derivatives and factorisation of ``H + damping I`` (or ``GGN + damping I``
     with ``curvature='ggn'``), ready for many solves.
 
-    ``path``: ``'auto'`` (default) takes the cheapest route that applies
-    (:func:`choose_route`); any of :data:`PATHS` forces one.
+    ``path``: ``'auto'`` (default) takes the structured route when damping > 0
+    and the model has affine layers with closed forms, else the generic one
+    (:func:`choose_route`); ``'structured'`` or ``'generic'`` force a route.
     ``rtol``, ``on_inaccurate``: the accuracy contract; ``factor_dtype``: mixed
-    precision (both in :class:`HessianInverse`).
+    precision, ``factorization`` (all in :class:`HessianInverse`).
     """
     validate_model(model, curvature)
     _check_path(path)
@@ -4678,7 +5444,7 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
                                    curvature: str = "hessian", path: str = "auto",
                                    rtol: Optional[float] = None,
                                    on_inaccurate: str = "raise", factor_dtype="auto",
-                                   factorization: str = "banded") -> torch.Tensor:
+                                   factorization: str = "auto") -> torch.Tensor:
     """``(H + damping I)^{-1} v``, exactly, in time and memory linear in depth.
 
     Args:
@@ -4693,14 +5459,15 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
         memory_limit: bytes available (default: the device's free memory).
         curvature: ``'hessian'`` or ``'ggn'`` (the Gauss-Newton matrix
             ``J^T H_loss J``, positive semi-definite for cross-entropy).
-        path: one of :data:`PATHS`, as in :func:`factorize`.
+        path: ``'auto'``, ``'structured'`` or ``'generic'``, as in :func:`factorize`.
         rtol, on_inaccurate: the accuracy contract: the result's relative
             residual is at most ``rtol`` (default :func:`default_rtol`) or
             :class:`InaccurateSolveError` is raised (``'warn'``: warned).
         factor_dtype: ``'auto'``, None or a dtype: mixed precision, as in
             :class:`HessianInverse`.
-        factorization: ``'banded'`` (default) or ``'cyclic'`` (block cyclic
-            reduction, parallel in depth; falls back to banded when it fails).
+        factorization: ``'auto'`` (default: by the device's cost model), ``'banded'``
+            or ``'cyclic'`` (block cyclic reduction, parallel in depth; falls back to
+            banded when it fails).
 
     The structured route pays no separate acceptance probe here: the refined
     solve of ``v`` is its own test, and ``path='auto'`` falls back to the
@@ -4710,11 +5477,11 @@ def hessian_inverse_vector_product(model: TrackedChain, loss: Optional[torch.Ten
     validate_model(model, curvature)
     _check_path(path)
     damping = _check_damping(damping, next(model.parameters()).dtype)
-    like = next(model.parameters())
+    like, checks = next(model.parameters()), _Checks()
     _check_vector(v, [sum(p.numel() for p in layer.parameters()) for layer in model.layers],
-                  like, "v")
+                  like, "v", checks)
     operator = _operator_at_tracked_point(model, loss, curvature, path, damping, memory_limit,
-                                          "factorization")
+                                          "factorization", checks)
     inverse = HessianInverse(operator, damping, path=path, rtol=rtol,
                              on_inaccurate=on_inaccurate, probe=False, factor_dtype=factor_dtype,
                              factorization=factorization)

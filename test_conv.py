@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import hessian_inverse as hi
+import spectrum
 import trust_region
 from conftest import (SineSquaredError, autograd_hvp, cross_entropy_in_logits, dense_ggn,
                       dense_hessian)
@@ -294,16 +295,18 @@ def test_unsupported_options_are_refused_by_name():
             hi.hessian_operator(model, loss)
 
 
-def test_the_trust_region_refuses_conv_layers_before_allocating():
-    """The layer-wise definiteness test needs a_l x a_l blocks: a clear refusal."""
+def test_the_trust_region_and_spectrum_refuse_conv_layers_before_allocating():
+    """The layer-wise factorisation needs a_l x a_l blocks: a clear refusal."""
     model, x, t, loss, g = target("b")
     op = hi.hessian_operator(model, loss)
     with pytest.raises(hi.HessianInverseError, match="layer 1 \\(ConvLayerBlocks, 131072"):
         trust_region.definiteness(op, 0.1)
     with pytest.raises(hi.HessianInverseError, match="convolutional"):
         trust_region.trust_region_step(op, g, 1.0)
-    with pytest.raises(hi.HessianInverseError, match="RiccatiFactor"):
-        hi.RiccatiFactor(op.derivs, 0.1, "ldl")  # the recursion itself, as spectral counts use it
+    with pytest.raises(hi.HessianInverseError, match="RiccatiFactor factors"):
+        hi.RiccatiFactor(op.derivs, 0.1, "ldl")  # the recursion itself
+    with pytest.raises(hi.HessianInverseError, match="layer 1 \\(ConvLayerBlocks"):
+        spectrum.Spectrum(op)  # counts, determinants, samples: on the same recursion
 
 
 def test_conv_net_arguments_and_inputs():

@@ -90,16 +90,22 @@ def test_factors_solve_and_show_the_inertia_and_determinant(seed, layers, width,
                 logabsdet.item(), rel=1e-9, abs=1e-9)
 
 
-def test_chains_with_layers_without_closed_forms():
-    """Dense pivots (p_l square) between closed-form ones, a parameter-free layer, a loss
-    layer without closed forms; through the public route with refinement."""
+def mixed_chain():
+    """Closed-form layers around a layer without closed forms (SineGate), a parameter-free
+    Flatten, and a loss layer without closed forms or gauge; returns (chain, x, y, loss)."""
     torch.manual_seed(5)
     chain = hi.TrackedChain(
         [hi.AffineActivation(3, 4, "tanh"), SineGate(4), Flatten(),
          hi.AffineActivation(8, 3, "silu"), hi.AffineActivation(3, 3, "tanh")],
         SquaredErrorLoss(3, 2)).to(F64)
     x, y = torch.randn(3, 2, 3, dtype=F64), torch.randn(3, 2, dtype=F64)
-    loss = chain(x, y, track_activations=True)
+    return chain, x, y, chain(x, y, track_activations=True)
+
+
+def test_chains_with_layers_without_closed_forms():
+    """Dense pivots (p_l square) between closed-form ones, a parameter-free layer, a loss
+    layer without closed forms; through the public route with refinement."""
+    chain, x, y, loss = mixed_chain()
     H = dense_hessian(chain, x, y)
     v = torch.randn(H.shape[0], 2, dtype=F64)
     for damping in (1e-4, 1e-2, 1.0):

@@ -1,7 +1,8 @@
-"""Tests of simple_example.py: the comparison (all seven methods, the tuning grid, the
-target from the best tuned baseline, seeds, the plot, the --results JSON), the CIFAR-10
-fallback, and the one-line refusals of bad flags and of Ctrl-C.  CPU only, no network,
-the bundled digits, tiny models (--quick).
+"""Tests of simple_example.py: the comparison (all seven methods, the tuning grid with its
+edges, targets fixed in advance, seeds, the plot, the --results JSON with steps,
+evaluations and seconds), L-BFGS as its users run it, the regression regime with scipy's
+least_squares as a peer, the CIFAR-10 fallback, and the one-line refusals of bad flags and
+of Ctrl-C.  CPU only, no network, the bundled digits, tiny models (--quick).
 
     python -m pytest test_simple_example.py -q
 """
@@ -37,22 +38,48 @@ def test_all_methods_report_plot_and_write_the_results_schema(tmp_path, capsys):
     import matplotlib.image
     assert matplotlib.image.imread(out).shape[1] > 1200  # both panels
 
-    assert set(data) == {"target", "methods"}
+    assert set(data) == {"target", "targets", "metric", "methods"}
+    assert data["targets"] == simple_example.parse_targets(simple_example.DEFAULT_TARGETS)
+    assert data["target"] == min(data["targets"])  # fixed in advance, not any method's result
     assert list(data["methods"]) == list(simple_example.METHODS)
-    steps = simple_example.QUICK["steps"]
     for name, m in data["methods"].items():
-        assert set(m) == {"loss", "seconds", "test_accuracy", "steps_to_target",
-                          "seconds_to_target", "hyperparameters"}
-        assert len(m["loss"]) == len(m["seconds"]) == steps + 1 and m["seconds"][0] == 0.0
-        assert all(b >= a for a, b in zip(m["seconds"], m["seconds"][1:]))
-        assert 0.0 <= m["test_accuracy"] <= 1.0 and isinstance(m["hyperparameters"], dict)
-        hit = next((k for k, x in enumerate(m["loss"]) if x <= data["target"]), None)
-        assert m["steps_to_target"] == hit
-        assert m["seconds_to_target"] == (None if hit is None else m["seconds"][hit])
-    first_order = [data["methods"][m]["loss"][-1] for m in simple_example.FIRST_ORDER]
-    assert data["target"] == min(first_order)  # the best tuned baseline's (median) final loss
+        assert set(m) == {"runs", "test_metric", "reached", "hyperparameters", "stats"}
+        assert len(m["runs"]) == 2 and len(m["test_metric"]) == 2
+        budget = simple_example.QUICK["first_order_steps" if name in simple_example.FIRST_ORDER
+                                      else "steps"]
+        for curve, reached in zip(m["runs"], m["reached"][f"{data['target']:g}"]):
+            assert set(curve) == {"loss", "seconds", "steps", "evaluations"}
+            assert len(curve["loss"]) == len(curve["seconds"]) == len(curve["steps"]) == \
+                len(curve["evaluations"]) >= 2
+            assert curve["seconds"][0] == curve["steps"][0] == curve["evaluations"][0] == 0
+            for key in ("seconds", "steps", "evaluations"):
+                assert all(b >= a for a, b in zip(curve[key], curve[key][1:]))
+            assert curve["steps"][-1] >= budget and curve["steps"][-2] < budget
+            assert curve["evaluations"][-1] >= curve["steps"][-1]  # at least one per step
+            hit = next((k for k, x in enumerate(curve["loss"]) if x <= data["target"]), None)
+            expected = (None,) * 3 if hit is None else tuple(
+                curve[key][hit] for key in ("steps", "evaluations", "seconds"))
+            assert tuple(reached[key] for key in ("steps", "evaluations", "seconds")) == expected
+        assert all(0.0 <= a <= 1.0 for a in m["test_metric"])
+        assert isinstance(m["hyperparameters"], dict)
     assert "lr" in data["methods"]["adam"]["hyperparameters"]
     assert data["methods"]["ggn"]["hyperparameters"]["curvature"] == "ggn"
+    lbfgs = data["methods"]["lbfgs"]["hyperparameters"]
+    assert (lbfgs["max_iter"], lbfgs["line_search_fn"]) == (20, "strong_wolfe")
+    assert "evals to target" in summary and "CPU seconds to each target" in summary
+
+
+def test_lbfgs_runs_as_its_users_run_it():
+    """Strong Wolfe, 20 iterations per call: one call, many iterations and evaluations."""
+    args = simple_example.get_args(QUICK + ["--methods", "lbfgs"])
+    problem = simple_example.Problem(args)
+    model = problem.model(0)
+    optimizer, _ = simple_example.make_optimizer("lbfgs", model, 10, args)
+    group = optimizer.param_groups[0]
+    assert (group["max_iter"], group["line_search_fn"], group["history_size"]) == \
+        (20, "strong_wolfe", 10)
+    run = simple_example.train(problem, "lbfgs", 10, 0, 1)
+    assert run["steps"][1] == 20 and run["evaluations"][1] >= 20  # one call, 20 iterations
 
 
 def test_tuning_is_deterministic_under_a_seed():
@@ -72,7 +99,8 @@ def test_gradient_descent_learning_rate_can_be_fixed_and_the_target_given(tmp_pa
     _, data = run(tmp_path, "--methods", "gd,ggn", "--lr", 0.5, "--target-loss", 2.0)
     text = capsys.readouterr().out
     assert "lr = 0.5   (--lr, not tuned)" in text and "target loss 2 (--target-loss)" in text
-    assert data["target"] == 2.0 and data["methods"]["gd"]["hyperparameters"] == {"lr": 0.5}
+    assert data["target"] == 2.0 and data["targets"] == [2.0]
+    assert data["methods"]["gd"]["hyperparameters"] == {"lr": 0.5}
 
 
 def test_cifar_fallback_and_insistence(tmp_path, capsys, monkeypatch):
@@ -106,7 +134,12 @@ BAD_FLAGS = [
     (["--target-loss", "-1"], "--target-loss must be a number > 0"),
     (["--max-step-norm", "0"], "--max-step-norm must be a number > 0"),
     (["--min-damping", "0"], "--min-damping must be a number > 0"),
-    (["--damping", "1e-9"], "--damping must be >= --min-damping"),
+    (["--damping", "1e-9", "--min-damping", "1e-8"], "--damping must be >= --min-damping"),
+    (["--targets", "1e-3,-1"], "targets must be numbers > 0"),
+    (["--time-budget", "-2"], "--time-budget must be a number of seconds > 0"),
+    (["--grid", "bfgs=1,2"], "--grid needs METHOD=V1,V2"),
+    (["--grid", "adam=fast"], "values must be floats"),
+    (["--methods", "lsq", "--dataset", "digits"], "lsq (scipy's least_squares) needs"),
     (["--results", "/nonexistent/folder/r.json"], "--results /nonexistent/folder/r.json"),
     (["--methods", "gd,bfgs"], "unknown method(s) bfgs"),
     (["--steps", "many"], "invalid int value"),
@@ -153,16 +186,66 @@ def test_the_regime_preset_sets_its_flags_and_explicit_flags_win():
         assert settings["min_damping"] == preset["min_damping"]
 
 
+def test_the_regression_regime_with_least_squares_as_a_peer(tmp_path, capsys):
+    """--regime regression (tiny with --quick): teacher-student MSE, our Levenberg-Marquardt
+    (the GGN through the output-space route, Nielsen's damping), L-BFGS, Adam and scipy's
+    least_squares('trf', exact Jacobian), with the 'lm' refusal said when there are fewer
+    residuals than parameters."""
+    out, results = tmp_path / "r.png", tmp_path / "r.json"
+    simple_example.main(["--regime", "regression", "--quick", "--seeds", "2", "--steps", "6",
+                         "--train-size", "24", "--hessian-batch-size", "24", "--out", str(out),
+                         "--results", str(results)])
+    text = capsys.readouterr().out
+    assert "teacher-student regression" in text and "test MSE" in text
+    assert "refuses this problem" in text and "(24 residuals, 61 variables)" in text
+    assert "scipy trf (all seeds): stopped by" in text
+    data = json.loads(results.read_text())
+    assert list(data["methods"]) == ["adam", "lbfgs", "ggn", "lsq"]
+    assert data["targets"] == [1e-4, 1e-6, 1e-8] and data["metric"] == "test MSE"
+    ggn = data["methods"]["ggn"]["hyperparameters"]
+    assert (ggn["damping_update"], ggn["momentum"], ggn["min_damping"]) == ("nielsen", False, None)
+    for run in data["methods"]["ggn"]["runs"] + data["methods"]["lsq"]["runs"]:
+        assert run["loss"][-1] < 0.5 * run["loss"][0]
+        assert len(run["steps"]) == len(run["loss"]) and run["steps"][-1] <= 6
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_least_squares_fits_the_teacher_data_with_the_exact_jacobian():
+    """The lsq runner's Jacobian is the exact one: at its end the loss it reports is the
+    model's training MSE, and trf converges on a tiny zero-residual problem."""
+    args = simple_example.get_args(["--regime", "regression", "--quick", "--train-size", "24",
+                                    "--hessian-batch-size", "24", "--steps", "200",
+                                    "--methods", "lsq"])
+    problem = simple_example.Problem(args)
+    run = simple_example.train(problem, "lsq", None, 0, 200)
+    model = problem.model(0)
+    assert run["loss"][0] == pytest.approx(problem.measure(model)[0], rel=1e-12)
+    assert run["loss"][-1] < 1e-12, run["loss"]
+    assert "gtol" in run["hyperparameters"]["stopped"] or "ftol" in \
+        run["hyperparameters"]["stopped"] or "xtol" in run["hyperparameters"]["stopped"]
+
+
+def test_a_regime_grid_and_an_explicit_grid():
+    args = simple_example.get_args(["--regime", "regression"])
+    assert args.grids["lbfgs"] == (10, 30, 100, 300, 1000) and args.methods == ["adam", "lbfgs",
+                                                                         "ggn", "lsq"]
+    args = simple_example.get_args(["--regime", "regression", "--grid", "lbfgs=100"])
+    assert args.grids["lbfgs"] == (100,) and args.grids["adam"][0] == 1e-4
+    assert args.time_budget == 20.0 and args.targets == [1e-4, 1e-6, 1e-8]
+
+
 def test_cnn_model_takes_second_order_steps_and_refuses_the_trust_region(tmp_path, capsys):
     out, data = run(tmp_path, "--model", "cnn", "--methods", "adam,newton,ggn")
     text = capsys.readouterr().out
     assert "CNN 64 -> 8 x 2 -> 10" in text and "1954 parameters" in text
     assert list(data["methods"]) == ["adam", "newton", "ggn"]
     for name in ("newton", "ggn"):
-        losses = data["methods"][name]["loss"]
-        assert losses[-1] < losses[0]
+        for curve in data["methods"][name]["runs"]:
+            assert curve["loss"][-1] < curve["loss"][0]
     args = simple_example.get_args(QUICK + ["--model", "cnn"])
     assert "tr" not in args.methods and "newton" in args.methods
-    with pytest.raises(SystemExit):
-        simple_example.get_args(QUICK + ["--model", "cnn", "--methods", "tr"])
-    assert "does not support convolutional layers" in capsys.readouterr().err
+    for flags in (["--methods", "tr"], ["--dataset", "teacher"]):
+        with pytest.raises(SystemExit):
+            simple_example.get_args(QUICK + ["--model", "cnn"] + flags)
+    err = capsys.readouterr().err
+    assert "does not support convolutional layers" in err and "--model mlp" in err
