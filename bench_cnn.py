@@ -16,8 +16,8 @@ warm-up solve), its tracked forward pass included; g is the loss gradient.  Besi
 
   - the yardstick, one autograd Hessian-vector product (forward, ``autograd.grad`` with
     ``create_graph=True``, grad of <g, v>), and for the GGN one autograd GGN-vector
-    product (jvp of the logits, the softmax Hessian, vjp), both independent of the
-    library's blocks; every residual ||(B + eps I) x - g|| / ||g|| is measured with them;
+    product (jvp of the logits, the loss's Hessian in them, vjp:
+    ``bench_spectrum.ggn_fn``), both independent of the library's blocks; every residual ||(B + eps I) x - g|| / ||g|| is measured with them;
   - conjugate gradients (and MINRES for the indefinite Hessian) on those exact products,
     their setup (forward and first backward) included: at equal time (the iterations that
     fit in our solve's time: the residual and error they reach) and at equal accuracy
@@ -31,7 +31,8 @@ warm-up solve), its tracked forward pass included; g is the loss gradient.  Besi
 
 Timing: one torch thread (``--threads 1``), the process's CPU time (``time.process_time``),
 which other jobs sharing the cores do not inflate; medians over ``--repeats``.  The ratios
-to the autograd product are the figures to read.  This script imports the library only.
+to the autograd product are the figures to read.  This script imports the library and
+the other benchmarks' helpers, never the test fixtures.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch.func import functional_call, jvp, vjp
 
 import hessian_inverse as hi
+from bench_hessian import _reset_high_water_mark, _status_kib
+from bench_spectrum import ggn_fn
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
@@ -95,11 +97,6 @@ def make_target(name: str, seed: int, dtype=torch.float64) -> Target:
 # --------------------------------------------------------------------------
 
 
-def _shapes(model):
-    names = [n for n, _ in model.named_parameters()]
-    return names, [p.shape for p in model.parameters()], [p.numel() for p in model.parameters()]
-
-
 def hessian_product(target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
     """Forward and first backward once (create_graph); each product one double backward."""
     params = list(target.model.parameters())
@@ -114,41 +111,10 @@ def hessian_product(target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
     return product
 
 
-class _Logits(torch.nn.Module):
-    """The chain up to the loss layer's logits, as an ordinary module."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        z = self.model.prepare_input(x)
-        for layer in self.model.layers[:-1]:
-            z = layer(z)
-        return self.model.loss_layer.logits(z)
-
-
 def ggn_product(target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
-    """J_o^T H_o J_o v: jvp of the logits in the flat parameters, the mean
-    cross-entropy's Hessian in the logits (per example (diag(p) - p p^T) / B), vjp."""
-    names, shapes, sizes = _shapes(target.model)
-    wrapper = _Logits(target.model)
-    theta = torch.cat([p.detach().reshape(-1) for p in target.model.parameters()])
-
-    def logits(th):
-        params = {"model." + k: t.view(s) for k, t, s in zip(names, th.split(sizes), shapes)}
-        return functional_call(wrapper, params, (target.x,))
-
-    o, pull = vjp(logits, theta)
-    p = torch.softmax(o.detach(), dim=-1)
-    batch = o.shape[0]
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        do = jvp(logits, (theta,), (v,))[1]
-        h = (p * do - p * (p * do).sum(-1, keepdim=True)) / batch
-        return pull(h)[0]
-
-    return product
+    """J_o^T H_o J_o v: jvp of the logits, the loss's Hessian in the logits by jvp of its
+    gradient, vjp (:func:`bench_spectrum.ggn_fn`, as curvlinops)."""
+    return ggn_fn(target.model, target.x, target.t)
 
 
 def damped(product: Callable, eps: float) -> Callable:
@@ -274,26 +240,12 @@ def peak_memory(name: str, seed: int, eps: float, curvature: str) -> dict:
         return {}
 
 
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _peak_child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     warm = make_target("a", 1)
     ours(warm, spec["eps"], spec["curvature"])          # load the kernels first
     target = make_target(spec["name"], spec["seed"])
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")                                # VmHWM := VmRSS
-    except OSError:
+    if not _reset_high_water_mark():                     # VmHWM := VmRSS
         print(json.dumps({}))
         return
     base = _status_kib("VmRSS")
