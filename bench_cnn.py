@@ -17,7 +17,7 @@ warm-up solve), its tracked forward pass included; g is the loss gradient.  Besi
   - the yardstick, one autograd Hessian-vector product (forward, ``autograd.grad`` with
     ``create_graph=True``, grad of <g, v>), and for the GGN one autograd GGN-vector
     product (jvp of the logits, the loss's Hessian in them, vjp:
-    ``bench_spectrum.ggn_fn``), both independent of the library's blocks; every residual ||(B + eps I) x - g|| / ||g|| is measured with them;
+    ``bench_hessian.autograd_ggn``), both independent of the library's blocks; every residual ||(B + eps I) x - g|| / ||g|| is measured with them;
   - conjugate gradients (and MINRES for the indefinite Hessian) on those exact products,
     their setup (forward and first backward) included: at equal time (the iterations that
     fit in our solve's time: the residual and error they reach) and at equal accuracy
@@ -53,8 +53,7 @@ from typing import Callable, Optional
 import torch
 
 import hessian_inverse as hi
-from bench_hessian import _reset_high_water_mark, _status_kib
-from bench_spectrum import ggn_fn
+from bench_hessian import _reset_high_water_mark, _status_kib, autograd_ggn
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
@@ -113,8 +112,8 @@ def hessian_product(target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def ggn_product(target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
     """J_o^T H_o J_o v: jvp of the logits, the loss's Hessian in the logits by jvp of its
-    gradient, vjp (:func:`bench_spectrum.ggn_fn`, as curvlinops)."""
-    return ggn_fn(target.model, target.x, target.t)
+    gradient, vjp (:func:`bench_hessian.autograd_ggn`, as curvlinops)."""
+    return autograd_ggn(target.model, target.x, target.t)
 
 
 def damped(product: Callable, eps: float) -> Callable:

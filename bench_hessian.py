@@ -260,11 +260,10 @@ def of_flat_parameters(module: torch.nn.Module, *inputs) -> Callable:
     return call
 
 
-def double_backward_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+def double_backward_hvp(model, x, t) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> H v the plain autograd way, forward pass included: the loss, its gradient with
     ``create_graph=True``, then the gradient of ``<g, v>`` (Pearlmutter by double backward).
     The fastest exact HVP here, and the yardstick of every ratio."""
-    model, x, t = problem.model, problem.x, problem.t
     params = list(model.parameters())
     sizes = [p.numel() for p in params]
 
@@ -277,43 +276,41 @@ def double_backward_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.T
     return hvp
 
 
-def func_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+def func_hvp(model, x, t) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> H v by torch.func: ``jvp`` of ``grad`` of the flat-parameter loss (forward
     over reverse, the forward pass inside)."""
-    loss = of_flat_parameters(problem.model, problem.x, problem.t)
-    theta = flat_parameters(problem.model)
+    loss = of_flat_parameters(model, x, t)
+    theta = flat_parameters(model)
     grad = torch.func.grad(loss)
     return lambda vec: torch.func.jvp(grad, (theta,), (vec,))[1]
 
 
-class _Logits(torch.nn.Module):
-    """The chain up to the loss layer's logits (for the autograd GGN product)."""
-
-    def __init__(self, model: hi.TrackedChain):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.model.prepare_input(x)
-        for layer in self.model.layers[:-1]:
-            z = layer(z)
-        return self.model.loss_layer.logits(z)
-
-
-def autograd_ggn_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+def autograd_ggn(model, x, t) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> J^T H_o J v by autograd (as curvlinops does): J v by torch.func.jvp of the
-    logits, H_o by jvp of the gradient of the loss in the logits, J^T by a vjp whose
-    forward pass (the setup) runs once here."""
-    logits = of_flat_parameters(_Logits(problem.model), problem.x)
-    theta = flat_parameters(problem.model)
+    logits (``model(x)``), H_o by jvp of the gradient of the loss in the logits, J^T by a
+    vjp whose forward pass (the setup) runs once here."""
+    logits = of_flat_parameters(model, x)
+    theta = flat_parameters(model)
     out, pullback = torch.func.vjp(logits, theta)
-    grad_o = torch.func.grad(lambda o: problem.model.loss_layer.loss(o, problem.t))
+    grad_o = torch.func.grad(lambda o: model.loss_layer.loss(o, t))
 
     def ggn(vec):
         jv = torch.func.jvp(logits, (theta,), (vec,))[1]
         return pullback(torch.func.jvp(grad_o, (out.detach(),), (jv,))[1])[0]
 
     return ggn
+
+
+def double_backward_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    return double_backward_hvp(problem.model, problem.x, problem.t)
+
+
+def func_hvp_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    return func_hvp(problem.model, problem.x, problem.t)
+
+
+def autograd_ggn_fn(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    return autograd_ggn(problem.model, problem.x, problem.t)
 
 
 def curvature_product_fn(problem: Problem, curvature: str) -> Callable:

@@ -44,6 +44,8 @@ import torch
 
 import hessian_inverse as hi
 import spectrum as sp
+from bench_hessian import (autograd_ggn, double_backward_hvp, flat_parameters, func_hvp,
+                          of_flat_parameters)
 
 F64 = torch.float64
 
@@ -61,68 +63,6 @@ def make_problem(layers: int, width: int, batch: int, classes: int = 10, seed: i
     x = torch.randn(batch, width, dtype=F64)
     t = torch.randint(0, classes, (batch,))
     return model, x, t
-
-
-def hvp_fn(model, x, t):
-    """v -> H v by plain double backward, forward pass included (the yardstick)."""
-    params = list(model.parameters())
-    sizes = [p.numel() for p in params]
-
-    def hvp(v):
-        loss = model(x, t)
-        g = torch.autograd.grad(loss, params, create_graph=True)
-        dot = sum((gi.reshape(-1) * vi).sum() for gi, vi in zip(g, v.split(sizes)))
-        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, params)])
-    return hvp
-
-
-def func_hvp_fn(model, x, t):
-    """v -> H v by torch.func.jvp of torch.func.grad (for reference)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(th):
-        params = {n: p.view(s) for n, p, s in zip(names, th.split(sizes), shapes)}
-        return torch.func.functional_call(model, params, (x, t))
-    grad = torch.func.grad(loss)
-    return lambda v: torch.func.jvp(grad, (theta,), (v,))[1], loss, theta
-
-
-class Logits(torch.nn.Module):
-    """The chain up to the loss layer's logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        z = self.model.prepare_input(x)
-        for layer in self.model.layers[:-1]:
-            z = layer(z)
-        return self.model.loss_layer.logits(z)
-
-
-def ggn_fn(model, x, t):
-    """v -> GGN v by autograd (as curvlinops): J v by jvp of the logits, the loss's
-    Hessian in the logits by jvp of its gradient, J^T by a vjp."""
-    wrapper = Logits(model)
-    names = [n for n, _ in wrapper.named_parameters()]
-    shapes = [p.shape for p in wrapper.parameters()]
-    sizes = [p.numel() for p in wrapper.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in wrapper.parameters()])
-
-    def logits(th):
-        params = {n: p.view(s) for n, p, s in zip(names, th.split(sizes), shapes)}
-        return torch.func.functional_call(wrapper, params, (x,))
-    out, pullback = torch.func.vjp(logits, theta)
-    grad_o = torch.func.grad(lambda o: model.loss_layer.loss(o, t))
-
-    def ggn(v):
-        jv = torch.func.jvp(logits, (theta,), (v,))[1]
-        return pullback(torch.func.jvp(grad_o, (out.detach(),), (jv,))[1])[0]
-    return ggn
 
 
 def tracked_loss(model, x, t):
@@ -159,13 +99,13 @@ def run_ratios(args, out: dict) -> str:
     model, x, t = make_problem(args.layers, args.width, args.batch)
     n = sum(p.numel() for p in model.parameters())
     v = torch.randn(n, dtype=F64)
-    hvp, (func_hvp, _, _) = hvp_fn(model, x, t), func_hvp_fn(model, x, t)
+    hvp, torch_func_hvp = double_backward_hvp(model, x, t), func_hvp(model, x, t)
     damping = args.damping
     spectrum = sp.Spectrum.of(model, tracked_loss(model, x, t))
     below = -0.01 * spectrum.norm
     jobs = {
         "HVP (autograd double backward)": lambda: hvp(v),
-        "HVP (torch.func jvp of grad)": lambda: func_hvp(v),
+        "HVP (torch.func jvp of grad)": lambda: torch_func_hvp(v),
         "one-shot solve (H + eps I)^-1 v": lambda: hi.hessian_inverse_vector_product(
             model, tracked_loss(model, x, t), v, damping),
         "count_eigenvalues": lambda: sp.count_eigenvalues(model, tracked_loss(model, x, t),
@@ -254,7 +194,7 @@ def lanczos_nodes(matvec, n: int, steps: int, generator) -> tuple[np.ndarray, np
 def run_slq(args, out: dict) -> tuple[str, dict]:
     model, x, t = make_problem(args.layers, args.width, args.batch)
     n = sum(p.numel() for p in model.parameters())
-    hvp = hvp_fn(model, x, t)
+    hvp = double_backward_hvp(model, x, t)
     spectrum_, exact_t = timed(lambda: sp.Spectrum.of(model, tracked_loss(model, x, t)))
     (lo, hi_), t_bracket = timed(spectrum_.bracket)
     edges = np.linspace(lo, hi_, args.bins + 1)
@@ -350,7 +290,7 @@ def run_diagonal(args, out: dict) -> str:
     damping = args.damping
     exact, exact_t = timed(lambda: sp.inverse_diagonal(model, tracked_loss(model, x, t),
                                                        damping, curvature="ggn"))
-    ggn = ggn_fn(model, x, t)
+    ggn = autograd_ggn(model, x, t)
     apply = lambda u: ggn(u) + damping * u                                  # noqa: E731
     generator = torch.Generator().manual_seed(0)
     total, probes, products, spent = torch.zeros(n, dtype=F64), 0, 0, 0.0
@@ -394,7 +334,7 @@ def dense_child(spec: dict) -> None:
     base = _status_kib("VmRSS")
     start = time.process_time()
     if spec["method"] == "dense":
-        _, loss, theta = func_hvp_fn(model, x, t)
+        loss, theta = of_flat_parameters(model, x, t), flat_parameters(model)
         H = torch.func.hessian(loss)(theta)
         M = H + damping * torch.eye(n, dtype=F64)
         torch.linalg.slogdet(M)

@@ -359,7 +359,9 @@ class TrackedChain(nn.Module):
     ``model(x, targets)`` is an ordinary differentiable function (usable with
     ``torch.func.functional_call``); ``track_activations=True`` additionally
     records each layer's input (and a copy of the parameters, to check later
-    that they did not change) for the Hessian routines.
+    that they did not change) for the Hessian routines.  ``model(x)``, without
+    targets, returns the loss layer's outputs (its ``logits``) instead: predictions,
+    and the module to wrap in ``DistributedDataParallel``.
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_layer: nn.Module):
@@ -375,8 +377,13 @@ class TrackedChain(nn.Module):
         """Map a raw input batch to z_0 (identity here; subclasses may flatten)."""
         return x
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor,
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 track_activations: bool = False) -> torch.Tensor:
+        if targets is None:
+            if track_activations:
+                raise HessianInverseError("track_activations=True needs the targets: the "
+                                          "Hessian is that of the loss, model(x, targets)")
+            return self.logits(x)
         z = self.prepare_input(x)
         inputs = []
         for layer in self.layers[:-1]:
@@ -395,6 +402,18 @@ class TrackedChain(nn.Module):
                 stochastic=_stochastic_modules(self),
             )
         return loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The loss layer's outputs for the batch ``x`` (its ``logits``), no loss."""
+        logits = getattr(self.loss_layer, "logits", None)
+        if not callable(logits):
+            raise HessianInverseError(
+                f"model(x) without targets returns the loss layer's outputs, but "
+                f"{type(self.loss_layer).__name__} has no logits method; call model(x, targets)")
+        z = self.prepare_input(x)
+        for layer in self.layers[:-1]:
+            z = layer(z)
+        return logits(z)
 
     def tracked_forward(self, loss: Optional[torch.Tensor] = None,
                         checks: Optional[_Checks] = None) -> TrackedForward:

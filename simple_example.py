@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from damped_newton import DAMPING_UPDATES, DampedNewton
 from hessian_inverse import DeepMLPWithTracking, InsufficientMemoryError
 from train_utils import (ARCHITECTURES, DTYPES, HelpFormatter, UsageError, build_model,
-                         curvature_too_large, logits, resolve_device, seed_everything)
+                         curvature_too_large, resolve_device, seed_everything)
 
 # --quick: small enough for a test or a first look; explicit flags still win.
 QUICK = dict(steps=3, first_order_steps=3, hidden_dim=8, num_layers=3, hessian_batch_size=8,
@@ -384,7 +384,7 @@ def load_teacher(args):
     size = args.train_size or 512
     x = torch.randn(2 * size, args.input_dim, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        y = logits(teacher, x)
+        y = teacher(x)
     name = (f"teacher-student regression (teacher weights {args.teacher_scale:g}/sqrt(fan-in), "
             f"{args.input_dim} inputs, {args.outputs} output{'s' * (args.outputs > 1)})")
     return x[:size], y[:size], x[size:], y[size:], name
@@ -468,8 +468,8 @@ class Problem:
     @torch.no_grad()
     def measure(self, model):
         """Full training loss and the test metric (not timed)."""
-        loss = self.loss(logits(model, self.xtr), self.ytr).item()
-        test = logits(model, self.xte)
+        loss = self.loss(model(self.xtr), self.ytr).item()
+        test = model(self.xte)
         if self.regression:
             return loss, self.loss(test, self.yte).item()
         return loss, (test.argmax(1) == self.yte).double().mean().item()
@@ -618,11 +618,10 @@ def train_least_squares(problem, seed, steps, progress=None, seconds=None):
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
     scale = 1.0 / math.sqrt(y.numel())
-    chain = _OutputsOf(model)
 
     def outputs(theta, xs):
         params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return functional_call(chain, params, (xs,))
+        return functional_call(model, params, (xs,))  # model(x): the outputs
 
     per_example = vmap(jacrev(lambda theta, xi: outputs(theta, xi[None])[0]), in_dims=(None, 0))
 
@@ -666,21 +665,6 @@ def train_least_squares(problem, seed, steps, progress=None, seconds=None):
     settings = dict(method="trf", jacobian="exact, per example", ftol=1e-8, xtol=1e-8, gtol=1e-8,
                     stopped=result.message)
     return dict(**curve, stats=None, hyperparameters=settings)
-
-
-class _OutputsOf(torch.nn.Module):
-    """The chain up to its outputs (the loss layer's ``logits``) as a module whose
-    parameters have the chain's names, for ``functional_call``."""
-
-    def __init__(self, chain):
-        super().__init__()
-        self.layers = chain.layers
-
-    def forward(self, x):
-        z = x.flatten(1)
-        for layer in self.layers[:-1]:
-            z = layer(z)
-        return self.layers[-1].logits(z)
 
 
 def least_squares_lm_refusal(problem):

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from damped_newton import DampedNewton
 from hessian_inverse import DeepMLPWithTracking, InsufficientMemoryError
-from train_utils import (ARCHITECTURES, DTYPES, HelpFormatter, Logits, Processes, UsageError,
+from train_utils import (ARCHITECTURES, DTYPES, HelpFormatter, Processes, UsageError,
                          build_model, collective_failure, curvature_too_large, evaluate, fingerprint,
                          seed_everything, sha256_of, train_step)
 
@@ -877,7 +877,7 @@ class Run:
             self._say_resumed(path, overrides)
 
         # Several processes: DDP all-reduces the closure's gradients; each process sees its shard.
-        self.net = (DistributedDataParallel(Logits(self.model), device_ids=[device.index]
+        self.net = (DistributedDataParallel(self.model, device_ids=[device.index]
                                             if device.type == "cuda" else None)
                     if processes.launched else None)
         self.sampler = DistributedSampler(self.train_set, num_replicas=processes.world,

@@ -2,7 +2,7 @@
 set-up, one training step for either optimizer, evaluation, and the advice
 printed when a Hessian configuration does not fit in memory; and what
 ``train_imagenet.py`` needs to run as several processes under ``torchrun``
-(:class:`Processes`, :class:`Logits`, :func:`fingerprint`, :func:`collective_failure`).
+(:class:`Processes`, :func:`fingerprint`, :func:`collective_failure`).
 
 Kept out of ``hessian_inverse.py`` because it is script plumbing, not part of
 the solver's API.
@@ -117,30 +117,6 @@ def build_model(input_dim: int, num_classes: int, hidden_dim: int, num_layers: i
     return model.to(device=device, dtype=dtype)
 
 
-def logits(model: TrackedChain, x: torch.Tensor) -> torch.Tensor:
-    """The output layer's logits (the model's forward stops at the fused loss)."""
-    z = model.prepare_input(x)
-    for layer in model.layers[:-1]:
-        z = layer(z)
-    return model.loss_layer.logits(z)
-
-
-class Logits(nn.Module):
-    """A chain's logits as a module's forward: what ``DistributedDataParallel`` wraps.
-
-    The chain's own forward ends in the fused loss; DDP all-reduces the
-    gradients of whatever its wrapped module's forward computed, so the
-    training closure runs through this view (the parameters are the chain's).
-    """
-
-    def __init__(self, chain: TrackedChain):
-        super().__init__()
-        self.chain = chain
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits(self.chain, x)
-
-
 def train_step(model: TrackedChain, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, curvature_batch: Optional[tuple] = None, *,
                net: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -154,7 +130,7 @@ def train_step(model: TrackedChain, optimizer: torch.optim.Optimizer, x: torch.T
     tracked forward pass; the closure may be evaluated again to test the step.
 
     Several processes (``torchrun``): ``net`` is the ``DistributedDataParallel``
-    wrapper of ``Logits(model)``, so ``backward()`` leaves the all-reduced mean
+    wrapper of ``model`` (whose ``model(x)`` gives the logits), so ``backward()`` leaves the all-reduced mean
     gradient in ``p.grad``; with ``processes`` the loss the closure returns is
     the mean over processes (so ``DampedNewton``'s reduction-ratio test sees the
     same number on every process) and the count of correct answers their sum.
@@ -162,7 +138,7 @@ def train_step(model: TrackedChain, optimizer: torch.optim.Optimizer, x: torch.T
     precision); the curvature's tracked forward never runs under it.
     """
     first, calls = {}, []
-    net = net if net is not None else (lambda inputs: logits(model, inputs))
+    net = net if net is not None else model
     if processes is not None:
         processes.steps += 1
 
@@ -199,7 +175,7 @@ def evaluation_sums(model: TrackedChain, batches: Iterable, topk: tuple = (1,)) 
     for x, y in batches:
         x = x.to(device=device, dtype=dtype, non_blocking=True)
         y = y.to(device=device, non_blocking=True)
-        out = logits(model, x)
+        out = model(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         ranked = out.topk(min(max(topk), out.shape[1]), dim=1).indices
         for k in topk:
