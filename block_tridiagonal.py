@@ -179,6 +179,25 @@ def _first_bad(ranges: torch.Tensor) -> int:
     return int(torch.nonzero(~(_usable_pivots(ranges) > 0.0))[0])
 
 
+class _Pivoted:
+    """What both factorisations report: ``block_sizes``, the ``smallest_pivot`` (0-dim; 0
+    when some pivot is zero or non-finite) and ``check``, which raises
+    :class:`SingularSystemError` (one host sync) with ``_singular(at)``'s words, ``at``
+    the first step or level that met a zero pivot."""
+
+    @property
+    def block_sizes(self) -> list:
+        return list(self.sizes)
+
+    @property
+    def smallest_pivot(self) -> torch.Tensor:
+        return _usable_pivots(self.pivot_ranges).amin()
+
+    def check(self) -> None:
+        if not float(self.smallest_pivot) > 0.0:
+            raise SingularSystemError(self._singular(_first_bad(self.pivot_ranges)))
+
+
 # --------------------------------------------------------------------------
 # Banded LU with partial pivoting (docs/ALGORITHM.md, "Banded LU with partial pivoting")
 # --------------------------------------------------------------------------
@@ -201,7 +220,7 @@ def _first_bad(ranges: torch.Tensor) -> int:
 
 
 @dataclass
-class BandedLU:
+class BandedLU(_Pivoted):
     """The factors of :func:`banded_lu`, stacked over the N steps.
 
     - ``lu`` (N, 2n, n): compact LU of panel l (``lu_factor`` layout: unit lower L
@@ -220,22 +239,8 @@ class BandedLU:
     pivot_ranges: torch.Tensor
     sizes: tuple
 
-    @property
-    def block_sizes(self) -> list:
-        return list(self.sizes)
-
-    @property
-    def smallest_pivot(self) -> torch.Tensor:
-        """min |U_ii| over all steps (0-dim; 0 when some pivot is zero or non-finite)."""
-        return _usable_pivots(self.pivot_ranges).amin()
-
-    def check(self) -> None:
-        """Raise :class:`SingularSystemError` on a zero or non-finite pivot (one host sync)."""
-        if not float(self.smallest_pivot) > 0.0:
-            at = _first_bad(self.pivot_ranges)
-            raise SingularSystemError(
-                f"the block-tridiagonal system is exactly singular (zero pivot in block "
-                f"{at + 1})")
+    def _singular(self, at: int) -> str:
+        return f"the block-tridiagonal system is exactly singular (zero pivot in block {at + 1})"
 
 
 def banded_lu(system: BlockTridiagonal, check: bool = True) -> BandedLU:
@@ -351,7 +356,7 @@ class ReductionLevel:
 
 
 @dataclass
-class CyclicReductionFactor:
+class CyclicReductionFactor(_Pivoted):
     """The factors of :func:`cyclic_reduction`.
 
     ``levels``: finest first.  ``root``: LU factors (lu, pivots) of the last one or two
@@ -368,23 +373,10 @@ class CyclicReductionFactor:
     first_pad: bool
     pivot_ranges: torch.Tensor
 
-    @property
-    def block_sizes(self) -> list:
-        return list(self.sizes)
-
-    @property
-    def smallest_pivot(self) -> torch.Tensor:
-        return _usable_pivots(self.pivot_ranges).amin()
-
-    def check(self) -> None:
-        """Raise :class:`SingularSystemError` on a zero or non-finite pivot (one host sync)."""
-        if not float(self.smallest_pivot) > 0.0:
-            at = _first_bad(self.pivot_ranges)
-            raise SingularSystemError(
-                f"cyclic reduction met a zero (or non-finite) pivot (level {at + 1} of "
-                f"{len(self.pivot_ranges)}): it pivots only within diagonal blocks; "
-                "use the banded LU, whose pivoting across blocks does not need them "
-                "invertible")
+    def _singular(self, at: int) -> str:
+        return (f"cyclic reduction met a zero (or non-finite) pivot (level {at + 1} of "
+                f"{len(self.pivot_ranges)}): it pivots only within diagonal blocks; use the "
+                "banded LU, whose pivoting across blocks does not need them invertible")
 
 
 def _merge_runs(diag: torch.Tensor, sub: torch.Tensor, merge: int
