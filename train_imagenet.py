@@ -51,18 +51,21 @@ from train_utils import (ARCHITECTURES, DTYPES, HelpFormatter, Processes, UsageE
 
 FEASIBILITY = """\
 feasible sizes with --use-hessian:
-  A Newton step takes the structured solver (docs/ALGORITHM.md,
-  "Parameter elimination"): each
-  layer's parameters are eliminated in closed form, so memory grows with
-  sum_l (B_h * w_l)^2 and time with sum_l (B_h * w_l)^3, where B_h is
-  --hessian-batch-size and w_l the width; the parameter count (image size
-  included) enters only linearly. Measured, float32, 20 layers, 3x32x32
-  inputs, 1000 classes, B_h = 4, one Newton factorisation on a 2-core CPU:
-    --hidden-dim 128:  0.8 GiB, 2 s
-    --hidden-dim 512:  9.6 GiB, 54 s (the seed's command: fits one GPU)
-  Doubling B_h or the width multiplies memory by 4 and time by 8
-  (B_h 8 at width 512: about 34 GiB). Whatever does not fit stops at the
-  first Newton step with the estimate and the option to lower.
+  A Newton step takes the cheapest exact route for its sizes (docs/ALGORITHM.md,
+  "Choosing the route"): for these MLPs the structured solver or the
+  layer-wise LDL^T, whose memory grows with sum_l (B_h * w_l)^2 and time with
+  sum_l (B_h * w_l)^3 (B_h is --hessian-batch-size, w_l the width; the
+  parameter count, image size included, enters only linearly), or for
+  --curvature ggn the output-space route (B_h x classes square). Measured,
+  float32, 20 layers, 3x32x32 inputs, 1000 classes, B_h = 4, damping 1e-2,
+  one factorisation on a 2-core CPU, one thread:
+    --hidden-dim 128:  0.5 GiB, 3 s (Hessian or GGN: structured)
+    --hidden-dim 512:  7.7 GiB, 85 s (Hessian: structured, after the layer-wise
+                       route missed float32's accuracy contract); 0.65 GiB,
+                       10 s with --curvature ggn (output route)
+  Doubling B_h or the width multiplies the Hessian's memory by 4 and time by
+  8. Whatever does not fit stops at the first Newton step with the estimate
+  and the option to lower.
 
 several processes (torchrun; one per GPU, NCCL, or several on a CPU, gloo):
   torchrun --standalone --nproc_per_node N train_imagenet.py ... --batch-size B
