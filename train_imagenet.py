@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -1103,5 +1104,35 @@ class Run:
         self.save(record)
 
 
+def main_and_exit() -> None:
+    """``main()`` as a script; under torchrun the process then ends without Python's shutdown.
+
+    DistributedDataParallel keeps the gloo process group, and with it the
+    group's worker threads, alive until the process ends (a reference torch
+    does not release at ``destroy_process_group``). A worker thread that frees
+    the last collective's tensor while the interpreter shuts down aborts the
+    process ("terminate called without an active exception"), rarely, after a
+    run that succeeded. So a launched process ends with ``os._exit`` once its
+    output is flushed (its checkpoint and metrics files are already closed).
+    """
+    if not Processes().launched:
+        main()
+        return
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit
+        traceback.print_exc()
+        code = 1
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    main_and_exit()
