@@ -229,8 +229,9 @@ def get_args(argv=None):
     p.add_argument("--results", default=None, help="write the curves and summary to this JSON file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, the same for every method (0: torch's default); "
-                        "at these sizes one thread is fastest")
+                   help="CPU threads of torch and of the BLAS under numpy and scipy, the same "
+                        "for every method (0: their defaults); at these sizes one thread is "
+                        "fastest, and CPU seconds count every thread's spinning")
     p.add_argument("--regime", default=None, choices=sorted(REGIMES),
                    help="preset flags for a problem of docs/training.md: "
                         + "; ".join(f"{k}: {v}" for k, v in REGIMES.items()))
@@ -732,6 +733,10 @@ def spread(values, fmt):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+        import scipy.linalg  # noqa: F401 - loads scipy's own BLAS, so that the limit reaches it
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+        threadpool_limits(args.threads)  # numpy's and scipy's BLAS (least_squares), like torch
     problem = Problem(args)
     seeds = [args.seed + k for k in range(args.seeds)]
     n = sum(p.numel() for p in problem.model(seeds[0]).parameters())
